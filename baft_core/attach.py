@@ -1,0 +1,109 @@
+"""Attaching interventions to a Hugging Face decoder: forward hooks on the chosen layers.
+
+Which positions are intervened is set per forward call with `Attachment.intervene(mask)`: a
+boolean [batch, seq] mask. Outside that context the model runs unedited.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .intervention import BasisIntervention
+
+
+def text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks, found by shape rather than by family-specific names."""
+    depth = text_config(model).num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return module
+    raise ValueError(f"no ModuleList of {depth} decoder layers found in {type(model).__name__}")
+
+
+class InterventionSet(nn.Module):
+    """One intervention per edited layer plus the running basis usage for load balancing."""
+
+    def __init__(self, hidden_size: int, layers: list[int], rank: int, gated: bool):
+        super().__init__()
+        self.layers = list(layers)
+        self.by_layer = nn.ModuleDict(
+            {str(layer): BasisIntervention(hidden_size, rank, gated) for layer in self.layers}
+        )
+        # Sum over applied edits of each basis' mean weight on that edit, and the edit count:
+        # the running average the load-balancing term evens out.
+        self.register_buffer("usage_sum", torch.zeros(len(self.layers), rank))
+        self.register_buffer("edit_count", torch.zeros((), dtype=torch.long))
+
+    def __getitem__(self, layer: int) -> BasisIntervention:
+        return self.by_layer[str(layer)]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Attachment:
+    """Hooks an InterventionSet into a model. `detach()` removes the hooks."""
+
+    def __init__(self, model: nn.Module, interventions: InterventionSet):
+        self.model = model
+        self.interventions = interventions
+        self.decoder_layers = find_decoder_layers(model)
+        self._mask: torch.Tensor | None = None
+        self._record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._handles = [
+            self.decoder_layers[layer].register_forward_hook(self._hook(layer))
+            for layer in interventions.layers
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def swap(self, interventions: InterventionSet) -> None:
+        """Point the hooks at another adapter with the same layers (version switch, rollback)."""
+        if interventions.layers != self.interventions.layers:
+            raise ValueError("the new adapter edits other layers than the attached one")
+        self.interventions = interventions
+
+    @contextmanager
+    def intervene(
+        self, mask: torch.Tensor | None, record: bool = False
+    ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Intervene at `mask` positions during the forwards inside. With record=True the yielded
+        dict fills with {layer: (weights [n, r], hidden [n, d])} for the intervened positions."""
+        previous = self._mask, self._record
+        self._mask = mask
+        self._record = {} if record else None
+        try:
+            yield self._record if record else {}
+        finally:
+            self._mask, self._record = previous
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, args, output):
+            mask = self._mask
+            if mask is None:
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            if mask.shape != hidden.shape[:2]:
+                raise RuntimeError(
+                    f"intervention mask {tuple(mask.shape)} does not match hidden states "
+                    f"{tuple(hidden.shape[:2])}"
+                )
+            selected = hidden[mask]
+            edited, weights = self.interventions[layer](selected)
+            if self._record is not None:
+                self._record[layer] = (weights, selected)
+            hidden = hidden.masked_scatter(mask.unsqueeze(-1), edited)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook

@@ -1,0 +1,66 @@
+"""All settings of an edit in one object."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Method = Literal["baft", "reft"]
+
+# Where the paper puts its interventions on a 32-layer model (9, 18, 24, 28), as depth fractions,
+# so that any depth gets the same relative placement.
+DEFAULT_LAYER_FRACTIONS = (0.28, 0.56, 0.75, 0.875)
+
+
+@dataclass
+class EditConfig:
+    method: Method = "baft"  # "reft" is BaFT with every gate fixed at 1
+    rank: int = 12
+    layers: list[int] | None = None  # None: DEFAULT_LAYER_FRACTIONS of the model's depth
+    prompt_positions: int = 3  # P: last prompt positions that are intervened
+
+    # Optimisation
+    lr: float = 2e-2
+    gate_lr: float = 5e-2
+    weight_decay: float = 0.0  # applied to A only; never to R (it would collapse the rotation)
+    max_steps: int = 40
+    max_steps_batched: int = 70
+    stop_loss: float = 0.01
+
+    # Locality margins on the gates (paper: alpha, beta, gamma)
+    alpha: float = 0.01
+    beta: float = 0.05
+    gamma: float = 0.02
+    locality_weight: float = 1.0
+    balance_weight: float = 0.01
+    unrelated_generate_tokens: int = 4  # generated positions of each unrelated prompt the gates see
+
+    # Continual editing: replay a bounded sample of earlier edits with each new one
+    replay_size: int = 4
+
+    seed: int = 0
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        if self.layers is not None:
+            bad = [layer for layer in self.layers if not 0 <= layer < num_layers]
+            if bad:
+                raise ValueError(f"layers {bad} out of range for a model with {num_layers} layers")
+            return sorted(set(self.layers))
+        return sorted({min(num_layers - 1, round(f * num_layers)) for f in DEFAULT_LAYER_FRACTIONS})
+
+    def validate(self) -> None:
+        if self.method not in ("baft", "reft"):
+            raise ValueError(f"unknown method {self.method!r}: expected 'baft' or 'reft'")
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+        if self.prompt_positions < 1:
+            raise ValueError("prompt_positions must be >= 1")
+        if not 0 <= self.alpha < self.beta <= 1:
+            raise ValueError("need 0 <= alpha < beta <= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EditConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,146 @@
+"""Edit requests as plain data, and loaders for the public benchmark formats."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class Probe:
+    """A prompt and the answer expected after it (locality: the unedited model's answer)."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class EditRequest:
+    prompt: str
+    target: str
+    subject: str | None = None
+    rephrases: list[str] = field(default_factory=list)
+    locality: list[Probe] = field(default_factory=list)
+    portability: list[Probe] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.prompt or not self.prompt.strip():
+            raise ValueError("edit prompt is empty")
+        if not self.target or not self.target.strip():
+            raise ValueError("edit target is empty")
+        self.locality = [p if isinstance(p, Probe) else Probe(**p) for p in self.locality]
+        self.portability = [p if isinstance(p, Probe) else Probe(**p) for p in self.portability]
+
+    @classmethod
+    def from_triple(cls, subject: str, relation: str, target: str, **extra: Any) -> "EditRequest":
+        """`relation` is a template with {subject} ("The mother tongue of {subject} is") or a
+        phrase that follows the subject ("was born in")."""
+        if not subject.strip():
+            raise ValueError("subject is empty")
+        if "{subject}" in relation:
+            try:
+                prompt = relation.format(subject=subject)
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"bad relation template {relation!r}: {err}") from None
+        else:
+            prompt = f"{subject} {relation.strip()}"
+        return cls(prompt=prompt, target=target, subject=subject, **extra)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EditRequest":
+        return cls(**data)
+
+
+def _first_answer(value: Any) -> str:
+    """KnowEdit answers come as a string, a list of aliases, or a list of alias lists."""
+    while isinstance(value, list):
+        if not value:
+            return ""
+        value = value[0]
+    return str(value)
+
+
+def _zsre(record: dict) -> EditRequest:
+    portability = record.get("portability") or {}
+    return EditRequest(
+        prompt=record["src"],
+        target=record["alt"],
+        subject=record.get("subject"),
+        rephrases=[record["rephrase"]] if record.get("rephrase") else [],
+        locality=[Probe(record["loc"], record["loc_ans"])] if record.get("loc") else [],
+        portability=(
+            [Probe(portability["New Question"], portability["New Answer"])]
+            if "New Question" in portability
+            else []
+        ),
+    )
+
+
+def _counterfact(record: dict) -> EditRequest:
+    return EditRequest(
+        prompt=record["prompt"],
+        target=record["target_new"],
+        subject=record.get("subject"),
+        rephrases=[record["rephrase_prompt"]] if record.get("rephrase_prompt") else [],
+        locality=(
+            [Probe(record["locality_prompt"], record["locality_ground_truth"])]
+            if record.get("locality_prompt")
+            else []
+        ),
+    )
+
+
+def _knowedit(record: dict) -> EditRequest:
+    def probes(groups: dict | None) -> list[Probe]:
+        out = []
+        for items in (groups or {}).values():
+            for item in items:
+                answer = _first_answer(item.get("ground_truth"))
+                if item.get("prompt") and answer:
+                    out.append(Probe(item["prompt"], answer))
+        return out
+
+    rephrase = record.get("rephrase") or record.get("rephrase_prompt")
+    return EditRequest(
+        prompt=record["prompt"],
+        target=_first_answer(record["target_new"]),
+        subject=record.get("subject"),
+        rephrases=[rephrase] if rephrase else [],
+        locality=probes(record.get("locality")),
+        portability=probes(record.get("portability")),
+    )
+
+
+FORMATS: dict[str, Callable[[dict], EditRequest]] = {
+    "zsre": _zsre,
+    "counterfact": _counterfact,
+    "knowedit": _knowedit,
+}
+
+
+def load_edits(path: str | Path, fmt: str, limit: int | None = None) -> list[EditRequest]:
+    """Read a benchmark file (a JSON list, or JSON lines) of the given format."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}: expected one of {sorted(FORMATS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of records")
+    convert = FORMATS[fmt]
+    edits = []
+    for index, record in enumerate(records[:limit] if limit else records):
+        try:
+            edits.append(convert(record))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: record {index} is not {fmt} format ({err!r})") from None
+    return edits

@@ -1,0 +1,244 @@
+"""The editor: trains one adapter state with single, continual or batched edits."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attach import Attachment, InterventionSet, text_config
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import EditConfig
+from .data import EditRequest
+from .encoding import Example, context_limit, encode, encode_prompt, pad_token_id, teacher_forced
+from .generation import generate
+from .objective import load_balance, locality_margin, target_cross_entropy
+from .prefix_cache import CachedBatch
+from .unrelated import default_unrelated_prompts
+
+
+@dataclass
+class EditResult:
+    steps: int
+    loss: float
+    seconds: float
+    losses: dict[str, float] = field(default_factory=dict)
+    basis_weights: dict[int, list[float]] = field(default_factory=dict)  # mean w_k on the edit
+
+
+class Editor:
+    """Holds a frozen model, an attached adapter and the edits applied to it (for replay)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EditConfig | None = None,
+        unrelated_prompts: list[str] | None = None,
+        interventions: InterventionSet | None = None,
+    ):
+        self.config = config or EditConfig()
+        self.config.validate()
+        self.model, self.tokenizer = model, tokenizer
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        self.device = next(model.parameters()).device
+        self.pad_id = pad_token_id(tokenizer)
+        self.context = context_limit(model)
+        self.layers = self.config.resolved_layers(text_config(model).num_hidden_layers)
+        self.history: list[EditRequest] = []
+        self.attachment = Attachment(model, interventions or self.new_interventions())
+        self.unrelated_prompts = (
+            unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
+        )
+        self._unrelated_features: dict[int, torch.Tensor] | None = None
+        self._rng = random.Random(self.config.seed)
+
+    # ----- adapter state -----
+    @property
+    def interventions(self) -> InterventionSet:
+        return self.attachment.interventions
+
+    def new_interventions(self) -> InterventionSet:
+        torch.manual_seed(self.config.seed)
+        hidden = text_config(self.model).hidden_size
+        return InterventionSet(hidden, self.layers, self.config.rank, self.config.method == "baft").to(
+            self.device
+        )
+
+    def reset(self) -> None:
+        """Back to the unedited model: a fresh adapter and an empty history."""
+        self.attachment.swap(self.new_interventions())
+        self.history = []
+
+    def load_state(self, interventions: InterventionSet, history: list[EditRequest]) -> None:
+        self.attachment.swap(interventions.to(self.device))
+        self.history = list(history)
+
+    def save(self, directory, base_model: str) -> dict:
+        """Checkpoint the adapter state; returns the manifest (with the file's sha256)."""
+        return save_checkpoint(directory, self.interventions, self.config, base_model, self.history)
+
+    def load(self, directory, base_model: str | None = None) -> dict:
+        """Swap in a saved adapter state (no reload of the base model); returns its manifest."""
+        checkpoint = load_checkpoint(directory, base_model, self.device)
+        if checkpoint.interventions.layers != self.layers:
+            raise CheckpointError(
+                f"checkpoint edits layers {checkpoint.interventions.layers}, this editor {self.layers}"
+            )
+        self.load_state(checkpoint.interventions, checkpoint.history)
+        return checkpoint.manifest
+
+    # ----- editing -----
+    def edit(self, request: EditRequest) -> EditResult:
+        """Continual editing: one more edit into the current adapter, replaying earlier ones."""
+        return self._apply([request], self.config.max_steps)
+
+    def edit_batch(self, requests: list[EditRequest]) -> EditResult:
+        """Batched editing: several edits trained together in one run."""
+        if not requests:
+            raise ValueError("no edits in the batch")
+        return self._apply(list(requests), self.config.max_steps_batched)
+
+    def _apply(self, requests: list[EditRequest], max_steps: int) -> EditResult:
+        new = [self.encode(r.prompt, r.target) for r in requests]
+        replayed = self._replay_sample()
+        result = self._train(new, [self.encode(r.prompt, r.target) for r in replayed], max_steps)
+        self.history.extend(requests)
+        return result
+
+    def _replay_sample(self) -> list[EditRequest]:
+        k = min(self.config.replay_size, len(self.history))
+        return self._rng.sample(self.history, k) if k else []
+
+    def encode(self, prompt: str, answer: str) -> Example:
+        return encode(self.tokenizer, prompt, answer, self.context)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        rotations, sources, gates = [], [], []
+        for intervention in self.interventions.by_layer.values():
+            rotations += list(intervention.rotation.parameters())
+            sources += list(intervention.source.parameters())
+            if intervention.gated:
+                gates += list(intervention.gate.parameters())
+        groups = [
+            # Never decay R: with the Householder parametrization decay drives it to zero.
+            {"params": rotations, "lr": cfg.lr, "weight_decay": 0.0},
+            {"params": sources, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        ]
+        if gates:
+            groups.append({"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups)
+
+    def _train(self, new: list[Example], replayed: list[Example], max_steps: int) -> EditResult:
+        cfg = self.config
+        start = time.perf_counter()
+        interventions = self.interventions
+        gated = cfg.method == "baft"
+        unrelated = self.unrelated_features() if gated and self.unrelated_prompts else None
+        with torch.no_grad():
+            batch = CachedBatch(self.model, self.attachment, new + replayed, cfg.prompt_positions, self.pad_id)
+        is_new = batch.rows < len(new)
+        optimizer = self._optimizer()
+        interventions.train()
+        steps, parts = 0, {}
+        for steps in range(1, max_steps + 1):
+            logits, record = batch.forward()
+            ce = target_cross_entropy(logits, batch.targets)
+            loss, parts = ce, {"ce": ce.item()}
+            if gated:
+                usage, margin = [], 0.0
+                for layer in interventions.layers:
+                    weights, hidden = record[layer]
+                    usage.append(weights[is_new].mean(0))
+                    if unrelated is not None:
+                        gate = interventions[layer].gate_logits
+                        margin = margin + locality_margin(
+                            gate(hidden), gate(unrelated[layer]), cfg.alpha, cfg.beta, cfg.gamma
+                        )
+                balance = load_balance(
+                    torch.stack(usage), interventions.usage_sum, int(interventions.edit_count)
+                )
+                loss = loss + cfg.balance_weight * balance
+                parts["balance"] = balance.item()
+                if unrelated is not None:
+                    margin = margin / len(interventions.layers)
+                    loss = loss + cfg.locality_weight * margin
+                    parts["margin"] = margin.item()
+            parts["loss"] = loss.item()
+            if parts["loss"] < cfg.stop_loss:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        interventions.eval()
+        weights = self._record_usage(batch, is_new, count=len(new))
+        return EditResult(
+            steps=steps,
+            loss=parts["loss"],
+            seconds=time.perf_counter() - start,
+            losses=parts,
+            basis_weights=weights,
+        )
+
+    @torch.no_grad()
+    def _record_usage(self, batch: CachedBatch, is_new: torch.Tensor, count: int) -> dict[int, list[float]]:
+        """Adds this edit's mean basis weights to the running usage, and returns them."""
+        _, record = batch.forward()
+        interventions = self.interventions
+        usage = torch.stack([record[layer][0][is_new].mean(0) for layer in interventions.layers])
+        interventions.usage_sum += usage * count
+        interventions.edit_count += count
+        return {layer: usage[i].tolist() for i, layer in enumerate(interventions.layers)}
+
+    # ----- unrelated inputs the gates must stay closed on -----
+    def set_unrelated_prompts(self, prompts: list[str]) -> None:
+        self.unrelated_prompts = list(prompts)
+        self._unrelated_features = None
+
+    @torch.no_grad()
+    def unrelated_features(self) -> dict[int, torch.Tensor]:
+        """Hidden states of the unedited model at the positions an intervention would touch on the
+        unrelated prompts: their last P positions and a few greedily generated tokens."""
+        if self._unrelated_features is not None:
+            return self._unrelated_features
+        cfg = self.config
+        prompts = [encode_prompt(self.tokenizer, p, self.context) for p in self.unrelated_prompts]
+        examples = []
+        for start in range(0, len(prompts), 32):
+            chunk = prompts[start : start + 32]
+            continuations = generate(self.model, self.tokenizer, chunk, cfg.unrelated_generate_tokens + 1)
+            examples += [
+                Example(p, c if len(c) > 1 else c + [self.pad_id]) for p, c in zip(chunk, continuations)
+            ]
+        features: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        for start in range(0, len(examples), 32):
+            tf = teacher_forced(examples[start : start + 32], cfg.prompt_positions, self.pad_id)
+            out = self.model(
+                input_ids=tf.input_ids.to(self.device),
+                attention_mask=tf.attention_mask.to(self.device),
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+            mask = tf.intervene.to(self.device)
+            for layer in self.layers:
+                features[layer].append(out.hidden_states[layer + 1][mask].float())
+        self._unrelated_features = {layer: torch.cat(f) for layer, f in features.items()}
+        return self._unrelated_features
+
+    # ----- using the edited model -----
+    def generate(self, prompts: list[str], max_new_tokens: int = 32, edited: bool = True, **sampling) -> list[str]:
+        ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts]
+        rows = generate(
+            self.model,
+            self.tokenizer,
+            ids,
+            max_new_tokens,
+            self.attachment if edited else None,
+            self.config.prompt_positions,
+            **sampling,
+        )
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]

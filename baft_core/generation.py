@@ -1,0 +1,96 @@
+"""Decoding with interventions: the last P prompt positions at prefill, then every generated
+token, reusing the KV cache so that each step runs only the new token."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .attach import Attachment
+from .encoding import left_padded, pad_token_id, positions_from_mask
+
+
+def _next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    attachment: Attachment | None = None,
+    positions: int = 3,
+    pad_id: int = 0,
+    eos_ids: set[int] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row, step by step; rows that finished repeat pad_id."""
+    device = next(model.parameters()).device
+    input_ids, attention = left_padded(prompts, pad_id)
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    width = input_ids.shape[1]
+    intervene = attention.bool() & (torch.arange(width, device=device) >= width - positions)
+    position_ids = positions_from_mask(attention)
+    cache = DynamicCache(config=model.config)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    eos = torch.tensor(sorted(eos_ids or []), dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        mask = intervene if attachment is not None else None
+        with attachment.intervene(mask) if attachment is not None else nullcontext():
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        token = _next_tokens(out.logits[:, -1], temperature, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        yield token
+        done |= torch.isin(token, eos)
+        if bool(done.all()):
+            return
+        input_ids = token.unsqueeze(-1)
+        attention = torch.cat([attention, torch.ones_like(input_ids)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        intervene = torch.ones_like(input_ids, dtype=torch.bool)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    attachment: Attachment | None = None,
+    positions: int = 3,
+    stop_at_eos: bool = True,
+    **sampling,
+) -> list[list[int]]:
+    """New token ids for each prompt (without the prompt, without padding after EOS)."""
+    eos = {tokenizer.eos_token_id} if stop_at_eos and tokenizer.eos_token_id is not None else set()
+    rows: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for step in stream(
+        model, prompts, max_new_tokens, attachment, positions, pad_token_id(tokenizer), eos, **sampling
+    ):
+        for row, token in enumerate(step.tolist()):
+            if not finished[row]:
+                rows[row].append(token)
+                finished[row] = token in eos
+    return rows

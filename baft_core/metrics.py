@@ -1,0 +1,112 @@
+"""Edit metrics as EasyEdit computes them, plus greedy-generation exact match.
+
+reliability / generality / portability: teacher-forced token accuracy of the answer after the
+prompt / a rephrase / a dependent question. locality: share of answer tokens of an unrelated
+prompt whose argmax is unchanged from the unedited model. *_em: greedy generation reproduces the
+answer tokens exactly."""
+from __future__ import annotations
+
+from statistics import mean
+
+import torch
+
+from .data import EditRequest
+from .encoding import Example, teacher_forced
+from .generation import generate
+
+BATCH = 32
+
+
+@torch.no_grad()
+def answer_argmax(editor, examples: list[Example], edited: bool = True) -> list[list[int]]:
+    """The model's argmax at each answer position, teacher-forced."""
+    out: list[list[int]] = []
+    cfg = editor.config
+    for start in range(0, len(examples), BATCH):
+        chunk = examples[start : start + BATCH]
+        tf = teacher_forced(chunk, cfg.prompt_positions, editor.pad_id)
+        device = editor.device
+        mask = tf.intervene.to(device) if edited else None
+        with editor.attachment.intervene(mask):
+            logits = editor.model(
+                input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device)
+            ).logits
+        predicted = logits.argmax(-1).cpu()
+        for row in range(len(chunk)):
+            out.append(predicted[row][tf.targets[row] != -100].tolist())
+    return out
+
+
+def token_accuracy(editor, examples: list[Example]) -> list[float]:
+    predictions = answer_argmax(editor, examples)
+    return [mean(float(p == t) for p, t in zip(pred, e.answer)) for pred, e in zip(predictions, examples)]
+
+
+def generation_match(editor, examples: list[Example]) -> list[float]:
+    """1.0 where greedy decoding yields exactly the answer tokens."""
+    scores = []
+    for start in range(0, len(examples), BATCH):
+        chunk = examples[start : start + BATCH]
+        rows = generate(
+            editor.model,
+            editor.tokenizer,
+            [e.prompt for e in chunk],
+            max(len(e.answer) for e in chunk),
+            editor.attachment,
+            editor.config.prompt_positions,
+            stop_at_eos=False,
+        )
+        scores += [float(row[: len(e.answer)] == e.answer) for row, e in zip(rows, chunk)]
+    return scores
+
+
+def locality_baseline(editor, requests: list[EditRequest]) -> list[list[list[int]]]:
+    """Unedited argmax on every locality probe, per request: compute once, before editing."""
+    examples = [editor.encode(p.prompt, p.answer) for r in requests for p in r.locality]
+    flat = iter(answer_argmax(editor, examples, edited=False))
+    return [[next(flat) for _ in r.locality] for r in requests]
+
+
+def evaluate(
+    editor, requests: list[EditRequest], baseline: list[list[list[int]]] | None = None
+) -> list[dict[str, float | None]]:
+    """Metrics of each request on the editor's current adapter. `baseline` from locality_baseline;
+    computed now (from the unedited model, same weights) when not given."""
+    if baseline is None:
+        baseline = locality_baseline(editor, requests)
+    kinds = {
+        "rel": [[editor.encode(r.prompt, r.target)] for r in requests],
+        "gen": [[editor.encode(p, r.target) for p in r.rephrases] for r in requests],
+        "loc": [[editor.encode(p.prompt, p.answer) for p in r.locality] for r in requests],
+        "por": [[editor.encode(p.prompt, p.answer) for p in r.portability] for r in requests],
+    }
+
+    def per_request(groups: list[list[Example]], score) -> list[float | None]:
+        flat = [e for g in groups for e in g]
+        values = iter(score(flat) if flat else [])
+        return [mean(next(values) for _ in g) if g else None for g in groups]
+
+    def locality(examples: list[Example]) -> list[float]:
+        after = answer_argmax(editor, examples)
+        before = [b for per in baseline for b in per]
+        return [mean(float(x == y) for x, y in zip(a, b)) for a, b in zip(after, before)]
+
+    columns = {
+        "rel": per_request(kinds["rel"], lambda ex: token_accuracy(editor, ex)),
+        "gen": per_request(kinds["gen"], lambda ex: token_accuracy(editor, ex)),
+        "loc": per_request(kinds["loc"], locality),
+        "por": per_request(kinds["por"], lambda ex: token_accuracy(editor, ex)),
+        "rel_em": per_request(kinds["rel"], lambda ex: generation_match(editor, ex)),
+        "gen_em": per_request(kinds["gen"], lambda ex: generation_match(editor, ex)),
+    }
+    return [{name: values[i] for name, values in columns.items()} for i in range(len(requests))]
+
+
+def summarize(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Mean of each metric over the requests that have it (None where none has)."""
+    names = rows[0].keys() if rows else []
+    out = {}
+    for name in names:
+        values = [r[name] for r in rows if r[name] is not None]
+        out[name] = mean(values) if values else None
+    return out
