@@ -50,7 +50,10 @@ class InterventionSet(nn.Module):
 
 
 class Attachment:
-    """Hooks an InterventionSet into a model. `detach()` removes the hooks."""
+    """Hooks an InterventionSet into a model. `detach()` removes the hooks.
+
+    Forwards through one model must not overlap: callers that share a model between threads
+    hold one lock around each forward (the Editor's `lock`)."""
 
     def __init__(self, model: nn.Module, interventions: InterventionSet):
         self.model = model
@@ -58,6 +61,7 @@ class Attachment:
         self.decoder_layers = find_decoder_layers(model)
         self._mask: torch.Tensor | None = None
         self._record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._active: InterventionSet | None = None
         self._handles = [
             self.decoder_layers[layer].register_forward_hook(self._hook(layer))
             for layer in interventions.layers
@@ -76,17 +80,24 @@ class Attachment:
 
     @contextmanager
     def intervene(
-        self, mask: torch.Tensor | None, record: bool = False
+        self,
+        mask: torch.Tensor | None,
+        record: bool = False,
+        interventions: InterventionSet | None = None,
     ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """Intervene at `mask` positions during the forwards inside. With record=True the yielded
-        dict fills with {layer: (weights [n, r], hidden [n, d])} for the intervened positions."""
-        previous = self._mask, self._record
+        """Intervene at `mask` positions during the forwards inside, with the attached adapter or
+        the given one (same layers). With record=True the yielded dict fills with
+        {layer: (weights [n, r], hidden [n, d])} for the intervened positions."""
+        if interventions is not None and interventions.layers != self.interventions.layers:
+            raise ValueError("that adapter edits other layers than the attached one")
+        previous = self._mask, self._record, self._active
         self._mask = mask
         self._record = {} if record else None
+        self._active = interventions
         try:
             yield self._record if record else {}
         finally:
-            self._mask, self._record = previous
+            self._mask, self._record, self._active = previous
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args, output):
@@ -100,7 +111,7 @@ class Attachment:
                     f"{tuple(hidden.shape[:2])}"
                 )
             selected = hidden[mask]
-            edited, weights = self.interventions[layer](selected)
+            edited, weights = (self._active or self.interventions)[layer](selected)
             if self._record is not None:
                 self._record[layer] = (weights, selected)
             hidden = hidden.masked_scatter(mask.unsqueeze(-1), edited)

@@ -1,7 +1,9 @@
 """The editor: trains one adapter state with single, continual or batched edits."""
 from __future__ import annotations
 
+import copy
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -55,6 +57,9 @@ class Editor:
         )
         self._unrelated_features: dict[int, torch.Tensor] | None = None
         self._rng = random.Random(self.config.seed)
+        # Held around every forward through the shared model (training steps, generation steps,
+        # evaluation), so that generation interleaves with training at step granularity.
+        self.lock = threading.RLock()
 
     # ----- adapter state -----
     @property
@@ -103,10 +108,15 @@ class Editor:
         return self._apply(list(requests), self.config.max_steps_batched)
 
     def _apply(self, requests: list[EditRequest], max_steps: int) -> EditResult:
+        """Trains a copy of the current adapter and publishes it when done: readers never see a
+        half-trained state."""
         new = [self.encode(r.prompt, r.target) for r in requests]
-        replayed = self._replay_sample()
-        result = self._train(new, [self.encode(r.prompt, r.target) for r in replayed], max_steps)
-        self.history.extend(requests)
+        replayed = [self.encode(r.prompt, r.target) for r in self._replay_sample()]
+        working = copy.deepcopy(self.interventions)
+        result = self._train(working, new, replayed, max_steps)
+        with self.lock:
+            self.attachment.swap(working)
+            self.history.extend(requests)
         return result
 
     def _replay_sample(self) -> list[EditRequest]:
@@ -116,10 +126,10 @@ class Editor:
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self, interventions: InterventionSet) -> torch.optim.Optimizer:
         cfg = self.config
         rotations, sources, gates = [], [], []
-        for intervention in self.interventions.by_layer.values():
+        for intervention in interventions.by_layer.values():
             rotations += list(intervention.rotation.parameters())
             sources += list(intervention.source.parameters())
             if intervention.gated:
@@ -133,20 +143,24 @@ class Editor:
             groups.append({"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0})
         return torch.optim.AdamW(groups)
 
-    def _train(self, new: list[Example], replayed: list[Example], max_steps: int) -> EditResult:
+    def _train(
+        self, interventions: InterventionSet, new: list[Example], replayed: list[Example], max_steps: int
+    ) -> EditResult:
         cfg = self.config
         start = time.perf_counter()
-        interventions = self.interventions
         gated = cfg.method == "baft"
         unrelated = self.unrelated_features() if gated and self.unrelated_prompts else None
-        with torch.no_grad():
-            batch = CachedBatch(self.model, self.attachment, new + replayed, cfg.prompt_positions, self.pad_id)
+        with self.lock, torch.no_grad():
+            batch = CachedBatch(
+                self.model, self.attachment, interventions, new + replayed, cfg.prompt_positions, self.pad_id
+            )
         is_new = batch.rows < len(new)
-        optimizer = self._optimizer()
+        optimizer = self._optimizer(interventions)
         interventions.train()
         steps, parts = 0, {}
         for steps in range(1, max_steps + 1):
-            logits, record = batch.forward()
+            with self.lock:
+                logits, record = batch.forward()
             ce = target_cross_entropy(logits, batch.targets)
             loss, parts = ce, {"ce": ce.item()}
             if gated:
@@ -175,7 +189,7 @@ class Editor:
             loss.backward()
             optimizer.step()
         interventions.eval()
-        weights = self._record_usage(batch, is_new, count=len(new))
+        weights = self._record_usage(interventions, batch, is_new, count=len(new))
         return EditResult(
             steps=steps,
             loss=parts["loss"],
@@ -185,10 +199,12 @@ class Editor:
         )
 
     @torch.no_grad()
-    def _record_usage(self, batch: CachedBatch, is_new: torch.Tensor, count: int) -> dict[int, list[float]]:
+    def _record_usage(
+        self, interventions: InterventionSet, batch: CachedBatch, is_new: torch.Tensor, count: int
+    ) -> dict[int, list[float]]:
         """Adds this edit's mean basis weights to the running usage, and returns them."""
-        _, record = batch.forward()
-        interventions = self.interventions
+        with self.lock:
+            _, record = batch.forward()
         usage = torch.stack([record[layer][0][is_new].mean(0) for layer in interventions.layers])
         interventions.usage_sum += usage * count
         interventions.edit_count += count
@@ -210,19 +226,22 @@ class Editor:
         examples = []
         for start in range(0, len(prompts), 32):
             chunk = prompts[start : start + 32]
-            continuations = generate(self.model, self.tokenizer, chunk, cfg.unrelated_generate_tokens + 1)
+            continuations = generate(
+                self.model, self.tokenizer, chunk, cfg.unrelated_generate_tokens + 1, lock=self.lock
+            )
             examples += [
                 Example(p, c if len(c) > 1 else c + [self.pad_id]) for p, c in zip(chunk, continuations)
             ]
         features: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         for start in range(0, len(examples), 32):
             tf = teacher_forced(examples[start : start + 32], cfg.prompt_positions, self.pad_id)
-            out = self.model(
-                input_ids=tf.input_ids.to(self.device),
-                attention_mask=tf.attention_mask.to(self.device),
-                output_hidden_states=True,
-                logits_to_keep=1,
-            )
+            with self.lock:
+                out = self.model(
+                    input_ids=tf.input_ids.to(self.device),
+                    attention_mask=tf.attention_mask.to(self.device),
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                )
             mask = tf.intervene.to(self.device)
             for layer in self.layers:
                 features[layer].append(out.hidden_states[layer + 1][mask].float())
@@ -230,7 +249,16 @@ class Editor:
         return self._unrelated_features
 
     # ----- using the edited model -----
-    def generate(self, prompts: list[str], max_new_tokens: int = 32, edited: bool = True, **sampling) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 32,
+        edited: bool = True,
+        interventions: InterventionSet | None = None,
+        **sampling,
+    ) -> list[str]:
+        """Decoded continuations; `interventions` generates from another adapter state (an older
+        version) without swapping it in, `edited=False` from the unedited model."""
         ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts]
         rows = generate(
             self.model,
@@ -239,6 +267,8 @@ class Editor:
             max_new_tokens,
             self.attachment if edited else None,
             self.config.prompt_positions,
+            interventions=interventions,
+            lock=self.lock,
             **sampling,
         )
         return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]

@@ -2,13 +2,13 @@
 token, reusing the KV cache so that each step runs only the new token."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Iterator
 
 import torch
 from transformers import DynamicCache
 
-from .attach import Attachment
+from .attach import Attachment, InterventionSet
 from .encoding import left_padded, pad_token_id, positions_from_mask
 
 
@@ -38,8 +38,11 @@ def stream(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    interventions: InterventionSet | None = None,
+    lock: AbstractContextManager | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yields the next token of every row, step by step; rows that finished repeat pad_id."""
+    """Yields the next token of every row, step by step; rows that finished repeat pad_id.
+    `interventions` picks an adapter other than the attached one; `lock` is held per step."""
     device = next(model.parameters()).device
     input_ids, attention = left_padded(prompts, pad_id)
     input_ids, attention = input_ids.to(device), attention.to(device)
@@ -50,8 +53,8 @@ def stream(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids or []), dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        mask = intervene if attachment is not None else None
-        with attachment.intervene(mask) if attachment is not None else nullcontext():
+        edited = attachment.intervene(intervene, interventions=interventions) if attachment else nullcontext()
+        with lock or nullcontext(), edited:
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention,

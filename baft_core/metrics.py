@@ -27,7 +27,7 @@ def answer_argmax(editor, examples: list[Example], edited: bool = True) -> list[
         tf = teacher_forced(chunk, cfg.prompt_positions, editor.pad_id)
         device = editor.device
         mask = tf.intervene.to(device) if edited else None
-        with editor.attachment.intervene(mask):
+        with editor.lock, editor.attachment.intervene(mask):
             logits = editor.model(
                 input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device)
             ).logits
@@ -55,6 +55,7 @@ def generation_match(editor, examples: list[Example]) -> list[float]:
             editor.attachment,
             editor.config.prompt_positions,
             stop_at_eos=False,
+            lock=editor.lock,
         )
         scores += [float(row[: len(e.answer)] == e.answer) for row, e in zip(rows, chunk)]
     return scores

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .attach import Attachment
+from .attach import Attachment, InterventionSet
 from .encoding import Example, positions_from_mask
 
 
@@ -42,9 +42,17 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class CachedBatch:
-    def __init__(self, model, attachment: Attachment, examples: list[Example], positions: int, pad_id: int):
-        self.model, self.attachment = model, attachment
-        self.first_layer = min(attachment.interventions.layers)
+    def __init__(
+        self,
+        model,
+        attachment: Attachment,
+        interventions: InterventionSet,
+        examples: list[Example],
+        positions: int,
+        pad_id: int,
+    ):
+        self.model, self.attachment, self.interventions = model, attachment, interventions
+        self.first_layer = min(interventions.layers)
         device = next(model.parameters()).device
         heads = [e.prompt[-positions:] for e in examples]
         prefixes = [e.prompt[: len(e.prompt) - len(h)] for e, h in zip(examples, heads)]
@@ -139,6 +147,8 @@ class CachedBatch:
 
     def forward(self) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Logits at the target positions [n_targets, vocab], and the recorded gate inputs."""
-        with self._skip_lower_layers(), self.attachment.intervene(self.intervene, record=True) as record:
+        with self._skip_lower_layers(), self.attachment.intervene(
+            self.intervene, record=True, interventions=self.interventions
+        ) as record:
             hidden = self._run(self._fresh_cache()).last_hidden_state
         return final_logits(self.model, hidden[self.target_mask]), dict(record)
