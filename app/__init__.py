@@ -1,0 +1,1 @@
+"""The knowledge-editing service: REST API, SQL edit log and versions, queued worker, rollback."""

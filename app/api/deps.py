@@ -1,0 +1,67 @@
+"""Shared dependencies: the service, readiness gates, and API-key access classes."""
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..runtime import Runtime
+from ..service import Service
+
+bearer = HTTPBearer(auto_error=False, description="API key: a full key, or a read-only key for reads and generation")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def database_ready(service: ServiceDep) -> Service:
+    if not service.migrated.is_set():
+        raise HTTPException(503, service.runtime.load_error or "the database is not migrated yet")
+    return service
+
+
+def model_ready(service: ServiceDep) -> Runtime:
+    runtime = service.runtime
+    if not runtime.ready.is_set():
+        raise HTTPException(503, runtime.load_error or "the model is still loading")
+    return runtime
+
+
+DbService = Annotated[Service, Depends(database_ready)]
+ReadyRuntime = Annotated[Runtime, Depends(model_ready)]
+
+
+def _matches(key: str, keys: set[str]) -> bool:
+    return any(secrets.compare_digest(key.encode(), k.encode()) for k in keys)
+
+
+def _check(service: Service, credentials: HTTPAuthorizationCredentials | None, write: bool) -> None:
+    settings = service.settings
+    write_keys, read_keys = settings.write_keys, settings.read_keys
+    if not write_keys and not read_keys:
+        return  # no keys configured: open (the server binds to 127.0.0.1 by default)
+    if credentials is None:
+        raise HTTPException(401, "missing Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"})
+    key = credentials.credentials
+    if _matches(key, write_keys):
+        return
+    if _matches(key, read_keys):
+        if write:
+            raise HTTPException(403, "this key is read-only")
+        return
+    raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_read(service: ServiceDep, credentials: Credentials) -> None:
+    _check(service, credentials, write=False)
+
+
+def require_write(service: ServiceDep, credentials: Credentials) -> None:
+    _check(service, credentials, write=True)

@@ -1,0 +1,87 @@
+"""The FastAPI application: routes, JSON errors with a reason, and the service's lifespan."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException
+
+from baft_core.checkpoint import CheckpointError
+
+from .api.routes import edits, generate, health, versions
+from .runtime import NotFound
+from .service import Service
+from .settings import Settings, get_settings
+
+
+def _error(status: int, reason: str, detail=None, headers=None) -> JSONResponse:
+    body = {"reason": reason} if detail is None else {"reason": reason, "detail": detail}
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
+
+
+def _validation_reason(errors) -> str:
+    first = errors[0] if errors else {}
+    # Drop pydantic's union/validator tags ("function-after[...]") from the location.
+    where = ".".join(str(p) for p in first.get("loc", ()) if "[" not in str(p))
+    return f"invalid input at {where}: {first.get('msg', 'invalid')}" if where else "invalid input"
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
+        return _error(422, _validation_reason(errors), errors)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, exc: NotFound):
+        return _error(404, str(exc))
+
+    @app.exception_handler(CheckpointError)
+    async def bad_checkpoint(_: Request, exc: CheckpointError):
+        return _error(409, f"checkpoint unusable: {exc}")
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_: Request, exc: ValueError):  # baft_core's input checks
+        return _error(422, str(exc))
+
+    @app.exception_handler(DBAPIError)
+    async def database_down(_: Request, exc: DBAPIError):
+        return _error(503, f"database unavailable: {type(exc.orig).__name__}")
+
+    @app.exception_handler(redis.RedisError)
+    async def queue_down(_: Request, exc: redis.RedisError):
+        return _error(503, f"queue unavailable: {exc}")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = Service(settings)
+        app.state.service = service
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="BaFT knowledge-editing service",
+        version="0.1.0",
+        description="Edit facts in a language model with BaFT; versioned adapters with rollback.",
+        lifespan=lifespan,
+    )
+    add_error_handlers(app)
+    for module in (health, edits, generate, versions):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,243 @@
+"""Request and response bodies (pydantic v2): the API contract, with its input limits."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from baft_core import EditRequest
+
+MAX_TEXT = 1000  # characters of a subject, relation, object or probe
+MAX_PROMPT = 8000  # characters of a generation prompt (the token limit is checked too)
+MAX_ID = 2**31 - 1  # ids are 32-bit in the database
+Status = Literal["queued", "applying", "applied", "failed"]
+Mode = Literal["continual", "batched"]
+
+
+def _clean(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT), AfterValidator(_clean)]
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT), AfterValidator(_clean)]
+
+
+class ProbeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Text
+    answer: Text
+
+
+class EditIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"subject": "Danielle Darrieux", "relation": "The mother tongue of {subject} is", "object": "English"}]
+        },
+    )
+    subject: Text
+    relation: Text = Field(description='A template with {subject}, or a phrase that follows the subject ("was born in")')
+    object: Text
+    rephrases: list[Text] = Field(default_factory=list, max_length=16)
+    locality: list[ProbeIn] = Field(default_factory=list, max_length=16)
+    portability: list[ProbeIn] = Field(default_factory=list, max_length=16)
+    mode: Mode = "continual"
+
+    @model_validator(mode="after")
+    def _check_template(self) -> "EditIn":
+        # Only the {subject} field is allowed: anything else in braces is a template error (and a
+        # format spec like {subject:>99999999} could allocate gigabytes).
+        if "{" in self.relation.replace("{subject}", "") or "}" in self.relation.replace("{subject}", ""):
+            raise ValueError("bad relation template: the only placeholder allowed is {subject}")
+        self.to_request()  # baft_core's own checks
+        return self
+
+    def to_request(self) -> EditRequest:
+        return EditRequest.from_triple(
+            self.subject,
+            self.relation,
+            self.object,
+            rephrases=list(self.rephrases),
+            locality=[p.model_dump() for p in self.locality],
+            portability=[p.model_dump() for p in self.portability],
+        )
+
+
+EditBatchIn = Annotated[list[EditIn], Field(min_length=1, max_length=100)]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; they are UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+class EditAccepted(BaseModel):
+    id: int
+    status: Status
+
+
+class EditsAccepted(BaseModel):
+    edits: list[EditAccepted]
+
+
+class EditOut(BaseModel):
+    id: int
+    status: Status
+    mode: Mode
+    subject: str
+    relation: str
+    object: str
+    prompt: str
+    error: str | None = Field(None, description="why the edit failed")
+    version: int | None = Field(None, description="the version that contains this edit")
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue_seconds: float | None = Field(None, description="time from acceptance to training start")
+    train_seconds: float | None
+
+    @classmethod
+    def from_row(cls, row) -> "EditOut":
+        created, started, finished = _utc(row.created_at), _utc(row.started_at), _utc(row.finished_at)
+        return cls(
+            id=row.id,
+            status=row.status,
+            mode=row.mode,
+            subject=row.subject,
+            relation=row.relation,
+            object=row.object,
+            prompt=row.request["prompt"],
+            error=row.error,
+            version=row.version_id,
+            attempts=row.attempts,
+            created_at=created,
+            started_at=started,
+            finished_at=finished,
+            queue_seconds=(started - created).total_seconds() if started else None,
+            train_seconds=row.train_seconds,
+        )
+
+
+class EditPage(BaseModel):
+    items: list[EditOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricsOut(BaseModel):
+    edit_id: int
+    version: int = Field(description="the version measured")
+    measured: Literal["at_apply", "remeasured"]
+    reliability: float | None
+    generality: float | None
+    locality: float | None
+    portability: float | None
+    reliability_em: float | None = Field(description="greedy generation reproduces the object")
+    generality_em: float | None
+    steps: int | None
+    loss: float | None
+    train_seconds: float | None
+    basis_weights: dict[str, list[float]] | None = Field(description="mean basis weights w_k per layer")
+
+    @classmethod
+    def build(cls, row, version: int, measured: str, values: dict[str, Any] | None) -> "MetricsOut":
+        values = values or {}
+        return cls(
+            edit_id=row.id,
+            version=version,
+            measured=measured,
+            reliability=values.get("rel"),
+            generality=values.get("gen"),
+            locality=values.get("loc"),
+            portability=values.get("por"),
+            reliability_em=values.get("rel_em"),
+            generality_em=values.get("gen_em"),
+            steps=row.steps,
+            loss=row.loss,
+            train_seconds=row.train_seconds,
+            basis_weights=row.basis_weights,
+        )
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Prompt
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="for reproducible sampling")
+    version: int | None = Field(None, ge=1, le=MAX_ID, description="generate from this version (default: current)")
+    stream: bool = Field(False, description="stream tokens as server-sent events")
+
+
+class GenerateOut(BaseModel):
+    text: str
+    version: int = Field(description="the version that produced the text")
+    tokens: int
+    seconds: float
+
+
+class VersionOut(BaseModel):
+    id: int
+    parent: int | None
+    kind: Literal["base", "edit", "batch", "restore"]
+    restored_from: int | None
+    edits: list[int] = Field(description="edits this version added")
+    edit_count: int = Field(description="edits in this version's state")
+    checkpoint_sha256: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row, edits: list[int]) -> "VersionOut":
+        return cls(
+            id=row.id,
+            parent=row.parent_id,
+            kind=row.kind,
+            restored_from=row.restored_from_id,
+            edits=edits,
+            edit_count=row.edit_count,
+            checkpoint_sha256=row.checkpoint_sha256,
+            created_at=_utc(row.created_at),
+        )
+
+
+class VersionPage(BaseModel):
+    items: list[VersionOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class RestoreOut(BaseModel):
+    restore_id: int
+    status: Literal["queued", "done", "failed"]
+    version: int | None = Field(None, description="the new version that records the restore")
+    restored_from: int
+    error: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, str]
+
+
+class ErrorOut(BaseModel):
+    reason: str
+    detail: Any = None
