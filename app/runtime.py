@@ -99,6 +99,8 @@ class Runtime:
     def _prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
         reader = self.reader
         ids = encode_prompt(reader.tokenizer, prompt, reader.context)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
         if len(ids) + max_new_tokens > reader.context:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "

@@ -16,8 +16,8 @@ Mode = Literal["continual", "batched"]
 
 
 def _clean(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be blank")
+    if not any(ch.isprintable() and not ch.isspace() for ch in value):
+        raise ValueError("must not be blank (it needs a visible character)")
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     try:
@@ -181,6 +181,13 @@ class GenerateIn(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="for reproducible sampling")
     version: int | None = Field(None, ge=1, le=MAX_ID, description="generate from this version (default: current)")
     stream: bool = Field(False, description="stream tokens as server-sent events")
+
+    @model_validator(mode="after")
+    def _check_temperature(self) -> "GenerateIn":
+        # Below this, logits / temperature overflow and sampling breaks down; 0 means greedy.
+        if 0 < self.temperature < 0.01:
+            raise ValueError("temperature must be 0 (greedy) or at least 0.01")
+        return self
 
 
 class GenerateOut(BaseModel):

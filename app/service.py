@@ -66,10 +66,11 @@ class Service:
             return
         for edit in edits:
             request = edit.to_request()
-            for prompt in [request.prompt, *request.rephrases]:
-                reader.encode(prompt, request.target)
-            for probe in [*request.locality, *request.portability]:
-                reader.encode(probe.prompt, probe.answer)
+            pairs = [(p, request.target) for p in [request.prompt, *request.rephrases]]
+            pairs += [(p.prompt, p.answer) for p in [*request.locality, *request.portability]]
+            for prompt, answer in pairs:
+                if not reader.encode(prompt, answer).prompt:
+                    raise ValueError(f"prompt {prompt!r} encodes to no tokens")
 
     def enqueue(self, edit_ids: list[int]) -> None:
         """After the rows are committed: publish to the stream (the sweeper retries if Redis is

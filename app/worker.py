@@ -162,7 +162,8 @@ class Worker:
         for item, row in zip(items, rows):
             try:
                 request = EditRequest.from_dict(row.request)
-                trainer.encode(request.prompt, request.target)  # fits the context?
+                if not trainer.encode(request.prompt, request.target).prompt:  # fits the context?
+                    raise ValueError("the prompt encodes to no tokens")
                 requests.append(request)
                 good.append((item, row))
             except (ValueError, TypeError) as err:
