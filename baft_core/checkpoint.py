@@ -22,6 +22,9 @@ from .config import EditConfig
 from .data import EditRequest
 
 ADAPTER_FILE = "adapter.safetensors"
+# safetensors writes its metadata map in hash-map order, which varies from one save to the next:
+# everything goes under this one key, as canonical JSON, so that identical states give identical bytes.
+METADATA_KEY = "baft"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -76,7 +79,8 @@ def save_checkpoint(
         "history": json.dumps([r.to_dict() for r in history], sort_keys=True),
     }
     adapter = directory / ADAPTER_FILE
-    _atomic_write(adapter, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    packed = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    _atomic_write(adapter, lambda tmp: save_file(tensors, tmp, metadata=packed))
     manifest = {
         "format_version": FORMAT_VERSION,
         "sha256": _sha256(adapter),
@@ -111,9 +115,11 @@ def load_checkpoint(
         )
     try:
         with safe_open(adapter, framework="pt") as handle:
-            metadata = handle.metadata()
+            metadata = handle.metadata() or {}
         tensors = load_file(adapter)
-    except (SafetensorError, OSError) as err:
+        if METADATA_KEY in metadata:  # else the earlier layout, one metadata entry per field
+            metadata = json.loads(metadata[METADATA_KEY])
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{adapter} cannot be read: {err}") from None
     if base_model is not None and metadata["base_model"] != base_model:
         raise CheckpointError(

@@ -1,0 +1,192 @@
+"""Intervention positions during generation, batching, and the cached-prefix training batch:
+the fast paths must compute exactly what a plain full forward with the same mask computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baft_core import EditConfig, Editor
+from baft_core.encoding import encode_prompt, teacher_forced
+from baft_core.generation import generate, stream
+from baft_core.metrics import answer_argmax
+from baft_core.prefix_cache import CachedBatch
+
+P = 3
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    "In a small village at the foot of the mountains there lived an old clockmaker who",
+]
+
+
+def perturb(interventions, seed: int = 0, gate_bias: float = 3.0) -> None:
+    """Non-trivial A, b and open gates, so that the adapter visibly changes the outputs."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in interventions.layers:
+            module = interventions[layer]
+            module.source.weight.add_(0.5 * torch.randn_like(module.source.weight))
+            module.source.bias.copy_(2.0 * torch.randn_like(module.source.bias))
+            if module.gated:
+                module.gate.weight.normal_(std=0.3)
+                module.gate.bias.fill_(gate_bias)
+
+
+@pytest.fixture
+def editor(tiny):
+    torch.manual_seed(0)
+    ed = Editor(tiny.model, tiny.tokenizer, EditConfig(layers=[1, 3], rank=8, prompt_positions=P), [])
+    perturb(ed.interventions)
+    yield ed
+    ed.attachment.detach()
+
+
+def lm_head_logits(model):
+    """Records the logits of every forward (the real lm_head output, not a stand-in)."""
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    return seen, handle
+
+
+def full_forward_logits(editor, ids: list[int], prompt_len: int, interventions=None):
+    mask = torch.zeros(1, len(ids), dtype=torch.bool)
+    mask[0, max(0, prompt_len - P) :] = True  # last P prompt positions + every generated one
+    with editor.attachment.intervene(mask, interventions=interventions):
+        return editor.model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[2], PROMPTS[1]], ids=["medium", "long", "short"])
+def test_cached_decoding_equals_full_recomputation(editor, prompt):
+    ids = encode_prompt(editor.tokenizer, prompt)
+    n = 8
+    seen, handle = lm_head_logits(editor.model)
+    try:
+        steps = list(stream(editor.model, [ids], n, editor.attachment, P, editor.pad_id))
+    finally:
+        handle.remove()
+    generated = [int(t[0]) for t in steps]
+    assert len(generated) == n
+    cached = torch.stack([s[0, -1] for s in seen])  # [n, vocab]
+
+    full = full_forward_logits(editor, ids + generated, len(ids))
+    recomputed = full[len(ids) - 1 : len(ids) - 1 + n]
+    assert recomputed.argmax(-1).tolist() == generated
+    assert torch.allclose(cached, recomputed, atol=1e-4, rtol=1e-4), (cached - recomputed).abs().max()
+
+    # the check is sensitive: the adapter matters, and so do the exact positions
+    plain = editor.model(input_ids=torch.tensor([ids + generated])).logits[0][len(ids) - 1 : len(ids) - 1 + n]
+    assert (plain - recomputed).abs().max() > 1e-2
+    if len(ids) > P:
+        wrong = torch.zeros(1, len(ids) + n, dtype=torch.bool)
+        wrong[0, len(ids) :] = True  # forgets the prompt positions
+        with editor.attachment.intervene(wrong):
+            off = editor.model(input_ids=torch.tensor([ids + generated])).logits[0]
+        assert (off[len(ids) - 1 : len(ids) - 1 + n] - recomputed).abs().max() > 1e-2
+
+
+def test_generate_with_other_adapter_matches_swapped_in(editor):
+    """`interventions=` generates from another adapter without swapping it in."""
+    other = editor.new_interventions()
+    perturb(other, seed=5)
+    ids = [encode_prompt(editor.tokenizer, p) for p in PROMPTS]
+    via_arg = generate(editor.model, editor.tokenizer, ids, 6, editor.attachment, P, stop_at_eos=False,
+                       interventions=other)
+    current = generate(editor.model, editor.tokenizer, ids, 6, editor.attachment, P, stop_at_eos=False)
+    original = editor.interventions
+    editor.attachment.swap(other)
+    try:
+        swapped = generate(editor.model, editor.tokenizer, ids, 6, editor.attachment, P, stop_at_eos=False)
+    finally:
+        editor.attachment.swap(original)
+    assert via_arg == swapped
+    assert via_arg != current
+
+
+def test_batched_generation_equals_one_by_one(editor):
+    batched = editor.generate(PROMPTS, max_new_tokens=8)
+    single = [editor.generate([p], max_new_tokens=8)[0] for p in PROMPTS]
+    assert batched == single
+    assert batched != editor.generate(PROMPTS, max_new_tokens=8, edited=False)
+
+
+def test_batched_teacher_forced_equals_one_by_one(editor):
+    answers = ["Paris", "there, how are you today", "made clocks"]
+    examples = [editor.encode(p, a) for p, a in zip(PROMPTS, answers)]
+    assert len({len(e.prompt) for e in examples}) == 3
+
+    batched = answer_argmax(editor, examples)
+    single = [answer_argmax(editor, [e])[0] for e in examples]
+    assert batched == single
+    assert [len(b) for b in batched] == [len(e.answer) for e in examples]
+
+    tf = teacher_forced(examples, P, editor.pad_id)
+    with editor.attachment.intervene(tf.intervene):
+        logits = editor.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits
+    for row, e in enumerate(examples):
+        one = teacher_forced([e], P, editor.pad_id)
+        with editor.attachment.intervene(one.intervene):
+            alone = editor.model(input_ids=one.input_ids, attention_mask=one.attention_mask).logits[0]
+        got = logits[row][tf.targets[row] != -100]
+        want = alone[one.targets[0] != -100]
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+def test_teacher_forced_layout():
+    from baft_core.encoding import Example
+
+    tf = teacher_forced([Example([1, 2, 3, 4], [5, 6]), Example([7], [8, 9, 10])], positions=2, pad_id=0)
+    assert tf.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0]]
+    assert tf.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert tf.intervene.tolist() == [[False, False, True, True, True], [True, True, True, False, False]]
+    assert tf.targets.tolist() == [[-100, -100, -100, 5, 6], [8, 9, 10, -100, -100]]
+
+
+@pytest.mark.parametrize("layers", [[1, 3], [0, 2]], ids=["skips-lower-layers", "from-layer-0"])
+def test_cached_prefix_batch_equals_full_forward(tiny, layers):
+    torch.manual_seed(0)
+    ed = Editor(tiny.model, tiny.tokenizer, EditConfig(layers=layers, rank=8, prompt_positions=P), [])
+    try:
+        perturb(ed.interventions, seed=1)
+        prompts = PROMPTS + ["Hello world"]  # prompt lengths differ; one has no prefix at all
+        answers = ["Paris", "there, how are you today", "made clocks", "!"]
+        examples = [ed.encode(p, a) for p, a in zip(prompts, answers)]
+        assert any(len(e.prompt) <= P for e in examples)
+        batch = CachedBatch(ed.model, ed.attachment, ed.interventions, examples, P, ed.pad_id)
+        logits, record = batch.forward()
+
+        tf = teacher_forced(examples, P, ed.pad_id)
+        with ed.attachment.intervene(tf.intervene, record=True) as full_record:
+            full = ed.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits
+        want = full[tf.targets != -100]
+        assert logits.shape == want.shape
+        assert torch.equal(batch.targets, tf.targets[tf.targets != -100])
+        assert torch.allclose(logits, want, atol=1e-4, rtol=1e-4), (logits - want).abs().max()
+        # the gates saw the same inputs at the same positions
+        for layer in layers:
+            assert record[layer][0].shape == full_record[layer][0].shape
+            assert torch.allclose(record[layer][1], full_record[layer][1], atol=1e-4)
+        assert batch.rows.tolist() == tf.intervene.nonzero()[:, 0].tolist()
+
+        # and the gradients wrt the adapter agree too (training is exact, not only the forward)
+        ce = torch.nn.functional.cross_entropy(logits, batch.targets)
+        grads = torch.autograd.grad(ce, list(ed.interventions.parameters()), allow_unused=True)
+        with ed.attachment.intervene(tf.intervene):
+            full = ed.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits
+        ce_full = torch.nn.functional.cross_entropy(full[tf.targets != -100], batch.targets)
+        grads_full = torch.autograd.grad(ce_full, list(ed.interventions.parameters()), allow_unused=True)
+        for g, f in zip(grads, grads_full):
+            if g is None or f is None:
+                assert g is None and f is None
+                continue
+            assert torch.allclose(g, f, atol=1e-4, rtol=1e-3), (g - f).abs().max()
+        # the model is left intact: no stand-in layers remain
+        assert all(type(layer).__name__ != "_Replay" for layer in ed.attachment.decoder_layers)
+    finally:
+        ed.attachment.detach()
+
+
+def test_mask_shape_mismatch_raises(editor):
+    ids = torch.tensor([encode_prompt(editor.tokenizer, PROMPTS[0])])
+    with editor.attachment.intervene(torch.ones(1, 2, dtype=torch.bool)):
+        with pytest.raises(RuntimeError, match="does not match"):
+            editor.model(input_ids=ids)

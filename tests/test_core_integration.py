@@ -1,0 +1,52 @@
+"""One real edit on the bundled SmolLM2-135M: the new object comes out for the prompt and a
+rephrase, and an unrelated prompt's greedy generation is unchanged. (One edit: each costs seconds.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baft_core import EditConfig, EditRequest, Editor
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "What is the product made by UniFirst?"
+REPHRASE = "What will be the product of UniFirst?"
+TARGET = "unmanned aircraft"
+# Not in the built-in unrelated pool the gates train against, so this measures generalisation.
+UNRELATED = ["The tallest mountain in the world is", "Shakespeare wrote the play"]
+
+
+@pytest.fixture(scope="module")
+def edited(bundled):
+    torch.manual_seed(0)
+    editor = Editor(bundled.model, bundled.tokenizer, EditConfig(max_steps=25))
+    before = editor.generate([PROMPT, REPHRASE] + UNRELATED, 8, edited=False)
+    result = editor.edit(EditRequest(PROMPT, TARGET, subject="UniFirst", rephrases=[REPHRASE]))
+    yield editor, before, result
+    editor.attachment.detach()
+
+
+def test_edit_says_the_new_object(edited):
+    editor, before, result = edited
+    assert TARGET not in before[0]
+    assert result.losses["ce"] < 0.1, result.losses
+    out = editor.generate([PROMPT], 8)[0]
+    assert out.strip().startswith(TARGET), out
+
+
+def test_edit_generalises_to_a_rephrase(edited):
+    editor, before, _ = edited
+    assert TARGET not in before[1]
+    out = editor.generate([REPHRASE], 8)[0]
+    assert TARGET in out, out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="locality bug: after one edit the gates open on generated tokens of unrelated prompts, "
+    "which then continue with 'unmanned aircraft' (editor/objective/gate training, owned elsewhere)",
+)
+def test_unrelated_prompts_unchanged(edited):
+    editor, before, _ = edited
+    after = editor.generate(UNRELATED, 8)
+    assert after == before[2:], (before[2:], after)
