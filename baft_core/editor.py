@@ -150,13 +150,19 @@ class Editor:
         start = time.perf_counter()
         gated = cfg.method == "baft"
         unrelated = self.unrelated_features() if gated and self.unrelated_prompts else None
+        if unrelated is not None and int(interventions.edit_count) == 0:
+            for layer in interventions.layers:
+                interventions[layer].calibrate(unrelated[layer])
         with self.lock, torch.no_grad():
             batch = CachedBatch(
                 self.model, self.attachment, interventions, new + replayed, cfg.prompt_positions, self.pad_id
             )
         is_new = batch.rows < len(new)
+        on_edit = ~batch.after_answer
         optimizer = self._optimizer(interventions)
         interventions.train()
+        for intervention in interventions.by_layer.values():
+            intervention.gate_follows_edit = cfg.gate_follows_edit
         steps, parts = 0, {}
         for steps in range(1, max_steps + 1):
             with self.lock:
@@ -167,12 +173,11 @@ class Editor:
                 usage, margin = [], 0.0
                 for layer in interventions.layers:
                     weights, hidden = record[layer]
-                    usage.append(weights[is_new].mean(0))
+                    usage.append(weights[is_new & on_edit].mean(0))
                     if unrelated is not None:
-                        gate = interventions[layer].gate_logits
-                        margin = margin + locality_margin(
-                            gate(hidden), gate(unrelated[layer]), cfg.alpha, cfg.beta, cfg.gamma
-                        )
+                        logits = interventions[layer].gate_logits(hidden)
+                        closed = torch.cat([interventions[layer].gate_logits(unrelated[layer]), logits[~on_edit]])
+                        margin = margin + locality_margin(logits[on_edit], closed, cfg.alpha, cfg.beta, cfg.gamma)
                 balance = load_balance(
                     torch.stack(usage), interventions.usage_sum, int(interventions.edit_count)
                 )
@@ -189,6 +194,8 @@ class Editor:
             loss.backward()
             optimizer.step()
         interventions.eval()
+        for intervention in interventions.by_layer.values():
+            intervention.gate_follows_edit = True
         weights = self._record_usage(interventions, batch, is_new, count=len(new))
         return EditResult(
             steps=steps,
@@ -205,7 +212,8 @@ class Editor:
         """Adds this edit's mean basis weights to the running usage, and returns them."""
         with self.lock:
             _, record = batch.forward()
-        usage = torch.stack([record[layer][0][is_new].mean(0) for layer in interventions.layers])
+        on_new_edit = is_new & ~batch.after_answer
+        usage = torch.stack([record[layer][0][on_new_edit].mean(0) for layer in interventions.layers])
         interventions.usage_sum += usage * count
         interventions.edit_count += count
         return {layer: usage[i].tolist() for i, layer in enumerate(interventions.layers)}

@@ -13,11 +13,13 @@ from torch.nn.utils import parametrizations
 
 
 class BasisIntervention(nn.Module):
-    def __init__(self, hidden_size: int, rank: int, gated: bool = True, gate_bias: float = -3.0):
+    def __init__(self, hidden_size: int, rank: int, gated: bool = True, gate_bias: float = -5.6):
         super().__init__()
         if rank > hidden_size:
             raise ValueError(f"rank {rank} exceeds hidden size {hidden_size}")
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
+        # When False, the edit loss does not train the gates (only the locality margins do).
+        self.gate_follows_edit = True
         rotation = nn.Linear(hidden_size, rank, bias=False)
         nn.init.orthogonal_(rotation.weight)
         self.rotation = parametrizations.orthogonal(rotation)
@@ -27,21 +29,33 @@ class BasisIntervention(nn.Module):
             self.source.weight.copy_(self.rotation.weight)
             self.source.bias.zero_()
         if gated:
-            # The gate reads h scaled to unit RMS: residual norms reach the thousands and a
-            # logistic regression on raw h saturates in a few steps. A negative bias starts
-            # every basis nearly closed, so an unedited adapter leaves inputs alone.
+            # The gate reads h standardised per coordinate (statistics of ordinary inputs, set
+            # by `calibrate`) and scaled to unit RMS: residual norms reach the thousands, with a
+            # large component shared by all tokens, and a logistic regression on raw h
+            # saturates in a few steps and cannot tell inputs apart. The bias starts every
+            # basis closed (below the locality margin alpha = 0.01).
             self.gate = nn.Linear(hidden_size, rank)
-            nn.init.normal_(self.gate.weight, std=hidden_size**-0.5)
+            # Small random weights break the symmetry between bases without opening any gate.
+            nn.init.normal_(self.gate.weight, std=0.3 * hidden_size**-0.5)
             nn.init.constant_(self.gate.bias, gate_bias)
+            self.register_buffer("gate_center", torch.zeros(hidden_size))
+            self.register_buffer("gate_scale", torch.ones(hidden_size))
 
     @property
     def R(self) -> torch.Tensor:
         return self.rotation.weight
 
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = h.to(self.gate.weight.dtype)
-        unit = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = (h.to(self.gate.weight.dtype) - self.gate_center) / self.gate_scale
+        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.gate(unit)
+
+    @torch.no_grad()
+    def calibrate(self, hidden: torch.Tensor) -> None:
+        """Standardise the gate's input with the statistics of ordinary hidden states [n, d]."""
+        hidden = hidden.to(self.gate_center.dtype)
+        self.gate_center.copy_(hidden.mean(0))
+        self.gate_scale.copy_(hidden.std(0).clamp_min(1e-3) if len(hidden) > 1 else torch.ones_like(self.gate_scale))
 
     def weights(self, h: torch.Tensor) -> torch.Tensor:
         """w(h) in [0, 1]^r; all ones for ReFT."""
@@ -55,5 +69,5 @@ class BasisIntervention(nn.Module):
         h = h.to(self.source.weight.dtype)
         R = self.R
         w = self.weights(h)
-        delta = (self.source(h) - h @ R.T) * w
+        delta = (self.source(h) - h @ R.T) * (w if self.gate_follows_edit else w.detach())
         return (h + delta @ R).to(dtype), w

@@ -111,3 +111,17 @@ def summarize(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
         values = [r[name] for r in rows if r[name] is not None]
         out[name] = mean(values) if values else None
     return out
+
+
+@torch.no_grad()
+def basis_weights(editor, examples: list[Example]) -> dict[int, torch.Tensor]:
+    """Gate weights w(h) [positions, rank] per layer at every intervened position, teacher-forced."""
+    collected: dict[int, list[torch.Tensor]] = {}
+    for start in range(0, len(examples), BATCH):
+        tf = teacher_forced(examples[start : start + BATCH], editor.config.prompt_positions, editor.pad_id)
+        device = editor.device
+        with editor.lock, editor.attachment.intervene(tf.intervene.to(device), record=True) as record:
+            editor.model(input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device))
+        for layer, (weights, _) in record.items():
+            collected.setdefault(layer, []).append(weights.cpu())
+    return {layer: torch.cat(parts) for layer, parts in collected.items()}

@@ -56,7 +56,9 @@ class CachedBatch:
         device = next(model.parameters()).device
         heads = [e.prompt[-positions:] for e in examples]
         prefixes = [e.prompt[: len(e.prompt) - len(h)] for e, h in zip(examples, heads)]
-        suffixes = [h + e.answer[:-1] for h, e in zip(heads, examples)]
+        # The whole answer is fed: the position of its last token predicts what follows the
+        # answer, and there the gates must be closed (else generation keeps repeating the edit).
+        suffixes = [h + e.answer for h, e in zip(heads, examples)]
         batch = len(examples)
         prefix_width = max(len(p) for p in prefixes)
         suffix_width = max(len(s) for s in suffixes)
@@ -66,6 +68,7 @@ class CachedBatch:
         suffix_ids = torch.full((batch, suffix_width), pad_id, dtype=torch.long)
         suffix_mask = torch.zeros((batch, suffix_width), dtype=torch.long)
         targets = torch.full((batch, suffix_width), -100, dtype=torch.long)
+        after_answer = torch.zeros((batch, suffix_width), dtype=torch.bool)
         for row, (prefix, suffix, head, e) in enumerate(zip(prefixes, suffixes, heads, examples)):
             if prefix:  # left-padded, so every suffix starts at the same column
                 prefix_ids[row, prefix_width - len(prefix) :] = torch.tensor(prefix)
@@ -73,6 +76,7 @@ class CachedBatch:
             suffix_ids[row, : len(suffix)] = torch.tensor(suffix)
             suffix_mask[row, : len(suffix)] = 1
             targets[row, len(head) - 1 : len(head) - 1 + len(e.answer)] = torch.tensor(e.answer)
+            after_answer[row, len(suffix) - 1] = True
 
         self.suffix_ids = suffix_ids.to(device)
         self.attention = torch.cat([prefix_mask, suffix_mask], dim=-1).to(device)
@@ -80,6 +84,7 @@ class CachedBatch:
         self.intervene = suffix_mask.bool().to(device)
         # Row of each intervened position, in the order the hooks see them (row-major).
         self.rows = self.intervene.nonzero()[:, 0]
+        self.after_answer = after_answer.to(device)[self.intervene]
         self.target_mask = (targets != -100).to(device)
         self.targets = targets.to(device)[self.target_mask]
 

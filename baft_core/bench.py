@@ -1,0 +1,187 @@
+"""Benchmark: apply N edits from a public dataset and measure them the EasyEdit way.
+
+python -m baft_core.bench --data ../shared/data/zsre/zsre_eval_portability_dev.json --format zsre \
+    --method baft --mode continual --edits 100 --out bench/results/zsre-baft-continual-100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import metrics
+from .config import EditConfig
+from .data import EditRequest, load_edits
+from .editor import Editor
+from .models import BUNDLED, load_model
+from .report import plot_basis_weights, plot_curve, write_report
+
+METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m baft_core.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, nargs="+", help="one or more files of the same format")
+    parser.add_argument("--format", required=True, choices=["zsre", "counterfact", "knowedit"])
+    parser.add_argument("--method", default="baft", choices=["baft", "reft"])
+    parser.add_argument("--mode", default="continual", choices=["single", "continual", "batched"])
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--model", default=BUNDLED, help="'smollm2' or a local HF model directory")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--unrelated",
+        default="heldout",
+        choices=["heldout", "builtin", "none"],
+        help="prompts the gates learn to stay closed on: locality prompts of records that are not "
+        "edited (never the evaluated ones), the built-in generic pool, or none",
+    )
+    parser.add_argument("--unrelated-size", type=int, default=200)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="EditConfig overrides")
+    parser.add_argument("--out", required=True)
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> EditConfig:
+    config = EditConfig(method=args.method, seed=args.seed)
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        if key not in EditConfig.__dataclass_fields__:
+            raise SystemExit(f"--set: EditConfig has no field {key!r}")
+        setattr(config, key, json.loads(raw))
+    config.validate()
+    return config
+
+
+def checkpoints(n: int) -> list[int]:
+    """1, 10, 100, ... up to n, and n itself: where the continual curve is measured."""
+    points, k = [], 1
+    while k < n:
+        points.append(k)
+        k *= 10
+    return points + [n]
+
+
+def unrelated_pool(args, edited: list[EditRequest], rest: list[EditRequest]) -> list[str] | None:
+    if args.unrelated == "none":
+        return []
+    if args.unrelated == "builtin":
+        return None
+    evaluated = {p.prompt for r in edited for p in r.locality}
+    pool = [p.prompt for r in rest for p in r.locality if p.prompt not in evaluated]
+    random.Random(args.seed).shuffle(pool)
+    return pool[: args.unrelated_size]
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    records = [r for path in args.data for r in load_edits(path, args.format)]
+    if args.edits > len(records):
+        raise SystemExit(f"--edits {args.edits}: the data has only {len(records)} records")
+    edits, rest = records[: args.edits], records[args.edits :]
+    config = build_config(args)
+    loaded = load_model(args.model, device=args.device)
+    editor = Editor(loaded.model, loaded.tokenizer, config, unrelated_pool(args, edits, rest))
+    baseline = metrics.locality_baseline(editor, edits)
+    editor.unrelated_features()  # built once, outside the per-edit timings
+
+    rows: list[dict] = [{} for _ in edits]
+    curve: list[dict] = []
+    progress = tqdm(total=len(edits), desc=f"{args.method} {args.mode}", unit="edit", file=sys.stderr)
+    if args.mode == "single":
+        for i, request in enumerate(edits):
+            editor.reset()
+            result = editor.edit(request)
+            rows[i] = {"result": result, "metrics": metrics.evaluate(editor, [request], [baseline[i]])[0]}
+            progress.update(1)
+    else:
+        size = 1 if args.mode == "continual" else args.batch_size
+        marks = set(checkpoints(len(edits)))
+        done = 0
+        while done < len(edits):
+            group = edits[done : done + size]
+            result = editor.edit(group[0]) if size == 1 else editor.edit_batch(group)
+            for j in range(len(group)):
+                rows[done + j] = {"result": result, "batch": done // size}
+            done += len(group)
+            progress.update(len(group))
+            reached = [m for m in marks if done - len(group) < m <= done]
+            if reached and done < len(edits):
+                summary = metrics.summarize(metrics.evaluate(editor, edits[:done], baseline[:done]))
+                curve.append({"edits": done, **summary})
+        final = metrics.evaluate(editor, edits, baseline)
+        for row, values in zip(rows, final):
+            row["metrics"] = values
+        curve.append({"edits": len(edits), **metrics.summarize(final)})
+    progress.close()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = [r["result"].seconds for r in rows]
+    if args.mode == "batched":  # one training run per batch: time per edit is its share
+        seconds = [r["result"].seconds / args.batch_size for r in rows]
+    with open(out / "edits.jsonl", "w") as handle:
+        for i, (request, row) in enumerate(zip(edits, rows)):
+            result = row["result"]
+            handle.write(
+                json.dumps(
+                    {
+                        "index": i,
+                        "prompt": request.prompt,
+                        "target": request.target,
+                        "seconds": round(seconds[i], 4),
+                        "steps": result.steps,
+                        "loss": result.loss,
+                        "losses": result.losses,
+                        **row["metrics"],
+                    }
+                )
+                + "\n"
+            )
+    summary = {
+        "command": "python -m baft_core.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "method": args.method,
+        "mode": args.mode,
+        "edits": len(edits),
+        "model": loaded.identity,
+        "data": [str(p) for p in args.data],
+        "unrelated": args.unrelated,
+        **metrics.summarize([r["metrics"] for r in rows]),
+        "sec_per_edit_median": statistics.median(seconds),
+        "sec_per_edit_first100_median": statistics.median(seconds[:100]),
+        "sec_per_edit_last100_median": statistics.median(seconds[-100:]),
+        "steps_mean": statistics.mean(r["result"].steps for r in rows),
+        "params": editor.interventions.num_parameters(),
+        "config": config.to_dict(),
+        "curve": curve,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if curve:
+        plot_curve(curve, out / "curve.png", f"{args.method} {args.mode}")
+    if config.method == "baft":
+        plot_basis_weights(editor, edits, out / "basis_weights.png")
+    write_report(summary, out / "report.md")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    summary = run(parse_args(argv))
+    keys = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "sec_per_edit_median", "steps_mean")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
