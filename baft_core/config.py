@@ -38,6 +38,7 @@ class EditConfig:
     # False: the edit loss does not train the gates. Letting it do so made the gates open on
     # unrelated inputs (locality 0.67 vs 0.99 on 8 ZsRE edits) and the loss oscillate.
     gate_follows_edit: bool = False
+    gate_polish_steps: int = 100  # gate-only steps after training, until the margins hold
     unrelated_generate_tokens: int = 4  # generated positions of each unrelated prompt the gates see
 
     # Continual editing: replay a bounded sample of earlier edits with each new one

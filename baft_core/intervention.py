@@ -1,6 +1,7 @@
 """The BaFT intervention: Phi(h) = h + R^T W(h) (A h + b - R h).
 
-R (r x d) has orthonormal rows, kept so by torch's orthogonal parametrization. A and b give the
+R (r x d) has orthonormal rows, kept so by a QR retraction after every optimizer step (a
+parametrization would cost a Householder product and its backward at every forward). A and b give the
 target coordinates in that subspace. W(h) = diag(w_1(h) .. w_r(h)), each w_k a logistic
 regression on h saying how much basis k acts for this input. With gated=False, W = I and the
 intervention is exactly LoReFT.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
 
 
 class BasisIntervention(nn.Module):
@@ -20,9 +20,8 @@ class BasisIntervention(nn.Module):
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         # When False, the edit loss does not train the gates (only the locality margins do).
         self.gate_follows_edit = True
-        rotation = nn.Linear(hidden_size, rank, bias=False)
-        nn.init.orthogonal_(rotation.weight)
-        self.rotation = parametrizations.orthogonal(rotation)
+        self.rotation = nn.Linear(hidden_size, rank, bias=False)
+        nn.init.orthogonal_(self.rotation.weight)
         self.source = nn.Linear(hidden_size, rank)  # A h + b
         with torch.no_grad():
             # A = R and b = 0 make a fresh intervention the identity, whatever the gates say.
@@ -44,6 +43,14 @@ class BasisIntervention(nn.Module):
     @property
     def R(self) -> torch.Tensor:
         return self.rotation.weight
+
+    @torch.no_grad()
+    def orthonormalize(self) -> None:
+        """Retract R onto the matrices with orthonormal rows (the nearest such basis of its span,
+        signs kept so the basis does not flip)."""
+        q, r = torch.linalg.qr(self.rotation.weight.T)
+        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+        self.rotation.weight.copy_((q * signs).T)
 
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
         x = (h.to(self.gate.weight.dtype) - self.gate_center) / self.gate_scale

@@ -16,7 +16,7 @@ PROMPTS = ["The mother tongue of Danielle Darrieux is", "The capital of France i
 @pytest.fixture(scope="module")
 def edited(tiny_sharp):
     torch.manual_seed(0)
-    config = EditConfig(max_steps=12, rank=6)
+    config = EditConfig(max_steps=20, rank=6, lr=0.05)
     editor = Editor(tiny_sharp.model, tiny_sharp.tokenizer, config, unrelated_prompts=PROMPTS[1:2])
     editor.edit(
         EditRequest(

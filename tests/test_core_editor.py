@@ -13,7 +13,8 @@ UNRELATED = ["The capital of France is", "Water boils at", "My favourite colour 
 
 def make_editor(model, **overrides) -> Editor:
     torch.manual_seed(0)
-    config = EditConfig(**{"max_steps": 20, "max_steps_batched": 25, "rank": 8, **overrides})
+    # The random tiny model has small hidden norms: a larger step than the real-model default.
+    config = EditConfig(**{"max_steps": 20, "max_steps_batched": 40, "rank": 8, "lr": 0.05, **overrides})
     return Editor(model.model, model.tokenizer, config, unrelated_prompts=UNRELATED)
 
 

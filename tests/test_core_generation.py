@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from baft_core import EditConfig, Editor
-from baft_core.encoding import encode_prompt, teacher_forced
+from baft_core.encoding import Example, encode_prompt, teacher_forced
 from baft_core.generation import generate, stream
 from baft_core.metrics import answer_argmax
 from baft_core.prefix_cache import CachedBatch
@@ -154,10 +154,18 @@ def test_cached_prefix_batch_equals_full_forward(tiny, layers):
         batch = CachedBatch(ed.model, ed.attachment, ed.interventions, examples, P, ed.pad_id)
         logits, record = batch.forward()
 
-        tf = teacher_forced(examples, P, ed.pad_id)
+        # Training feeds the whole answer (the last answer position is where the gates must
+        # close), so the reference feeds it too; targets sit at the same positions.
+        tf_targets = teacher_forced(examples, P, ed.pad_id).targets
+        fed = [Example(e.prompt, e.answer + [ed.pad_id]) for e in examples]
+        tf = teacher_forced(fed, P, ed.pad_id)
+        keep = torch.zeros_like(tf.intervene)
+        keep[:, : tf_targets.shape[1]] = tf_targets != -100
+        tf.targets = torch.where(keep, tf.targets, torch.full_like(tf.targets, -100))
         with ed.attachment.intervene(tf.intervene, record=True) as full_record:
             full = ed.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits
         want = full[tf.targets != -100]
+        assert batch.after_answer.sum().item() == len(examples)
         assert logits.shape == want.shape
         assert torch.equal(batch.targets, tf.targets[tf.targets != -100])
         assert torch.allclose(logits, want, atol=1e-4, rtol=1e-4), (logits - want).abs().max()
