@@ -6,9 +6,11 @@ from typing import Literal
 
 Method = Literal["baft", "reft"]
 
-# Where the paper puts its interventions on a 32-layer model (9, 18, 24, 28), as depth fractions,
-# so that any depth gets the same relative placement.
-DEFAULT_LAYER_FRACTIONS = (0.28, 0.56, 0.75, 0.875)
+# The paper's upper three intervention layers on a 32-layer model (18, 24, 28 of 9, 18, 24, 28),
+# as depth fractions so that any depth gets the same relative placement. Dropping the lowest
+# layer cut a training step from 0.16 s to 0.10 s on SmolLM2 (layers below the first edited one
+# are not recomputed) with equal reliability and locality (bench/results/ablation).
+DEFAULT_LAYER_FRACTIONS = (0.56, 0.75, 0.875)
 
 
 @dataclass

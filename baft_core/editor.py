@@ -156,9 +156,13 @@ class Editor:
         start = time.perf_counter()
         gated = cfg.method == "baft"
         unrelated = self.unrelated_features() if gated and self.unrelated_prompts else None
-        if unrelated is not None and int(interventions.edit_count) == 0:
-            for layer in interventions.layers:
-                interventions[layer].calibrate(unrelated[layer])
+        if unrelated is not None:
+            if int(interventions.edit_count) == 0:
+                for layer in interventions.layers:
+                    interventions[layer].calibrate(unrelated[layer])
+            # The gate inputs of the unrelated states are fixed: normalise them once, not per step.
+            with torch.no_grad():
+                unrelated = {l: interventions[l].gate_inputs(unrelated[l]) for l in interventions.layers}
         with self.lock, torch.no_grad():
             batch = CachedBatch(
                 self.model, self.attachment, interventions, new + replayed, cfg.prompt_positions, self.pad_id
@@ -182,7 +186,7 @@ class Editor:
                     usage.append(weights[is_new & on_edit].mean(0))
                     if unrelated is not None:
                         logits = interventions[layer].gate_logits(hidden)
-                        closed = torch.cat([interventions[layer].gate_logits(unrelated[layer]), logits[~on_edit]])
+                        closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
                         margin = margin + locality_margin(logits[on_edit], closed, cfg.alpha, cfg.beta, cfg.gamma)
                 balance = load_balance(
                     torch.stack(usage), interventions.usage_sum, int(interventions.edit_count)
@@ -194,7 +198,10 @@ class Editor:
                     loss = loss + cfg.locality_weight * margin
                     parts["margin"] = margin.item()
             parts["loss"] = loss.item()
-            if parts["loss"] < cfg.stop_loss:
+            # Stop once the edit is learnt: what is left of the margins then costs the gate
+            # polish microseconds, where each step here costs a forward and backward pass.
+            edit_loss = parts["loss"] - cfg.locality_weight * parts.get("margin", 0.0)
+            if parts["loss"] < cfg.stop_loss or (unrelated is not None and edit_loss < cfg.stop_loss):
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -204,7 +211,7 @@ class Editor:
             intervention.gate_follows_edit = True
         if unrelated is not None and cfg.gate_polish_steps:
             parts["margin_polished"] = self._polish_gates(interventions, record, on_edit, unrelated)
-        weights = self._record_usage(interventions, batch, is_new, count=len(new))
+        weights = self._record_usage(interventions, record, is_new & ~batch.after_answer, len(new))
         return EditResult(
             steps=steps,
             loss=parts["loss"],
@@ -220,15 +227,15 @@ class Editor:
         cfg = self.config
         gates = [interventions[layer].gate for layer in interventions.layers]
         optimizer = torch.optim.Adam([p for g in gates for p in g.parameters()], lr=cfg.gate_lr)
-        hidden = {layer: record[layer][1].detach() for layer in interventions.layers}
         with torch.no_grad():
-            anchor = {l: interventions[l].gate_logits(hidden[l][on_edit]) for l in interventions.layers}
+            inputs = {l: interventions[l].gate_inputs(record[l][1]) for l in interventions.layers}
+            anchor = {l: interventions[l].gate(inputs[l][on_edit]) for l in interventions.layers}
         margin = torch.zeros(())
         for _ in range(cfg.gate_polish_steps):
             margin, drift = torch.zeros(()), torch.zeros(())
             for layer in interventions.layers:
-                logits = interventions[layer].gate_logits(hidden[layer])
-                closed = torch.cat([interventions[layer].gate_logits(unrelated[layer]), logits[~on_edit]])
+                logits = interventions[layer].gate(inputs[layer])
+                closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
                 margin = margin + locality_margin(logits[on_edit], closed, cfg.alpha, cfg.beta, cfg.gamma)
                 drift = drift + (logits[on_edit] - anchor[layer]).pow(2).mean()
             if margin.item() == 0:
@@ -240,13 +247,16 @@ class Editor:
 
     @torch.no_grad()
     def _record_usage(
-        self, interventions: InterventionSet, batch: CachedBatch, is_new: torch.Tensor, count: int
+        self, interventions: InterventionSet, record: dict, on_new_edit: torch.Tensor, count: int
     ) -> dict[int, list[float]]:
-        """Adds this edit's mean basis weights to the running usage, and returns them."""
-        with self.lock:
-            _, record = batch.forward()
-        on_new_edit = is_new & ~batch.after_answer
-        usage = torch.stack([record[layer][0][on_new_edit].mean(0) for layer in interventions.layers])
+        """Adds this edit's mean basis weights to the running usage, and returns them. The weights
+        are the final gates' on the hidden states of the last training forward (no extra pass)."""
+        usage = torch.stack(
+            [
+                interventions[layer].weights(record[layer][1][on_new_edit]).mean(0)
+                for layer in interventions.layers
+            ]
+        )
         interventions.usage_sum += usage * count
         interventions.edit_count += count
         return {layer: usage[i].tolist() for i, layer in enumerate(interventions.layers)}

@@ -52,10 +52,13 @@ class BasisIntervention(nn.Module):
         signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
         self.rotation.weight.copy_((q * signs).T)
 
-    def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def gate_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        """What the gate's logistic regression reads: h standardised, then scaled to unit RMS."""
         x = (h.to(self.gate.weight.dtype) - self.gate_center) / self.gate_scale
-        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.gate(unit)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.gate_inputs(h))
 
     @torch.no_grad()
     def calibrate(self, hidden: torch.Tensor) -> None:

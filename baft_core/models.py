@@ -31,6 +31,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """None or "auto": bf16 where the hardware runs it natively (CUDA, CPUs with AVX512-BF16 or
+    AMX), else fp32. Edits are weight-bandwidth bound, so bf16 halves their time on a CPU."""
+    if dtype not in (None, "auto"):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # finds it without importing its plugin code
     if spec is None or not spec.submodule_search_locations:
@@ -102,7 +114,7 @@ def load_model(
             )
         identity = _directory_identity(path)
     torch_device = resolve_device(device)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     model.to(torch_device).eval()

@@ -60,7 +60,7 @@ def tiny_dir(tmp_path_factory, bundled_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir) -> LoadedModel:
-    return load_model(str(tiny_dir), device="cpu")
+    return load_model(str(tiny_dir), device="cpu", dtype="float32")
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -124,4 +124,4 @@ def tiny_sharp_dir(tmp_path_factory, bundled_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sharp(tiny_sharp_dir) -> LoadedModel:
-    return load_model(str(tiny_sharp_dir), device="cpu")
+    return load_model(str(tiny_sharp_dir), device="cpu", dtype="float32")

@@ -14,7 +14,7 @@ UNRELATED = ["The capital of France is", "Water boils at", "My favourite colour 
 def make_editor(model, **overrides) -> Editor:
     torch.manual_seed(0)
     # The random tiny model has small hidden norms: a larger step than the real-model default.
-    config = EditConfig(**{"max_steps": 20, "max_steps_batched": 40, "rank": 8, "lr": 0.05, **overrides})
+    config = EditConfig(**{"max_steps": 20, "max_steps_batched": 40, "rank": 8, "lr": 0.05, "layers": [1, 2, 3], **overrides})
     return Editor(model.model, model.tokenizer, config, unrelated_prompts=UNRELATED)
 
 
@@ -38,9 +38,15 @@ def first_loss(editor, request) -> float:
     return torch.nn.functional.cross_entropy(logits[keep], tf.targets[keep]).item()
 
 
-def test_default_layers_fit_the_tiny_model(editor):
-    assert editor.layers == sorted(set(editor.layers))
-    assert all(0 <= layer < 4 for layer in editor.layers) and len(editor.layers) >= 2
+def test_default_layers_follow_the_depth():
+    for depth in (4, 30, 32):
+        layers = EditConfig().resolved_layers(depth)
+        assert layers == sorted(set(layers)) and all(0 <= layer < depth for layer in layers)
+        assert len(layers) >= 2
+    assert EditConfig().resolved_layers(30) == [17, 22, 26]
+    assert EditConfig().resolved_layers(32) == [18, 24, 28]  # the paper's upper three
+    with pytest.raises(ValueError, match="out of range"):
+        EditConfig(layers=[0, 30]).resolved_layers(30)
 
 
 @pytest.mark.parametrize("method", ["baft", "reft"])
