@@ -86,7 +86,7 @@ def unrelated_pool(args, edited: list[EditRequest], rest: list[EditRequest]) -> 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    records = [r for path in args.data for r in load_edits(path, args.format)]
+    records = [r for path in args.data for r in load_edits(path, args.format, skip_invalid=True)]
     if args.edits > len(records):
         raise SystemExit(f"--edits {args.edits}: the data has only {len(records)} records")
     edits, rest = records[: args.edits], records[args.edits :]

@@ -44,7 +44,7 @@ class EditConfig:
     unrelated_generate_tokens: int = 4  # generated positions of each unrelated prompt the gates see
 
     # Continual editing: replay a bounded sample of earlier edits with each new one
-    replay_size: int = 4
+    replay_size: int = 32  # a batch step is weight-bandwidth bound: replay costs little
 
     seed: int = 0
 

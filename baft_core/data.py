@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -122,8 +123,12 @@ FORMATS: dict[str, Callable[[dict], EditRequest]] = {
 }
 
 
-def load_edits(path: str | Path, fmt: str, limit: int | None = None) -> list[EditRequest]:
-    """Read a benchmark file (a JSON list, or JSON lines) of the given format."""
+def load_edits(
+    path: str | Path, fmt: str, limit: int | None = None, skip_invalid: bool = False
+) -> list[EditRequest]:
+    """Read a benchmark file (a JSON list, or JSON lines) of the given format. With skip_invalid,
+    records that are of the format but no valid edit (the ZsRE train split has two with an
+    empty target) are left out with a warning instead of failing the whole file."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}: expected one of {sorted(FORMATS)}")
     path = Path(path)
@@ -137,10 +142,16 @@ def load_edits(path: str | Path, fmt: str, limit: int | None = None) -> list[Edi
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of records")
     convert = FORMATS[fmt]
-    edits = []
+    edits, skipped = [], []
     for index, record in enumerate(records[:limit] if limit else records):
         try:
             edits.append(convert(record))
-        except (KeyError, TypeError, ValueError) as err:
+        except ValueError as err:
+            if not skip_invalid:
+                raise ValueError(f"{path}: record {index} is not a valid edit ({err})") from None
+            skipped.append(index)
+        except (KeyError, TypeError) as err:
             raise ValueError(f"{path}: record {index} is not {fmt} format ({err!r})") from None
+    if skipped:
+        logging.getLogger(__name__).warning("%s: skipped invalid records %s", path, skipped)
     return edits

@@ -76,9 +76,13 @@ def test_bad_record_later_in_file_and_json_lines(tmp_path):
     good = {"src": "Who wrote X?", "alt": "Y"}
     path = tmp_path / "edits.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [good, good, {"src": "Q?", "alt": ""}]) + "\n")
-    with pytest.raises(ValueError, match=r"record 2 is not zsre format.*target is empty"):
+    with pytest.raises(ValueError, match=r"record 2 is not a valid edit.*target is empty"):
         load_edits(path, "zsre")
     assert len(load_edits(path, "zsre", limit=2)) == 2
+    assert len(load_edits(path, "zsre", skip_invalid=True)) == 2  # the empty target is left out
+    path.write_text("\n".join(json.dumps(r) for r in [good, {"question": "Q?"}]) + "\n")
+    with pytest.raises(ValueError, match=r"record 1 is not zsre format"):
+        load_edits(path, "zsre", skip_invalid=True)  # a record of another format still fails
     path.write_text(json.dumps({"src": "Q?", "alt": "A"}))
     with pytest.raises(ValueError, match="expected a list"):
         load_edits(path, "zsre")
