@@ -41,6 +41,7 @@ class EditConfig:
     # unrelated inputs (locality 0.67 vs 0.99 on 8 ZsRE edits) and the loss oscillate.
     gate_follows_edit: bool = False
     gate_polish_steps: int = 100  # gate-only steps after training, until the margins hold
+    polish_tolerance: float = 0.0  # mean margin (in logits) left at which the polish may stop
     unrelated_generate_tokens: int = 4  # generated positions of each unrelated prompt the gates see
 
     # Continual editing: replay a bounded sample of earlier edits with each new one

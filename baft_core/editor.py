@@ -222,28 +222,30 @@ class Editor:
 
     def _polish_gates(self, interventions, record, on_edit, unrelated) -> float:
         """Meets the locality margins on the gates alone, from the hidden states of the last
-        training forward: no model forward is needed, so each step costs microseconds. The
-        gates on the edit are held where training left them, so the edit keeps its effect."""
+        training forward: no model forward is needed, so a step costs a few small matrix
+        products. The gates on the edit are held where training left them."""
         cfg = self.config
-        gates = [interventions[layer].gate for layer in interventions.layers]
-        optimizer = torch.optim.Adam([p for g in gates for p in g.parameters()], lr=cfg.gate_lr)
+        layers = interventions.layers
+        optimizer = torch.optim.Adam(
+            [p for l in layers for p in interventions[l].gate.parameters()], lr=cfg.gate_lr
+        )
         with torch.no_grad():
-            inputs = {l: interventions[l].gate_inputs(record[l][1]) for l in interventions.layers}
-            anchor = {l: interventions[l].gate(inputs[l][on_edit]) for l in interventions.layers}
+            inputs = {l: interventions[l].gate_inputs(record[l][1]) for l in layers}
+            anchor = {l: interventions[l].gate(inputs[l][on_edit]) for l in layers}
         margin = torch.zeros(())
         for _ in range(cfg.gate_polish_steps):
             margin, drift = torch.zeros(()), torch.zeros(())
-            for layer in interventions.layers:
-                logits = interventions[layer].gate(inputs[layer])
-                closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
+            for l in layers:
+                logits = interventions[l].gate(inputs[l])
+                closed = torch.cat([interventions[l].gate(unrelated[l]), logits[~on_edit]])
                 margin = margin + locality_margin(logits[on_edit], closed, cfg.alpha, cfg.beta, cfg.gamma)
-                drift = drift + (logits[on_edit] - anchor[layer]).pow(2).mean()
-            if margin.item() == 0:
+                drift = drift + (logits[on_edit] - anchor[l]).pow(2).mean()
+            if margin.item() / len(layers) < cfg.polish_tolerance:
                 break
             optimizer.zero_grad(set_to_none=True)
             (margin + drift).backward()
             optimizer.step()
-        return margin.item() / len(interventions.layers)
+        return margin.item() / len(layers)
 
     @torch.no_grad()
     def _record_usage(
