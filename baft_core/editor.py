@@ -240,7 +240,7 @@ class Editor:
                 closed = torch.cat([interventions[l].gate(unrelated[l]), logits[~on_edit]])
                 margin = margin + locality_margin(logits[on_edit], closed, cfg.alpha, cfg.beta, cfg.gamma)
                 drift = drift + (logits[on_edit] - anchor[l]).pow(2).mean()
-            if margin.item() / len(layers) < cfg.polish_tolerance:
+            if margin.item() / len(layers) <= cfg.polish_tolerance:
                 break
             optimizer.zero_grad(set_to_none=True)
             (margin + drift).backward()
