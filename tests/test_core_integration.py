@@ -41,11 +41,6 @@ def test_edit_generalises_to_a_rephrase(edited):
     assert TARGET in out, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="locality bug: after one edit the gates open on generated tokens of unrelated prompts, "
-    "which then continue with 'unmanned aircraft' (editor/objective/gate training, owned elsewhere)",
-)
 def test_unrelated_prompts_unchanged(edited):
     editor, before, _ = edited
     after = editor.generate(UNRELATED, 8)
