@@ -31,12 +31,11 @@ def bundled(bundled_dir) -> LoadedModel:
     return load_model(BUNDLED, device="cpu", cache_dir=MODEL_CACHE)
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, bundled_dir) -> Path:
+def _tiny_llama(directory: Path, tokenizer_dir: Path, init_std: float) -> Path:
     """A 4-layer, d=64 Llama with random weights and the real SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(bundled_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -46,16 +45,21 @@ def tiny_dir(tmp_path_factory, bundled_dir) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=True,
+        initializer_range=init_std,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, bundled_dir) -> Path:
+    """The transformers default init (std 0.02): nearly flat logits, for exactness tests."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), bundled_dir, 0.02)
 
 
 @pytest.fixture(scope="session")
@@ -95,31 +99,9 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_sharp_dir(tmp_path_factory, bundled_dir) -> Path:
-    """Like `tiny_dir` but initialised with std 0.3, so that its logits have range and an edit can
-    actually make it say a target (the std-0.02 tiny model's logits are all within ~0.3)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(bundled_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-sharp-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """Initialised with std 0.3, so that its logits have range and an edit can actually make it
+    say a target (the std-0.02 tiny model's logits are all within ~0.3)."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-sharp-llama"), bundled_dir, 0.3)
 
 
 @pytest.fixture(scope="session")
