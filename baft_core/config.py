@@ -45,7 +45,8 @@ class EditConfig:
     unrelated_generate_tokens: int = 4  # generated positions of each unrelated prompt the gates see
 
     # Continual editing: replay a bounded sample of earlier edits with each new one
-    replay_size: int = 32  # a batch step is weight-bandwidth bound: replay costs little
+    # With 8, 30 continual ZsRE edits kept rel 0.48; with 32, 1.00 (at about 3x the time per edit).
+    replay_size: int = 32
 
     seed: int = 0
 
