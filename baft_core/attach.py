@@ -5,12 +5,14 @@ boolean [batch, seq] mask. Outside that context the model runs unedited.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from .blocks import SealedBases
 from .intervention import BasisIntervention
 
 
@@ -29,24 +31,68 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class InterventionSet(nn.Module):
-    """One intervention per edited layer plus the running basis usage for load balancing."""
+    """One trainable intervention (block) per edited layer, the frozen bases of sealed blocks, and
+    the running basis usage of the trainable block for load balancing."""
 
-    def __init__(self, hidden_size: int, layers: list[int], rank: int, gated: bool):
+    def __init__(self, hidden_size: int, layers: list[int], rank: int, gated: bool, cutoff: float = 0.01):
         super().__init__()
+        self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         self.layers = list(layers)
         self.by_layer = nn.ModuleDict(
             {str(layer): BasisIntervention(hidden_size, rank, gated) for layer in self.layers}
         )
-        # Sum over applied edits of each basis' mean weight on that edit, and the edit count:
+        self.sealed = nn.ModuleDict({str(layer): SealedBases(hidden_size, cutoff) for layer in self.layers})
+        # Sum over the block's edits of each basis' mean weight on that edit, and the edit count:
         # the running average the load-balancing term evens out.
         self.register_buffer("usage_sum", torch.zeros(len(self.layers), rank))
         self.register_buffer("edit_count", torch.zeros((), dtype=torch.long))
+        # sha256 of each sealed block as stored by checkpoint.py, filled as blocks are saved.
+        self.segment_ids: list[str] = []
 
     def __getitem__(self, layer: int) -> BasisIntervention:
         return self.by_layer[str(layer)]
 
+    def forward(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phi(h) at one layer, summing the trainable block and the sealed ones, and the weights
+        [n, rank + sealed bases] (the trainable block's first)."""
+        h32 = h.float()
+        edited, weights = self[layer](h32)
+        sealed = self.sealed[str(layer)]
+        if sealed.num_bases:
+            delta, sealed_weights = sealed(h32)
+            edited, weights = edited + delta, torch.cat([weights, sealed_weights], dim=-1)
+        return edited.to(h.dtype), weights
+
+    @property
+    def sealed_blocks(self) -> int:
+        return self.sealed[str(self.layers[0])].num_bases // self.rank
+
+    def seal(self) -> None:
+        """Freeze the trainable block into the sealed bases and start a fresh one, standardising
+        its gate input like the others."""
+        for layer in self.layers:
+            block = self[layer]
+            self.sealed[str(layer)].append(block)
+            fresh = BasisIntervention(self.hidden_size, self.rank, self.gated).to(block.rotation.weight.device)
+            fresh.gate_center.copy_(block.gate_center)
+            fresh.gate_scale.copy_(block.gate_scale)
+            self.by_layer[str(layer)] = fresh
+        self.usage_sum.zero_()
+        self.edit_count.zero_()
+
+    @property
+    def calibrated(self) -> bool:
+        return int(self.edit_count) > 0 or self.sealed_blocks > 0
+
+    def fork(self) -> "InterventionSet":
+        """A copy to train: the trainable blocks are copied, the sealed bases shared (they are
+        never written in place)."""
+        memo = {id(t): t for sealed in self.sealed.values() for t in sealed.buffers()}
+        return copy.deepcopy(self, memo)
+
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trainable parameters plus the frozen ones of sealed blocks."""
+        return sum(p.numel() for p in self.parameters()) + sum(s.num_values for s in self.sealed.values())
 
 
 class Attachment:
@@ -111,7 +157,7 @@ class Attachment:
                     f"{tuple(hidden.shape[:2])}"
                 )
             selected = hidden[mask]
-            edited, weights = (self._active or self.interventions)[layer](selected)
+            edited, weights = (self._active or self.interventions)(layer, selected)
             if self._record is not None:
                 self._record[layer] = (weights, selected)
             hidden = hidden.masked_scatter(mask.unsqueeze(-1), edited)

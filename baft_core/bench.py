@@ -83,6 +83,23 @@ def unrelated_pool(args, edited: list[EditRequest], rest: list[EditRequest]) -> 
     return pool[: args.unrelated_size]
 
 
+def generation_speed(editor: Editor, prompts: list[str], tokens: int = 16, rounds: int = 3) -> dict:
+    """Greedy decoding time of the edited against the unedited model, one prompt at a time,
+    interleaved so that both see the same machine load. Speed ratio = unedited / edited time."""
+    timings = {True: 0.0, False: 0.0}
+    for _ in range(rounds):
+        for prompt in prompts:
+            for edited in (False, True):
+                start = time.perf_counter()
+                editor.generate([prompt], max_new_tokens=tokens, edited=edited, stop_at_eos=False)
+                timings[edited] += time.perf_counter() - start
+    return {
+        "generation_sec_unedited": timings[False],
+        "generation_sec_edited": timings[True],
+        "generation_speed_ratio": timings[False] / timings[True],
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -125,6 +142,8 @@ def run(args: argparse.Namespace) -> dict:
             row["metrics"] = values
         curve.append({"edits": len(edits), **metrics.summarize(final)})
     progress.close()
+    unrelated_prompts = [p.prompt for r in edits[:20] for p in r.locality[:1]]
+    speed = generation_speed(editor, unrelated_prompts or [r.prompt for r in edits[:20]])
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,23 +182,26 @@ def run(args: argparse.Namespace) -> dict:
         "sec_per_edit_last100_median": statistics.median(seconds[-100:]),
         "steps_mean": statistics.mean(r["result"].steps for r in rows),
         "params": editor.interventions.num_parameters(),
+        "sealed_blocks": editor.interventions.sealed_blocks,
+        "adapter_bytes_per_edit": editor.interventions.num_parameters() * 4 / max(1, len(editor.history)),
+        **speed,
         "config": config.to_dict(),
         "curve": curve,
         "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if config.method == "baft":
+        summary["gates_open"] = plot_basis_weights(editor, edits, out / "basis_weights.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if curve:
         plot_curve(curve, out / "curve.png", f"{args.method} {args.mode}")
-    if config.method == "baft":
-        plot_basis_weights(editor, edits, out / "basis_weights.png")
     write_report(summary, out / "report.md")
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     summary = run(parse_args(argv))
-    keys = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "sec_per_edit_median", "steps_mean")
+    keys = METRICS + ("sec_per_edit_median", "steps_mean", "generation_speed_ratio")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
 
 

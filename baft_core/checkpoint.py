@@ -1,8 +1,13 @@
 """Adapter checkpoints: safetensors with the state, plus a JSON manifest carrying its sha256.
 
 The safetensors file holds everything that defines the adapter (parameters, running basis usage,
-config, base-model identity, the applied edits used for replay) and nothing time-dependent, so
-identical states give identical bytes and one content hash."""
+config, base-model identity, the applied edits) and nothing time-dependent, so identical states
+give identical bytes and one content hash.
+
+Sealed blocks never change, so each is stored once, as a segment file named by its own sha256
+in a segments directory that checkpoints can share: the adapter file lists its segments in
+order. A service keeping one checkpoint per version then stores each edit's block once, not once
+per later version (which would grow with the square of the number of edits)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from .attach import InterventionSet
 from .config import EditConfig
@@ -26,7 +31,9 @@ ADAPTER_FILE = "adapter.safetensors"
 # everything goes under this one key, as canonical JSON, so that identical states give identical bytes.
 METADATA_KEY = "baft"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SEGMENTS_DIR = "segments"
+_SEALED_ROWS = ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
 
 
 class CheckpointError(ValueError):
@@ -56,17 +63,73 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _sealed_key(layer: int, name: str) -> str:
+    return f"sealed.{layer}.{name}"
+
+
+def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
+    """One sealed block's rows at every layer, serialised deterministically."""
+    rows = slice(block * interventions.rank, (block + 1) * interventions.rank)
+    tensors = {
+        f"{layer}.{name}": getattr(interventions.sealed[str(layer)], name)[rows].detach().cpu().contiguous()
+        for layer in interventions.layers
+        for name in _SEALED_ROWS
+    }
+    return save(tensors)
+
+
+def _write_segments(interventions: InterventionSet, segments: Path) -> list[str]:
+    """Stores the sealed blocks missing from `segments`; returns every block's segment id
+    (sha256). Ids already computed are kept on the adapter, so a save serialises and hashes only
+    new blocks (and blocks whose file this directory lacks)."""
+    ids = interventions.segment_ids
+    del ids[interventions.sealed_blocks :]  # a restored, shorter state keeps only its own
+    segments.mkdir(parents=True, exist_ok=True)
+    for block in range(interventions.sealed_blocks):
+        path = segments / f"{ids[block]}.safetensors" if block < len(ids) else None
+        if path is not None and path.exists():
+            continue
+        data = _segment_bytes(interventions, block)
+        segment_id = hashlib.sha256(data).hexdigest()
+        _atomic_write(segments / f"{segment_id}.safetensors", lambda tmp: Path(tmp).write_bytes(data))
+        if block == len(ids):
+            ids.append(segment_id)
+    return list(ids)
+
+
+def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[str, torch.Tensor]:
+    """The sealed rows of every layer, concatenated in block order, each segment hash-checked."""
+    parts: dict[str, list[torch.Tensor]] = {_sealed_key(l, n): [] for l in layers for n in _SEALED_ROWS}
+    for segment_id in ids:
+        path = segments / f"{segment_id}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"segment {path} is missing")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != segment_id:
+            raise CheckpointError(f"segment {path} is corrupt: its sha256 does not match its name")
+        for key, value in load(data).items():
+            layer, name = key.split(".", 1)
+            parts[_sealed_key(int(layer), name)].append(value)
+    return {key: torch.cat(values) for key, values in parts.items() if values}
+
+
 def save_checkpoint(
     directory: str | Path,
     interventions: InterventionSet,
     config: EditConfig,
     base_model: str,
     history: list[EditRequest],
+    segments: str | Path | None = None,
 ) -> dict:
-    """Writes adapter.safetensors and manifest.json into `directory`; returns the manifest."""
+    """Writes adapter.safetensors and manifest.json into `directory`, sealed blocks into
+    `segments` (default: `directory/segments`); returns the manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items()}
+    segment_ids = _write_segments(interventions, Path(segments) if segments else directory / SEGMENTS_DIR)
+    sealed_rows = {_sealed_key(l, n) for l in interventions.layers for n in _SEALED_ROWS}
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed_rows
+    }
     first = interventions[interventions.layers[0]]
     metadata = {
         "format_version": str(FORMAT_VERSION),
@@ -77,6 +140,7 @@ def save_checkpoint(
         "rank": str(first.rank),
         "gated": json.dumps(first.gated),
         "history": json.dumps([r.to_dict() for r in history], sort_keys=True),
+        "segments": json.dumps(segment_ids),
     }
     adapter = directory / ADAPTER_FILE
     packed = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
@@ -89,6 +153,7 @@ def save_checkpoint(
         "layers": interventions.layers,
         "rank": first.rank,
         "edits": len(history),
+        "sealed_blocks": len(segment_ids),
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
     _atomic_write(directory / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
@@ -96,9 +161,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: str | Path, base_model: str | None = None, device: str | torch.device = "cpu"
+    directory: str | Path,
+    base_model: str | None = None,
+    device: str | torch.device = "cpu",
+    segments: str | Path | None = None,
 ) -> Checkpoint:
-    """Reads a checkpoint, checking the file's hash and, if given, the base model identity."""
+    """Reads a checkpoint, checking the file's and every segment's hash and, if given, the base
+    model identity. `segments` as given to save_checkpoint."""
     directory = Path(directory)
     adapter, manifest_path = directory / ADAPTER_FILE, directory / MANIFEST_FILE
     if not adapter.is_file() or not manifest_path.is_file():
@@ -132,6 +201,17 @@ def load_checkpoint(
         int(metadata["rank"]),
         json.loads(metadata["gated"]),
     )
-    interventions.load_state_dict(tensors)
+    segment_ids = json.loads(metadata.get("segments", "[]"))
+    if segment_ids:
+        layers = json.loads(metadata["layers"])
+        segments = Path(segments) if segments else directory / SEGMENTS_DIR
+        tensors.update(_read_segments(segments, segment_ids, layers))
+    # Checkpoints of format 1 predate sealed blocks: their sealed bases are the empty defaults.
+    missing, unexpected = interventions.load_state_dict(tensors, strict=False)
+    if unexpected or any(not key.startswith("sealed.") for key in missing):
+        raise CheckpointError(
+            f"{adapter} does not match its metadata: missing {missing}, unexpected {unexpected}"
+        )
+    interventions.segment_ids.extend(segment_ids)
     history = [EditRequest.from_dict(r) for r in json.loads(metadata["history"])]
     return Checkpoint(interventions.to(device), config, history, manifest)

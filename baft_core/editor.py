@@ -1,7 +1,6 @@
 """The editor: trains one adapter state with single, continual or batched edits."""
 from __future__ import annotations
 
-import copy
 import random
 import threading
 import time
@@ -56,6 +55,9 @@ class Editor:
             unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
         )
         self._unrelated_features: dict[int, torch.Tensor] | None = None
+        # (history index, {layer: hidden states}) of a sample of earlier edits; None: rebuild
+        # from the history when needed (after a state was loaded).
+        self._edit_features: list[tuple[int, dict[int, torch.Tensor]]] | None = []
         self._rng = random.Random(self.config.seed)
         # Held around every forward through the shared model (training steps, generation steps,
         # evaluation), so that generation interleaves with training at step granularity.
@@ -69,26 +71,29 @@ class Editor:
     def new_interventions(self) -> InterventionSet:
         torch.manual_seed(self.config.seed)
         hidden = text_config(self.model).hidden_size
-        return InterventionSet(hidden, self.layers, self.config.rank, self.config.method == "baft").to(
-            self.device
-        )
+        gated = self.config.method == "baft"
+        interventions = InterventionSet(hidden, self.layers, self.config.rank, gated, self.config.sealed_cutoff)
+        return interventions.to(self.device)
 
     def reset(self) -> None:
         """Back to the unedited model: a fresh adapter and an empty history."""
         self.attachment.swap(self.new_interventions())
         self.history = []
+        self._edit_features = []
 
     def load_state(self, interventions: InterventionSet, history: list[EditRequest]) -> None:
         self.attachment.swap(interventions.to(self.device))
         self.history = list(history)
+        self._edit_features = None
 
-    def save(self, directory, base_model: str) -> dict:
-        """Checkpoint the adapter state; returns the manifest (with the file's sha256)."""
-        return save_checkpoint(directory, self.interventions, self.config, base_model, self.history)
+    def save(self, directory, base_model: str, segments=None) -> dict:
+        """Checkpoint the adapter state; returns the manifest (with the file's sha256). Sealed
+        blocks go to `segments` (default: inside `directory`), which checkpoints may share."""
+        return save_checkpoint(directory, self.interventions, self.config, base_model, self.history, segments)
 
-    def load(self, directory, base_model: str | None = None) -> dict:
+    def load(self, directory, base_model: str | None = None, segments=None) -> dict:
         """Swap in a saved adapter state (no reload of the base model); returns its manifest."""
-        checkpoint = load_checkpoint(directory, base_model, self.device)
+        checkpoint = load_checkpoint(directory, base_model, self.device, segments)
         if checkpoint.interventions.layers != self.layers:
             raise CheckpointError(
                 f"checkpoint edits layers {checkpoint.interventions.layers}, this editor {self.layers}"
@@ -112,16 +117,27 @@ class Editor:
         half-trained state."""
         new = [self.encode(r.prompt, r.target) for r in requests]
         replayed = [self.encode(r.prompt, r.target) for r in self._replay_sample()]
-        working = copy.deepcopy(self.interventions)
+        working = self.interventions.fork()
         result = self._train(working, new, replayed, max_steps)
+        block = self.config.block_edits
+        if block and int(working.edit_count) >= block:
+            working.seal()
         with self.lock:
             self.attachment.swap(working)
             self.history.extend(requests)
         return result
 
+    def _block_history(self) -> list[EditRequest]:
+        """The edits the trainable block holds: the latest `edit_count` (sealing resets it)."""
+        count = int(self.interventions.edit_count)
+        return self.history[len(self.history) - count :] if count else []
+
     def _replay_sample(self) -> list[EditRequest]:
-        k = min(self.config.replay_size, len(self.history))
-        return self._rng.sample(self.history, k) if k else []
+        """A bounded sample of the edits that share the trainable block (all edits when no block
+        is ever sealed): those are the ones a new edit can overwrite."""
+        pool = self._block_history() if self.config.block_edits else self.history
+        k = min(self.config.replay_size, len(pool))
+        return self._rng.sample(pool, k) if k else []
 
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
@@ -157,12 +173,17 @@ class Editor:
         gated = cfg.method == "baft"
         unrelated = self.unrelated_features() if gated and self.unrelated_prompts else None
         if unrelated is not None:
-            if int(interventions.edit_count) == 0:
+            if not interventions.calibrated:
                 for layer in interventions.layers:
                     interventions[layer].calibrate(unrelated[layer])
-            # The gate inputs of the unrelated states are fixed: normalise them once, not per step.
+            # Sealed blocks' edits are negatives too: the new block must not fire on them.
+            sealed_edits = self.sealed_edit_features()
+            # The gate inputs of these states are fixed: normalise them once, not per step.
             with torch.no_grad():
-                unrelated = {l: interventions[l].gate_inputs(unrelated[l]) for l in interventions.layers}
+                unrelated = {
+                    l: interventions[l].gate_inputs(torch.cat([unrelated[l], sealed_edits[l]]))
+                    for l in interventions.layers
+                }
         with self.lock, torch.no_grad():
             batch = CachedBatch(
                 self.model, self.attachment, interventions, new + replayed, cfg.prompt_positions, self.pad_id
@@ -183,7 +204,7 @@ class Editor:
                 usage, margin = [], 0.0
                 for layer in interventions.layers:
                     weights, hidden = record[layer]
-                    usage.append(weights[is_new & on_edit].mean(0))
+                    usage.append(weights[is_new & on_edit, : interventions.rank].mean(0))
                     if unrelated is not None:
                         logits = interventions[layer].gate_logits(hidden)
                         closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
@@ -211,7 +232,11 @@ class Editor:
             intervention.gate_follows_edit = True
         if unrelated is not None and cfg.gate_polish_steps:
             parts["margin_polished"] = self._polish_gates(interventions, record, on_edit, unrelated)
+        if gated and cfg.block_edits:
+            record, extra, parts["ce_sealed"] = self._fit_under_cutoff(interventions, batch, optimizer, max_steps)
+            steps += extra
         weights = self._record_usage(interventions, record, is_new & ~batch.after_answer, len(new))
+        self._remember_edit_features(record, batch.rows, on_edit, len(new))
         return EditResult(
             steps=steps,
             loss=parts["loss"],
@@ -219,6 +244,35 @@ class Editor:
             losses=parts,
             basis_weights=weights,
         )
+
+    def _fit_under_cutoff(
+        self, interventions: InterventionSet, batch: CachedBatch, optimizer, max_steps: int
+    ) -> tuple[dict, int, float]:
+        """Sealing cuts gates below `sealed_cutoff` to exactly 0, and the polish has moved the
+        gates: fit R, A, b again under the gates as they will be sealed, so that the sealed
+        block does what was trained. Usually the first check already passes. Returns the last
+        forward's record, the extra steps and the edit's cross-entropy as sealed."""
+        cfg = self.config
+        for intervention in interventions.by_layer.values():
+            intervention.cutoff = cfg.sealed_cutoff
+            intervention.gate_follows_edit = cfg.gate_follows_edit
+        interventions.train()
+        try:
+            for extra in range(max_steps + 1):
+                with self.lock:
+                    logits, record = batch.forward()
+                ce = target_cross_entropy(logits, batch.targets)
+                if ce.item() < cfg.stop_loss or extra == max_steps:
+                    return record, extra, ce.item()
+                optimizer.zero_grad(set_to_none=True)
+                ce.backward()  # the gates are untouched: the edit loss does not reach them
+                optimizer.step()
+        finally:
+            interventions.eval()
+            for intervention in interventions.by_layer.values():
+                intervention.cutoff = 0.0
+                intervention.gate_follows_edit = True
+        raise AssertionError("unreachable: the loop returns on its last iteration")
 
     def _polish_gates(self, interventions, record, on_edit, unrelated) -> float:
         """Meets the locality margins on the gates alone, from the hidden states of the last
@@ -263,6 +317,39 @@ class Editor:
         interventions.edit_count += count
         return {layer: usage[i].tolist() for i, layer in enumerate(interventions.layers)}
 
+    # ----- edits of sealed blocks: negatives for the gates of new blocks -----
+    def sealed_edit_features(self) -> dict[int, torch.Tensor]:
+        """Hidden states at the intervened positions of a bounded, uniform sample of the edits in
+        sealed blocks (kept by reservoir sampling as edits arrive), stacked per layer."""
+        sealed_count = len(self.history) - int(self.interventions.edit_count)
+        if self._edit_features is None:  # a loaded state: rebuild the sample from the edit log
+            k = min(self.config.negative_edits, sealed_count)
+            sample = sorted(self._rng.sample(range(sealed_count), k))
+            examples = [self.encode(self.history[i].prompt, self.history[i].target) for i in sample]
+            self._edit_features = list(zip(sample, self._hidden_states(examples)))
+        chosen = [features for index, features in self._edit_features if index < sealed_count]
+        hidden = text_config(self.model).hidden_size
+        return {
+            layer: torch.cat([f[layer] for f in chosen]) if chosen else torch.zeros(0, hidden, device=self.device)
+            for layer in self.layers
+        }
+
+    @torch.no_grad()
+    def _remember_edit_features(self, record, rows, on_edit, count: int) -> None:
+        """Adds the new edits' hidden states (from their last training forward) to the sample."""
+        capacity = self.config.negative_edits
+        if not self.config.block_edits or not capacity or self._edit_features is None:
+            return
+        for j in range(count):
+            index = len(self.history) + j
+            features = {l: record[l][1][(rows == j) & on_edit].float().clone() for l in self.layers}
+            if len(self._edit_features) < capacity:
+                self._edit_features.append((index, features))
+            else:  # reservoir sampling: every edit so far is in the sample with equal odds
+                slot = self._rng.randrange(index + 1)
+                if slot < capacity:
+                    self._edit_features[slot] = (index, features)
+
     # ----- unrelated inputs the gates must stay closed on -----
     def set_unrelated_prompts(self, prompts: list[str]) -> None:
         self.unrelated_prompts = list(prompts)
@@ -274,32 +361,37 @@ class Editor:
         unrelated prompts: their last P positions and a few greedily generated tokens."""
         if self._unrelated_features is not None:
             return self._unrelated_features
-        cfg = self.config
         prompts = [encode_prompt(self.tokenizer, p, self.context) for p in self.unrelated_prompts]
         examples = []
         for start in range(0, len(prompts), 32):
             chunk = prompts[start : start + 32]
             continuations = generate(
-                self.model, self.tokenizer, chunk, cfg.unrelated_generate_tokens + 1, lock=self.lock
+                self.model, self.tokenizer, chunk, self.config.unrelated_generate_tokens + 1, lock=self.lock
             )
             examples += [
                 Example(p, c if len(c) > 1 else c + [self.pad_id]) for p, c in zip(chunk, continuations)
             ]
-        features: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        per_example = self._hidden_states(examples)
+        self._unrelated_features = {l: torch.cat([f[l] for f in per_example]) for l in self.layers}
+        return self._unrelated_features
+
+    @torch.no_grad()
+    def _hidden_states(self, examples: list[Example]) -> list[dict[int, torch.Tensor]]:
+        """Per example, the unedited model's hidden states [positions, d] at each edited layer's
+        intervened positions, teacher-forced."""
+        out: list[dict[int, torch.Tensor]] = []
         for start in range(0, len(examples), 32):
-            tf = teacher_forced(examples[start : start + 32], cfg.prompt_positions, self.pad_id)
-            with self.lock:
-                out = self.model(
+            tf = teacher_forced(examples[start : start + 32], self.config.prompt_positions, self.pad_id)
+            with self.lock:  # the decoder alone: no logits are needed
+                result = self.model.base_model(
                     input_ids=tf.input_ids.to(self.device),
                     attention_mask=tf.attention_mask.to(self.device),
                     output_hidden_states=True,
-                    logits_to_keep=1,
                 )
             mask = tf.intervene.to(self.device)
-            for layer in self.layers:
-                features[layer].append(out.hidden_states[layer + 1][mask].float())
-        self._unrelated_features = {layer: torch.cat(f) for layer, f in features.items()}
-        return self._unrelated_features
+            for row in range(mask.shape[0]):
+                out.append({l: result.hidden_states[l + 1][row][mask[row]].float() for l in self.layers})
+        return out
 
     # ----- using the edited model -----
     def generate(

@@ -20,6 +20,8 @@ class BasisIntervention(nn.Module):
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         # When False, the edit loss does not train the gates (only the locality margins do).
         self.gate_follows_edit = True
+        # Gates below this act as exactly 0, as in a sealed block (set while fitting before sealing).
+        self.cutoff = 0.0
         self.rotation = nn.Linear(hidden_size, rank, bias=False)
         nn.init.orthogonal_(self.rotation.weight)
         self.source = nn.Linear(hidden_size, rank)  # A h + b
@@ -79,5 +81,6 @@ class BasisIntervention(nn.Module):
         h = h.to(self.source.weight.dtype)
         R = self.R
         w = self.weights(h)
-        delta = (self.source(h) - h @ R.T) * (w if self.gate_follows_edit else w.detach())
+        acting = w * (w > self.cutoff) if self.cutoff else w
+        delta = (self.source(h) - h @ R.T) * (acting if self.gate_follows_edit else acting.detach())
         return (h + delta @ R).to(dtype), w

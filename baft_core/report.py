@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,6 +38,20 @@ def write_report(summary: dict, path: Path) -> None:
         lines += ["| edits | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
         for point in summary["curve"]:
             lines.append(f"| {point['edits']} | " + " | ".join(_fmt(point[c]) for c in COLUMNS) + " |")
+    if summary.get("gates_open"):
+        lines += ["", "Share of positions where some basis acts (weight above the sealed cutoff):", ""]
+        kinds = list(next(iter(summary["gates_open"].values())))
+        lines += ["| layer | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+        for layer, shares in summary["gates_open"].items():
+            lines.append(f"| {layer} | " + " | ".join(f"{shares[k]:.3f}" for k in kinds) + " |")
+    if "generation_speed_ratio" in summary:
+        lines += [
+            "",
+            f"Time per edit, median: first 100 edits {summary['sec_per_edit_first100_median']:.3f} s, "
+            f"last 100 {summary['sec_per_edit_last100_median']:.3f} s. Greedy generation speed, edited / "
+            f"unedited (interleaved, same run): {summary['generation_speed_ratio']:.3f}. Sealed blocks: "
+            f"{summary['sealed_blocks']}; adapter memory per edit: {summary['adapter_bytes_per_edit'] / 1024:.1f} KiB.",
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -58,25 +73,45 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_basis_weights(editor, requests, path: Path, limit: int = 200) -> None:
-    """The paper's Fig. 2: mean weight of each basis on edit prompts vs unrelated prompts."""
+def plot_basis_weights(editor, requests, path: Path, limit: int = 200) -> dict[int, dict[str, float]]:
+    """How the gates tell edits from unrelated inputs. With few bases, the paper's Fig. 2 (mean
+    weight of each basis on edit vs unrelated prompts); with many (a block per edit), the
+    distribution over positions of the largest weight any basis takes there, on the edits, their
+    rephrases and the locality prompts. Returns, per layer, the share of positions where some
+    basis acts (weight above the sealed cutoff) for each kind of input."""
     requests = requests[:limit]
-    edit = metrics.basis_weights(editor, [editor.encode(r.prompt, r.target) for r in requests])
-    probes = [editor.encode(p.prompt, p.answer) for r in requests for p in r.locality]
-    unrelated = metrics.basis_weights(editor, probes) if probes else {}
-    layers = sorted(edit)
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
+    kinds = {
+        "edit prompts": [editor.encode(r.prompt, r.target) for r in requests],
+        "rephrases": [editor.encode(q, r.target) for r in requests for q in r.rephrases],
+        "unrelated (locality)": [editor.encode(p.prompt, p.answer) for r in requests for p in r.locality],
+    }
+    weights = {kind: metrics.basis_weights(editor, ex) for kind, ex in kinds.items() if ex}
+    layers = sorted(weights["edit prompts"])
+    bases = weights["edit prompts"][layers[0]].shape[1]
+    cutoff = editor.config.sealed_cutoff
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.2), squeeze=False)
     for ax, layer in zip(axes[0], layers):
-        rank = edit[layer].shape[1]
-        xs = range(rank)
-        ax.bar([x - 0.2 for x in xs], edit[layer].mean(0).tolist(), width=0.4, label="edit prompts")
-        if layer in unrelated:
-            ax.bar([x + 0.2 for x in xs], unrelated[layer].mean(0).tolist(), width=0.4, label="unrelated")
-        ax.set_title(f"layer {layer}")
-        ax.set_xlabel("basis")
-        ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("mean weight w_k")
+        if bases <= 64:
+            xs = range(bases)
+            for offset, kind in ((-0.2, "edit prompts"), (0.2, "unrelated (locality)")):
+                if kind in weights:
+                    ax.bar([x + offset for x in xs], weights[kind][layer].mean(0).tolist(), width=0.4, label=kind)
+            ax.set_xlabel("basis")
+            ax.set_ylim(0, 1)
+        else:
+            bins = torch.linspace(0, 1, 41).tolist()
+            for kind, per_layer in weights.items():
+                ax.hist(per_layer[layer].amax(1).tolist(), bins=bins, histtype="step", density=True, label=kind)
+            ax.axvline(cutoff, color="grey", linestyle=":", label="sealed cutoff")
+            ax.set_yscale("log")
+            ax.set_xlabel("largest basis weight at a position")
+        ax.set_title(f"layer {layer} ({bases} bases)")
+    axes[0][0].set_ylabel("mean weight w_k" if bases <= 64 else "density")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return {
+        layer: {kind: float((w[layer].amax(1) > cutoff).float().mean()) for kind, w in weights.items()}
+        for layer in layers
+    }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every benchmark result under bench/results/ (about 1.5 hours on two CPU cores).
+# Regenerates the benchmark results under bench/results/ (about 3 hours on two CPU cores).
 # Each summary.json records the exact command that produced it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,15 @@ done
 # Batched: 100 edits in batches of 10.
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode batched --edits 100 --batch-size 10 \
   --out $OUT/zsre-batched-100-baft
-# Continual, 1000 edits.
+# Continual, 1000 edits (issue 4): BaFT (a block per edit) and ReFT (one block), ZsRE and
+# CounterFact, side by side on one thread each.
+for method in baft reft; do
+  $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 1000 \
+    --threads 1 --out $OUT/zsre-continual-1000-$method &
+  $PY -m baft_core.bench --data $CF_TRAIN --format counterfact --method $method --mode continual \
+    --edits 1000 --threads 1 --out $OUT/counterfact-continual-1000-$method &
+  wait
+done
+# The paper's layout for comparison: one block for all edits, no replay.
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 \
-  --out $OUT/zsre-continual-1000-baft
+  --threads 1 --set block_edits=0 rank=12 beta=0.05 --out $OUT/zsre-continual-1000-baft-oneblock

@@ -1,4 +1,5 @@
-"""Collects every bench/results/*/summary.json into bench/results/README.md.
+"""Collects every bench/results/*/summary.json into bench/results/README.md, and the ablation
+runs (bench/results/ablation/ and the main runs it names) into bench/results/ablation.md.
 
     .venv/bin/python bench/summarize.py
 """
@@ -9,6 +10,20 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("rel", "gen", "loc", "por", "rel_em", "gen_em")
+
+# (run folder under results/, what it changes). Each row differs from the one before in one lever
+# where it can; the config of every run is in its summary.json.
+ABLATION = [
+    ("zsre-continual-100-baft-oneblock", "one block for all edits (paper), rank 12, replay 32 earlier edits"),
+    ("ablation/zsre-100-block1-rank4-cut0.01", "a block per edit, rank 4, no replay; sealed gates cut below 0.01, beta 0.05"),
+    ("ablation/zsre-100-block1-rank4-cut0.1", "... cut below 0.1, beta 0.2 (the defaults)"),
+    ("ablation/zsre-100-block1-rank4-cut0.2", "... cut below 0.2, beta 0.5"),
+    ("ablation/zsre-100-block1-rank4-keyinit", "cut 0.01; each block's gates start as a cosine match to its edit's last prompt position (code not kept)"),
+    ("ablation/zsre-100-block1-rank4-keyinit-fixedgates", "... and the gates not trained at all (code not kept)"),
+    ("zsre-continual-1000-baft-oneblock", "1000 edits: one block for all edits (paper), rank 12, no replay"),
+    ("zsre-continual-1000-baft", "1000 edits: the defaults (a block per edit)"),
+    ("zsre-continual-1000-reft", "1000 edits: ReFT, one block of rank 12, no replay"),
+]
 
 
 def fmt(value) -> str:
@@ -23,7 +38,8 @@ def main() -> None:
         rows.append(
             f"| [{path.parent.name}]({path.parent.name}/report.md) | {data} | {s['method']} | {s['mode']} "
             f"| {s['edits']} | " + " | ".join(fmt(s[c]) for c in COLUMNS)
-            + f" | {s['sec_per_edit_median']:.3f} | {s['steps_mean']:.1f} | {s['config']['replay_size']} |"
+            + f" | {s['sec_per_edit_median']:.3f} | {s['steps_mean']:.1f} | {s['config']['replay_size']} "
+            f"| {s['config'].get('block_edits', 0)} | {s['config']['rank']} | {s['threads']} |"
         )
     lines = [
         "# Benchmark results",
@@ -33,8 +49,12 @@ def main() -> None:
         "`summary.json` and `report.md`; `bench/run.sh` re-runs them all. Regenerate this table with",
         "`.venv/bin/python bench/summarize.py`.",
         "",
-        "| run | data | method | mode | edits | " + " | ".join(COLUMNS) + " | s/edit | steps | replay |",
-        "|" + "---|" * (len(COLUMNS) + 8),
+        "`blocks`: edits per block (0: one block for all edits, the paper's layout); `threads`: 1",
+        "where two runs shared the two cores, so their times are not comparable with 2-thread runs.",
+        "",
+        "| run | data | method | mode | edits | " + " | ".join(COLUMNS)
+        + " | s/edit | steps | replay | blocks | rank | threads |",
+        "|" + "---|" * (len(COLUMNS) + 11),
         *rows,
     ]
     speed = RESULTS / "prefix_cache_speedup.json"
@@ -49,6 +69,59 @@ def main() -> None:
         ]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    write_ablation()
+    plot_side_by_side()
+
+
+def plot_side_by_side() -> None:
+    """BaFT against ReFT along the continual curve (1, 10, 100, 1000 edits), one figure a dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for data in ("zsre", "counterfact"):
+        runs = {m: RESULTS / f"{data}-continual-1000-{m}" / "summary.json" for m in ("baft", "reft")}
+        if not all(path.is_file() for path in runs.values()):
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True)
+        for ax, metric in zip(axes, ("rel", "gen", "loc")):
+            for method, path in runs.items():
+                curve = json.loads(path.read_text())["curve"]
+                ax.plot([p["edits"] for p in curve], [p[metric] for p in curve], marker="o", label=method)
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"{data}: {metric}")
+            ax.set_xlabel("continual edits")
+        axes[0].set_ylabel("score on all edits so far")
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{data}-continual-1000-baft-vs-reft.png", dpi=120)
+        plt.close(fig)
+
+
+def write_ablation() -> None:
+    lines = [
+        "# Ablation: what keeps continual ZsRE edits",
+        "",
+        "ZsRE continual editing on the bundled model, all edits evaluated on the final adapter.",
+        "Runs of 100 edits use the first 100 records of `zsre_eval_portability_dev.json`, the",
+        "1000-edit runs the first 1000 of both ZsRE files. The commands are in each run's",
+        "`summary.json` (runs under `ablation/` were written to /tmp and copied here).",
+        "",
+        "| run | lever | " + " | ".join(COLUMNS) + " | s/edit | threads |",
+        "|" + "---|" * (len(COLUMNS) + 4),
+    ]
+    for folder, lever in ABLATION:
+        path = RESULTS / folder / "summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        lines.append(
+            f"| [{folder}]({folder}/report.md) | {lever} | " + " | ".join(fmt(s[c]) for c in COLUMNS)
+            + f" | {s['sec_per_edit_median']:.3f} | {s['threads']} |"
+        )
+    (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ UNRELATED = ["The capital of France is", "Water boils at", "My favourite colour 
 def make_editor(model, **overrides) -> Editor:
     torch.manual_seed(0)
     # The random tiny model has small hidden norms: a larger step than the real-model default.
-    config = EditConfig(**{"max_steps": 20, "max_steps_batched": 40, "rank": 8, "lr": 0.05, "layers": [1, 2, 3], **overrides})
+    # One block for all edits unless a test asks for blocks (test_core_blocks.py): the tiny
+    # model's few unrelated prompts cannot teach gates that clear a sealed block's cutoff.
+    config = EditConfig(
+        **{"max_steps": 20, "max_steps_batched": 40, "rank": 8, "lr": 0.05, "layers": [1, 2, 3], "block_edits": 0, **overrides}
+    )
     return Editor(model.model, model.tokenizer, config, unrelated_prompts=UNRELATED)
 
 

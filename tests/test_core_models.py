@@ -58,7 +58,7 @@ def test_generic_layers_and_tiny_edit(tiny, family):
     assert context_limit(model) == 64
 
     last = len(layers) - 1
-    editor = Editor(model, tokenizer, EditConfig(layers=[1, last] if last > 1 else [1], rank=4, max_steps=40, lr=0.1),
+    editor = Editor(model, tokenizer, EditConfig(layers=[1, last] if last > 1 else [1], rank=4, max_steps=40, lr=0.1, block_edits=0),
                     unrelated_prompts=["Water boils at"])
     try:
         # the cached-prefix batch is exact on this family's layers too

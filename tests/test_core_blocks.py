@@ -1,0 +1,183 @@
+"""Capacity in fixed-size blocks: sealing, the exact cutoff, sparse evaluation, replay within the
+trainable block, the sample of sealed edits used as negatives, and checkpoints of sealed state."""
+from __future__ import annotations
+
+import torch
+
+from baft_core import EditConfig, EditRequest
+from baft_core.blocks import SealedBases
+from baft_core.intervention import BasisIntervention
+
+from test_core_editor import make_editor
+
+EDITS = [
+    EditRequest("The mother tongue of Danielle Darrieux is", "Japanese"),
+    EditRequest("The capital of Norway is", "Lima"),
+    EditRequest("Apple's chief executive is", "Ada Lovelace"),
+    EditRequest("The Eiffel Tower stands in", "Rome"),
+]
+
+
+def dense_delta(sealed: SealedBases, h: torch.Tensor) -> torch.Tensor:
+    """The formula over every sealed basis, without skipping closed ones."""
+    w = sealed.weights(h)
+    coordinates = h @ sealed.source_weight.T + sealed.source_bias - h @ sealed.rotation.T
+    return (coordinates * w) @ sealed.rotation
+
+
+def random_block(d: int, rank: int, bias: float) -> BasisIntervention:
+    block = BasisIntervention(d, rank)
+    with torch.no_grad():
+        block.source.weight.normal_()
+        block.source.bias.normal_()
+        block.gate.weight.normal_(std=2.0)
+        block.gate.bias.fill_(bias)
+    return block
+
+
+def test_sealed_bases_skip_closed_gates_exactly():
+    torch.manual_seed(0)
+    sealed = SealedBases(16, cutoff=0.1)
+    for bias in (-1.0, -4.0, 0.0):
+        sealed.append(random_block(16, 3, bias))
+    assert sealed.num_bases == 9
+    h = torch.randn(50, 16)
+    delta, w = sealed(h)
+    assert torch.allclose(delta, dense_delta(sealed, h), atol=1e-5)
+    assert ((w == 0) | (w > 0.1)).all()  # below the cutoff a gate is exactly off
+    assert (w == 0).any() and (w > 0).any()
+
+
+def test_all_gates_below_cutoff_leave_h_unchanged():
+    sealed = SealedBases(16, cutoff=0.01)
+    sealed.append(random_block(16, 4, bias=-50.0))
+    h = torch.randn(7, 16)
+    delta, w = sealed(h)
+    assert torch.equal(delta, torch.zeros_like(h)) and torch.equal(w, torch.zeros_like(w))
+
+
+def test_blocks_seal_when_full_and_stay_frozen(tiny_sharp):
+    ed = make_editor(tiny_sharp, block_edits=2, replay_size=8)
+    try:
+        interventions = ed.interventions
+        ed.edit(EDITS[0])
+        assert ed.interventions.sealed_blocks == 0 and int(ed.interventions.edit_count) == 1
+        ed.edit(EDITS[1])
+        assert ed.interventions.sealed_blocks == 1 and int(ed.interventions.edit_count) == 0
+        frozen = {k: v.clone() for k, v in ed.interventions.sealed.state_dict().items()}
+        # A sealed block is not trained again, and the fresh block starts as the identity.
+        fresh = ed.interventions[ed.layers[0]]
+        assert torch.equal(fresh.source.weight, fresh.R) and not fresh.source.bias.any()
+        ed.edit(EDITS[2])
+        ed.edit(EDITS[3])
+        assert ed.interventions.sealed_blocks == 2
+        after = ed.interventions.sealed.state_dict()
+        for key, value in frozen.items():
+            if value.dim() and value.shape[0] == 2 * ed.config.rank:  # per-basis rows
+                assert torch.equal(after[key][: value.shape[0]], value), key
+        # The adapter published before the edits is untouched (sealing never writes in place).
+        assert interventions.sealed_blocks == 0
+        assert ed.interventions.num_parameters() > interventions.num_parameters()
+    finally:
+        ed.attachment.detach()
+
+
+def test_a_sealed_block_does_what_was_trained(tiny_sharp):
+    """The block is fitted under the gates it is sealed with: the cutoff and the gate polish
+    change nothing once it is sealed."""
+    from test_core_editor import first_loss
+
+    ed = make_editor(tiny_sharp, block_edits=1)
+    try:
+        result = ed.edit(EDITS[0])
+        assert ed.interventions.sealed_blocks == 1
+        assert abs(first_loss(ed, EDITS[0]) - result.losses["ce_sealed"]) < 1e-3
+    finally:
+        ed.attachment.detach()
+
+
+def test_replay_samples_only_the_trainable_block(tiny_sharp):
+    ed = make_editor(tiny_sharp, block_edits=3, replay_size=8)
+    try:
+        for request in EDITS[:4]:
+            ed.edit(request)
+        # Block 1 (edits 0-2) is sealed; the trainable block holds edit 3 alone.
+        assert ed._block_history() == [EDITS[3]]
+        assert ed._replay_sample() == [EDITS[3]]
+    finally:
+        ed.attachment.detach()
+
+
+def test_sealed_edits_become_negatives_in_a_bounded_sample(tiny_sharp):
+    ed = make_editor(tiny_sharp, block_edits=1, negative_edits=2)
+    try:
+        for request in EDITS:
+            ed.edit(request)
+        assert len(ed._edit_features) == 2  # the sample stays bounded
+        features = ed.sealed_edit_features()
+        assert all(f.shape[0] > 0 and f.shape[1] == 64 for f in features.values())
+        # After a state is loaded the sample is rebuilt from the edit log.
+        ed.load_state(ed.interventions, ed.history)
+        rebuilt = ed.sealed_edit_features()
+        assert len(ed._edit_features) == 2
+        assert all(rebuilt[l].shape[1] == 64 for l in ed.layers)
+    finally:
+        ed.attachment.detach()
+
+
+def test_block_config_is_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="needs gates"):
+        EditConfig(method="reft", block_edits=1).validate()
+    with pytest.raises(ValueError, match=">= 0"):
+        EditConfig(block_edits=-1).validate()
+
+
+def test_checkpoint_round_trip_with_sealed_blocks(tiny_sharp, tmp_path):
+    ed = make_editor(tiny_sharp, block_edits=1)
+    try:
+        for request in EDITS[:3]:
+            ed.edit(request)
+        prompts = [r.prompt for r in EDITS]
+        before = ed.generate(prompts, max_new_tokens=6)
+        ed.save(tmp_path, "tiny")
+        ed.reset()
+        ed.load(tmp_path, "tiny")
+        assert ed.interventions.sealed_blocks == 3
+        assert ed.generate(prompts, max_new_tokens=6) == before
+    finally:
+        ed.attachment.detach()
+
+
+def test_sealed_blocks_are_stored_once_across_checkpoints(tiny_sharp, tmp_path):
+    import pytest
+
+    from baft_core.checkpoint import CheckpointError
+
+    ed = make_editor(tiny_sharp, block_edits=1)
+    segments = tmp_path / "segments"
+    try:
+        manifests = []
+        for i, request in enumerate(EDITS[:3]):
+            ed.edit(request)
+            manifests.append(ed.save(tmp_path / f"v{i}", "tiny", segments=segments))
+        # Three versions holding 1, 2 and 3 blocks: three segment files, not six.
+        assert [m["sealed_blocks"] for m in manifests] == [1, 2, 3]
+        assert len(list(segments.iterdir())) == 3
+        prompts = [r.prompt for r in EDITS]
+        expected = ed.generate(prompts, max_new_tokens=6)
+        ed.load(tmp_path / "v0", "tiny", segments=segments)
+        assert ed.interventions.sealed_blocks == 1
+        ed.load(tmp_path / "v2", "tiny", segments=segments)
+        assert ed.generate(prompts, max_new_tokens=6) == expected
+
+        victim = sorted(segments.iterdir())[0]
+        victim.write_bytes(victim.read_bytes()[:-1] + b"x")
+        with pytest.raises(CheckpointError, match="corrupt"):
+            ed.load(tmp_path / "v2", "tiny", segments=segments)
+        victim.unlink()
+        with pytest.raises(CheckpointError, match="missing"):
+            ed.load(tmp_path / "v2", "tiny", segments=segments)
+    finally:
+        ed.attachment.detach()
