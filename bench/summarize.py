@@ -23,6 +23,8 @@ ABLATION = [
     ("zsre-continual-1000-baft-oneblock", "1000 edits: one block for all edits (paper), rank 12, no replay"),
     ("zsre-continual-1000-baft", "1000 edits: the defaults (a block per edit)"),
     ("zsre-continual-1000-reft", "1000 edits: ReFT, one block of rank 12, no replay"),
+    ("counterfact-continual-1000-baft", "CounterFact train, 1000 edits: the defaults (a block per edit)"),
+    ("counterfact-continual-1000-reft", "CounterFact train, 1000 edits: ReFT, one block of rank 12"),
 ]
 
 
@@ -48,6 +50,9 @@ def main() -> None:
         "summary says `threads: 1` (runs made side by side). Every run's exact command is in its",
         "`summary.json` and `report.md`; `bench/run.sh` re-runs them all. Regenerate this table with",
         "`.venv/bin/python bench/summarize.py`.",
+        "",
+        "Folders named `*-oneblock` were made with the earlier defaults: one block of rank 12 for all",
+        "edits (and, in the 100-edit runs, replay of 32 earlier edits).",
         "",
         "`blocks`: edits per block (0: one block for all edits, the paper's layout); `threads`: 1",
         "where two runs shared the two cores, so their times are not comparable with 2-thread runs.",
@@ -102,7 +107,7 @@ def plot_side_by_side() -> None:
 
 def write_ablation() -> None:
     lines = [
-        "# Ablation: what keeps continual ZsRE edits",
+        "# Ablation: what keeps continual edits",
         "",
         "ZsRE continual editing on the bundled model, all edits evaluated on the final adapter.",
         "Runs of 100 edits use the first 100 records of `zsre_eval_portability_dev.json`, the",
