@@ -181,3 +181,35 @@ def test_sealed_blocks_are_stored_once_across_checkpoints(tiny_sharp, tmp_path):
             ed.load(tmp_path / "v2", "tiny", segments=segments)
     finally:
         ed.attachment.detach()
+
+
+def test_checkpoint_without_sealed_buffers_still_loads(tiny_sharp, tmp_path):
+    """Checkpoints written before blocks existed hold no sealed buffers and no segment list."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from baft_core.checkpoint import ADAPTER_FILE, MANIFEST_FILE, METADATA_KEY
+
+    ed = make_editor(tiny_sharp)  # one block for all edits, as before
+    try:
+        ed.edit(EDITS[0])
+        expected = ed.generate([EDITS[0].prompt], max_new_tokens=6)
+        ed.save(tmp_path, "tiny")
+        adapter = tmp_path / ADAPTER_FILE
+        with safe_open(adapter, framework="pt") as handle:
+            metadata = json.loads(handle.metadata()[METADATA_KEY])
+        metadata.pop("segments")
+        tensors = {k: v for k, v in load_file(adapter).items() if not k.startswith("sealed.")}
+        save_file(tensors, adapter, metadata={METADATA_KEY: json.dumps(metadata)})
+        manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+        manifest["sha256"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
+        (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+        ed.reset()
+        ed.load(tmp_path, "tiny")
+        assert ed.interventions.sealed_blocks == 0
+        assert ed.generate([EDITS[0].prompt], max_new_tokens=6) == expected
+    finally:
+        ed.attachment.detach()
