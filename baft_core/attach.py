@@ -56,10 +56,11 @@ class InterventionSet(nn.Module):
         """Phi(h) at one layer, summing the trainable block and the sealed ones, and the weights
         [n, rank + sealed bases] (the trainable block's first)."""
         h32 = h.float()
-        edited, weights = self[layer](h32)
+        block = self[layer]
+        edited, weights = block(h32)
         sealed = self.sealed[str(layer)]
         if sealed.num_bases:
-            delta, sealed_weights = sealed(h32)
+            delta, sealed_weights = sealed(h32, block.gate_inputs(h32))
             edited, weights = edited + delta, torch.cat([weights, sealed_weights], dim=-1)
         return edited.to(h.dtype), weights
 

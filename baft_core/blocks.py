@@ -31,9 +31,6 @@ class SealedBases(nn.Module):
             self.register_buffer(name, torch.zeros(0, hidden_size))
         for name in _BIASES:
             self.register_buffer(name, torch.zeros(0))
-        # Every block of a layer reads h through the same standardisation (set on the first edit).
-        self.register_buffer("gate_center", torch.zeros(hidden_size))
-        self.register_buffer("gate_scale", torch.ones(hidden_size))
         self.register_buffer("cutoff", torch.tensor(float(cutoff)))
 
     @property
@@ -49,9 +46,6 @@ class SealedBases(nn.Module):
     def append(self, block: BasisIntervention) -> None:
         """Freeze a block's bases. New tensors, not in-place writes: an adapter forked before
         this call (an older published version) keeps its own bases."""
-        if self.num_bases == 0:
-            self.gate_center = block.gate_center.detach().clone()
-            self.gate_scale = block.gate_scale.detach().clone()
         new = {
             "rotation": block.rotation.weight,
             "source_weight": block.source.weight,
@@ -62,18 +56,18 @@ class SealedBases(nn.Module):
         for name, value in new.items():
             setattr(self, name, torch.cat([getattr(self, name), value.detach().to(getattr(self, name))]))
 
-    def weights(self, h: torch.Tensor) -> torch.Tensor:
-        """w(h) [n, bases] with the gates below the cutoff set to exactly 0."""
-        x = (h - self.gate_center) / self.gate_scale
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        w = torch.sigmoid(x @ self.gate_weight.T + self.gate_bias)
+    def weights(self, gate_inputs: torch.Tensor) -> torch.Tensor:
+        """w [n, bases] with the gates below the cutoff set to exactly 0."""
+        w = torch.sigmoid(gate_inputs @ self.gate_weight.T + self.gate_bias)
         return w * (w > self.cutoff)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed change of all sealed bases at h [n, d] (fp32), and their weights [n, bases]."""
+    def forward(self, h: torch.Tensor, gate_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed change of all sealed bases at h [n, d] (fp32), and their weights [n, bases].
+        `gate_inputs` is h as the gates read it: every block of a layer shares the trainable
+        block's standardisation (`BasisIntervention.gate_inputs`), computed once by the caller."""
         if self.num_bases == 0:
             return torch.zeros_like(h), h.new_zeros(h.shape[0], 0)
-        w = self.weights(h)
+        w = self.weights(gate_inputs)
         open_bases = w.detach().amax(0).nonzero().squeeze(1)
         if open_bases.numel() == 0:
             return torch.zeros_like(h), w

@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 
+def standardize(h: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What a gate's logistic regression reads: h standardised per coordinate, then scaled to
+    unit RMS (so its norm is sqrt(d) whatever the layer's residual norm)."""
+    x = (h - center) / scale
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class BasisIntervention(nn.Module):
     def __init__(self, hidden_size: int, rank: int, gated: bool = True, gate_bias: float = -5.6):
         super().__init__()
@@ -55,9 +62,8 @@ class BasisIntervention(nn.Module):
         self.rotation.weight.copy_((q * signs).T)
 
     def gate_inputs(self, h: torch.Tensor) -> torch.Tensor:
-        """What the gate's logistic regression reads: h standardised, then scaled to unit RMS."""
-        x = (h.to(self.gate.weight.dtype) - self.gate_center) / self.gate_scale
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        """What the gate's logistic regression reads (`standardize`)."""
+        return standardize(h.to(self.gate.weight.dtype), self.gate_center, self.gate_scale)
 
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.gate(self.gate_inputs(h))

@@ -6,7 +6,7 @@ import torch
 
 from baft_core import EditConfig, EditRequest
 from baft_core.blocks import SealedBases
-from baft_core.intervention import BasisIntervention
+from baft_core.intervention import BasisIntervention, standardize
 
 from test_core_editor import make_editor
 
@@ -18,9 +18,14 @@ EDITS = [
 ]
 
 
+def gate_inputs(h: torch.Tensor) -> torch.Tensor:
+    """A fresh block's standardisation (center 0, scale 1)."""
+    return standardize(h, torch.zeros(h.shape[-1]), torch.ones(h.shape[-1]))
+
+
 def dense_delta(sealed: SealedBases, h: torch.Tensor) -> torch.Tensor:
     """The formula over every sealed basis, without skipping closed ones."""
-    w = sealed.weights(h)
+    w = sealed.weights(gate_inputs(h))
     coordinates = h @ sealed.source_weight.T + sealed.source_bias - h @ sealed.rotation.T
     return (coordinates * w) @ sealed.rotation
 
@@ -42,7 +47,7 @@ def test_sealed_bases_skip_closed_gates_exactly():
         sealed.append(random_block(16, 3, bias))
     assert sealed.num_bases == 9
     h = torch.randn(50, 16)
-    delta, w = sealed(h)
+    delta, w = sealed(h, gate_inputs(h))
     assert torch.allclose(delta, dense_delta(sealed, h), atol=1e-5)
     assert ((w == 0) | (w > 0.1)).all()  # below the cutoff a gate is exactly off
     assert (w == 0).any() and (w > 0).any()
@@ -52,7 +57,7 @@ def test_all_gates_below_cutoff_leave_h_unchanged():
     sealed = SealedBases(16, cutoff=0.01)
     sealed.append(random_block(16, 4, bias=-50.0))
     h = torch.randn(7, 16)
-    delta, w = sealed(h)
+    delta, w = sealed(h, gate_inputs(h))
     assert torch.equal(delta, torch.zeros_like(h)) and torch.equal(w, torch.zeros_like(w))
 
 
