@@ -14,6 +14,7 @@ from torch import nn
 
 from .blocks import SealedBases
 from .intervention import BasisIntervention
+from .routing import Router, Routes
 
 
 def text_config(model: nn.Module):
@@ -31,17 +32,30 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class InterventionSet(nn.Module):
-    """One trainable intervention (block) per edited layer, the frozen bases of sealed blocks, and
-    the running basis usage of the trainable block for load balancing."""
+    """One trainable intervention (block) per edited layer, the frozen bases of sealed blocks, the
+    route keys that open them, and the running basis usage of the trainable block for load
+    balancing."""
 
-    def __init__(self, hidden_size: int, layers: list[int], rank: int, gated: bool, cutoff: float = 0.01):
+    def __init__(
+        self,
+        hidden_size: int,
+        layers: list[int],
+        rank: int,
+        gated: bool,
+        cutoff: float = 0.01,
+        route_threshold: float = 0.0,
+        sealed_gates: bool = True,
+    ):
         super().__init__()
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         self.layers = list(layers)
         self.by_layer = nn.ModuleDict(
             {str(layer): BasisIntervention(hidden_size, rank, gated) for layer in self.layers}
         )
-        self.sealed = nn.ModuleDict({str(layer): SealedBases(hidden_size, cutoff) for layer in self.layers})
+        self.sealed = nn.ModuleDict(
+            {str(layer): SealedBases(hidden_size, cutoff, sealed_gates) for layer in self.layers}
+        )
+        self.router = Router(hidden_size, route_threshold)
         # Sum over the block's edits of each basis' mean weight on that edit, and the edit count:
         # the running average the load-balancing term evens out.
         self.register_buffer("usage_sum", torch.zeros(len(self.layers), rank))
@@ -52,17 +66,39 @@ class InterventionSet(nn.Module):
     def __getitem__(self, layer: int) -> BasisIntervention:
         return self.by_layer[str(layer)]
 
-    def forward(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def routing_layer(self) -> int:
+        """Routes are decided at the first edited layer, whose input no intervention has touched."""
+        return self.layers[0]
+
+    def route(self, layer_output: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """[batch, sealed blocks]: the blocks each row's prompt opens, from the routing layer's
+        output [batch, seq, d] at the `prompt` positions [batch, seq]."""
+        # A prompt's first position is an attention sink, alike in every prompt: it routes nowhere.
+        prompt = prompt & (prompt.long().cumsum(-1) > 1)
+        gate_inputs = self[self.routing_layer].gate_inputs(layer_output[prompt].float())
+        return self.router.open_blocks(gate_inputs, prompt.nonzero()[:, 0], prompt.shape[0], self.sealed_blocks)
+
+    def forward(
+        self, layer: int, h: torch.Tensor, blocks_open: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Phi(h) at one layer, summing the trainable block and the sealed ones, and the weights
-        [n, rank + sealed bases] (the trainable block's first)."""
+        [n, rank + sealed bases] (the trainable block's first). `blocks_open` [n, sealed blocks]
+        limits the sealed blocks that may act at each position (None: all may)."""
         h32 = h.float()
         block = self[layer]
         edited, weights = block(h32)
         sealed = self.sealed[str(layer)]
         if sealed.num_bases:
-            delta, sealed_weights = sealed(h32, block.gate_inputs(h32))
+            candidates = None if blocks_open is None else blocks_open.repeat_interleave(self.rank, dim=1)
+            delta, sealed_weights = sealed(h32, block.gate_inputs(h32), candidates)
             edited, weights = edited + delta, torch.cat([weights, sealed_weights], dim=-1)
         return edited.to(h.dtype), weights
+
+    @property
+    def sealed_gates(self) -> bool:
+        """Whether sealed blocks keep their learned gates (else routing alone decides)."""
+        return self.sealed[str(self.layers[0])].use_gates
 
     @property
     def sealed_blocks(self) -> int:
@@ -71,6 +107,7 @@ class InterventionSet(nn.Module):
     def seal(self) -> None:
         """Freeze the trainable block into the sealed bases and start a fresh one, standardising
         its gate input like the others."""
+        self.router.seal(self.sealed_blocks)
         for layer in self.layers:
             block = self[layer]
             self.sealed[str(layer)].append(block)
@@ -88,12 +125,14 @@ class InterventionSet(nn.Module):
     def fork(self) -> "InterventionSet":
         """A copy to train: the trainable blocks are copied, the sealed bases shared (they are
         never written in place)."""
-        memo = {id(t): t for sealed in self.sealed.values() for t in sealed.buffers()}
+        frozen = [t for sealed in self.sealed.values() for t in sealed.buffers()] + list(self.router.buffers())
+        memo = {id(t): t for t in frozen}
         return copy.deepcopy(self, memo)
 
     def num_parameters(self) -> int:
-        """Trainable parameters plus the frozen ones of sealed blocks."""
-        return sum(p.numel() for p in self.parameters()) + sum(s.num_values for s in self.sealed.values())
+        """Trainable parameters plus the frozen ones of sealed blocks and their route keys."""
+        sealed = sum(s.num_values for s in self.sealed.values()) + self.router.num_values
+        return sum(p.numel() for p in self.parameters()) + sealed
 
 
 class Attachment:
@@ -109,6 +148,8 @@ class Attachment:
         self._mask: torch.Tensor | None = None
         self._record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._active: InterventionSet | None = None
+        self._routes: Routes | None = None
+        self._implicit = Routes()  # the fallback routes of the current forward
         self._handles = [
             self.decoder_layers[layer].register_forward_hook(self._hook(layer))
             for layer in interventions.layers
@@ -131,20 +172,29 @@ class Attachment:
         mask: torch.Tensor | None,
         record: bool = False,
         interventions: InterventionSet | None = None,
+        routes: Routes | None = None,
     ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Intervene at `mask` positions during the forwards inside, with the attached adapter or
-        the given one (same layers). With record=True the yielded dict fills with
-        {layer: (weights [n, r], hidden [n, d])} for the intervened positions."""
+        the given one (same layers). `routes` (routing.py) decides which sealed blocks each row's
+        prompt opens; without it every sealed block may act (no routing). With record=True the
+        yielded dict fills with {layer: (weights [n, r], hidden [n, d])} for the intervened
+        positions."""
         if interventions is not None and interventions.layers != self.interventions.layers:
             raise ValueError("that adapter edits other layers than the attached one")
-        previous = self._mask, self._record, self._active
+        previous = self._mask, self._record, self._active, self._routes
         self._mask = mask
         self._record = {} if record else None
         self._active = interventions
+        self._routes = routes
         try:
             yield self._record if record else {}
         finally:
-            self._mask, self._record, self._active = previous
+            self._mask, self._record, self._active, self._routes = previous
+
+    def _fallback_routes(self, layer: int, interventions: InterventionSet, mask: torch.Tensor) -> Routes:
+        if layer == interventions.routing_layer:
+            self._implicit = Routes(prompt=mask)
+        return self._implicit
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args, output):
@@ -157,8 +207,21 @@ class Attachment:
                     f"intervention mask {tuple(mask.shape)} does not match hidden states "
                     f"{tuple(hidden.shape[:2])}"
                 )
+            interventions = self._active or self.interventions
+            routes = None
+            if interventions.router.enabled and interventions.sealed_blocks:
+                # A caller that gives no routes gets them decided on this forward's intervened
+                # positions: blocks that need routing never act unrouted.
+                routes = self._routes or self._fallback_routes(layer, interventions, mask)
+            if routes is not None and routes.prompt is not None and layer == interventions.routing_layer:
+                routes.open = interventions.route(hidden, routes.prompt)
+            if not mask.any():  # nothing to edit in this forward (it may only route)
+                return output
+            blocks_open = None
+            if routes is not None and routes.open is not None:
+                blocks_open = routes.open[mask.nonzero()[:, 0]]
             selected = hidden[mask]
-            edited, weights = (self._active or self.interventions)(layer, selected)
+            edited, weights = interventions(layer, selected, blocks_open)
             if self._record is not None:
                 self._record[layer] = (weights, selected)
             hidden = hidden.masked_scatter(mask.unsqueeze(-1), edited)

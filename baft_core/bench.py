@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": time.strftime("%Y-%m-%d"),
     }
     if config.method == "baft":
+        summary["routing"] = metrics.routing_separation(editor, edits) if args.mode == "continual" else None
         summary["gates_open"] = plot_basis_weights(editor, edits, out / "basis_weights.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if curve:

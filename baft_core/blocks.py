@@ -6,11 +6,13 @@ edits. All sealed bases of a layer act as one wide BaFT intervention,
 
     Phi(h) = h + sum_k R_k^T w_k(h) (A_k h + b_k - R_k h),
 
-each basis k with its own gate. Two things keep a growing number of bases cheap and local:
-- a basis whose gate is below `cutoff` (the locality margin alpha) is off, exactly: a thousand
-  gates that each leak 0.005 would otherwise add up to a real change on every input;
-- only the bases some position opens are computed, so the cost per token is one gate product
-  over all bases plus a few small ones.
+each basis k with its own weight w_k. By default (routing.py) w_k is the block's route: 1 on
+prompts that open the block, exactly 0 elsewhere. With `use_gates` it is also the basis' own
+learned gate, and two things keep a growing number of gated bases cheap and local:
+- a basis whose gate is below `cutoff` is off, exactly: a thousand gates that each leak 0.005
+  would otherwise add up to a real change on every input;
+- only the bases some position opens are computed, and with routing only the gates of the
+  blocks the prompt opens, so the cost per token barely grows with the number of blocks.
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ _BIASES = ("source_bias", "gate_bias")  # [bases]
 
 
 class SealedBases(nn.Module):
-    def __init__(self, hidden_size: int, cutoff: float):
+    def __init__(self, hidden_size: int, cutoff: float, use_gates: bool = True):
         super().__init__()
         self.hidden_size = hidden_size
+        # False: a routed block acts with every basis at full weight (routing.py decides alone).
+        self.use_gates = use_gates
         for name in _ROWS:
             self.register_buffer(name, torch.zeros(0, hidden_size))
         for name in _BIASES:
@@ -56,18 +60,35 @@ class SealedBases(nn.Module):
         for name, value in new.items():
             setattr(self, name, torch.cat([getattr(self, name), value.detach().to(getattr(self, name))]))
 
-    def weights(self, gate_inputs: torch.Tensor) -> torch.Tensor:
-        """w [n, bases] with the gates below the cutoff set to exactly 0."""
-        w = torch.sigmoid(gate_inputs @ self.gate_weight.T + self.gate_bias)
+    def weights(self, gate_inputs: torch.Tensor, bases: torch.Tensor | None = None) -> torch.Tensor:
+        """w [n, bases] (or only the columns `bases`) with gates below the cutoff exactly 0."""
+        gate_weight, gate_bias = self.gate_weight, self.gate_bias
+        if bases is not None:
+            gate_weight, gate_bias = gate_weight[bases], gate_bias[bases]
+        w = torch.sigmoid(gate_inputs @ gate_weight.T + gate_bias)
         return w * (w > self.cutoff)
 
-    def forward(self, h: torch.Tensor, gate_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, gate_inputs: torch.Tensor, candidates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed change of all sealed bases at h [n, d] (fp32), and their weights [n, bases].
         `gate_inputs` is h as the gates read it: every block of a layer shares the trainable
-        block's standardisation (`BasisIntervention.gate_inputs`), computed once by the caller."""
+        block's standardisation (`BasisIntervention.gate_inputs`), computed once by the caller.
+        `candidates` [n, bases] (routing) says which bases may act at each position: with
+        `use_gates` their gates decide (the others' are not even computed), without it they act
+        at full weight. Without `candidates` every basis is a candidate."""
+        n = h.shape[0]
         if self.num_bases == 0:
-            return torch.zeros_like(h), h.new_zeros(h.shape[0], 0)
-        w = self.weights(gate_inputs)
+            return torch.zeros_like(h), h.new_zeros(n, 0)
+        if candidates is None:
+            candidates = torch.ones(n, self.num_bases, dtype=torch.bool, device=h.device)
+        if self.use_gates:
+            w = h.new_zeros(n, self.num_bases)
+            columns = candidates.any(0).nonzero().squeeze(1)
+            if columns.numel():
+                w[:, columns] = self.weights(gate_inputs, columns) * candidates[:, columns]
+        else:
+            w = candidates.to(h.dtype)
         open_bases = w.detach().amax(0).nonzero().squeeze(1)
         if open_bases.numel() == 0:
             return torch.zeros_like(h), w

@@ -31,9 +31,12 @@ ADAPTER_FILE = "adapter.safetensors"
 # everything goes under this one key, as canonical JSON, so that identical states give identical bytes.
 METADATA_KEY = "baft"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 2
+# 3: segments carry their edits' route keys (format-2 segments load as blocks without keys,
+# which routing leaves open).
+FORMAT_VERSION = 3
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
+_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
 
 
 class CheckpointError(ValueError):
@@ -75,6 +78,10 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         for layer in interventions.layers
         for name in _SEALED_ROWS
     }
+    router = interventions.router
+    if (router.key_block == block).any():
+        tensors["route_keys"] = router.keys[router.key_block == block].detach().cpu().contiguous()
+        tensors["route_thresholds"] = router.key_threshold[router.key_block == block].detach().cpu().contiguous()
     return save(tensors)
 
 
@@ -98,9 +105,11 @@ def _write_segments(interventions: InterventionSet, segments: Path) -> list[str]
 
 
 def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[str, torch.Tensor]:
-    """The sealed rows of every layer, concatenated in block order, each segment hash-checked."""
+    """The sealed rows of every layer and the route keys with their blocks, concatenated in block
+    order, each segment hash-checked."""
     parts: dict[str, list[torch.Tensor]] = {_sealed_key(l, n): [] for l in layers for n in _SEALED_ROWS}
-    for segment_id in ids:
+    parts[_ROUTE_KEYS], parts[_KEY_THRESHOLD], parts[_KEY_BLOCK] = [], [], []
+    for block, segment_id in enumerate(ids):
         path = segments / f"{segment_id}.safetensors"
         if not path.is_file():
             raise CheckpointError(f"segment {path} is missing")
@@ -108,6 +117,13 @@ def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[st
         if hashlib.sha256(data).hexdigest() != segment_id:
             raise CheckpointError(f"segment {path} is corrupt: its sha256 does not match its name")
         for key, value in load(data).items():
+            if key == "route_keys":
+                parts[_ROUTE_KEYS].append(value)
+                parts[_KEY_BLOCK].append(torch.full((len(value),), block, dtype=torch.long))
+                continue
+            if key == "route_thresholds":
+                parts[_KEY_THRESHOLD].append(value)
+                continue
             layer, name = key.split(".", 1)
             parts[_sealed_key(int(layer), name)].append(value)
     return {key: torch.cat(values) for key, values in parts.items() if values}
@@ -127,6 +143,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     segment_ids = _write_segments(interventions, Path(segments) if segments else directory / SEGMENTS_DIR)
     sealed_rows = {_sealed_key(l, n) for l in interventions.layers for n in _SEALED_ROWS}
+    sealed_rows |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK}  # stored in the segments
     tensors = {
         k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed_rows
     }
@@ -194,21 +211,27 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint was made for base model {metadata['base_model']}, not {base_model}"
         )
-    config = EditConfig.from_dict(json.loads(metadata["config"]))
+    config_data = json.loads(metadata["config"])
+    # Adapters from before routing were trained for sealed blocks that keep their gates.
+    config_data.setdefault("sealed_gates", True)
+    config = EditConfig.from_dict(config_data)
     interventions = InterventionSet(
         int(metadata["hidden_size"]),
         json.loads(metadata["layers"]),
         int(metadata["rank"]),
         json.loads(metadata["gated"]),
+        route_threshold=config.route_threshold if config.block_edits else 0.0,
+        sealed_gates=config.sealed_gates,
     )
     segment_ids = json.loads(metadata.get("segments", "[]"))
     if segment_ids:
         layers = json.loads(metadata["layers"])
         segments = Path(segments) if segments else directory / SEGMENTS_DIR
         tensors.update(_read_segments(segments, segment_ids, layers))
-    # Checkpoints of format 1 predate sealed blocks: their sealed bases are the empty defaults.
+    # Checkpoints of format 1 predate sealed blocks, those of format 2 routing: what they lack
+    # keeps its empty default (no routing threshold: every block's gates decide alone).
     missing, unexpected = interventions.load_state_dict(tensors, strict=False)
-    if unexpected or any(not key.startswith("sealed.") for key in missing):
+    if unexpected or any(not key.startswith(("sealed.", "router.")) for key in missing):
         raise CheckpointError(
             f"{adapter} does not match its metadata: missing {missing}, unexpected {unexpected}"
         )

@@ -12,10 +12,19 @@ from .attach import Attachment, InterventionSet, text_config
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import EditConfig
 from .data import EditRequest
-from .encoding import Example, context_limit, encode, encode_prompt, pad_token_id, teacher_forced
+from .encoding import (
+    Example,
+    context_limit,
+    encode,
+    encode_prompt,
+    left_padded,
+    pad_token_id,
+    teacher_forced,
+)
 from .generation import generate
 from .objective import load_balance, locality_margin, target_cross_entropy
-from .prefix_cache import CachedBatch
+from .prefix_cache import CachedBatch, layer_output
+from .routing import subject_token
 from .unrelated import default_unrelated_prompts
 
 
@@ -55,6 +64,7 @@ class Editor:
             unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
         )
         self._unrelated_features: dict[int, torch.Tensor] | None = None
+        self._unrelated_states: torch.Tensor | None = None  # routing layer, unrelated prompts
         # (history index, {layer: hidden states}) of a sample of earlier edits; None: rebuild
         # from the history when needed (after a state was loaded).
         self._edit_features: list[tuple[int, dict[int, torch.Tensor]]] | None = []
@@ -72,7 +82,16 @@ class Editor:
         torch.manual_seed(self.config.seed)
         hidden = text_config(self.model).hidden_size
         gated = self.config.method == "baft"
-        interventions = InterventionSet(hidden, self.layers, self.config.rank, gated, self.config.sealed_cutoff)
+        cfg = self.config
+        interventions = InterventionSet(
+            hidden,
+            self.layers,
+            cfg.rank,
+            gated,
+            cfg.sealed_cutoff,
+            cfg.route_threshold if cfg.block_edits else 0.0,
+            cfg.sealed_gates,
+        )
         return interventions.to(self.device)
 
     def reset(self) -> None:
@@ -115,12 +134,21 @@ class Editor:
     def _apply(self, requests: list[EditRequest], max_steps: int) -> EditResult:
         """Trains a copy of the current adapter and publishes it when done: readers never see a
         half-trained state."""
+        cfg = self.config
+        block = cfg.block_edits
+        sealing = bool(block) and int(self.interventions.edit_count) + len(requests) >= block
+        # A block sealed now without its gates acts at full weight on the prompts routed to it:
+        # train it so, and with every edit it holds. (The adapter decides: one loaded from
+        # before routing keeps gated blocks.)
+        sealed_gates = self.interventions.sealed_gates
+        gated = cfg.method == "baft" and (sealed_gates or not sealing)
+        earlier = self._block_history() if sealing and not sealed_gates else self._replay_sample()
         new = [self.encode(r.prompt, r.target) for r in requests]
-        replayed = [self.encode(r.prompt, r.target) for r in self._replay_sample()]
+        keys = [subject_token(self.tokenizer, r.prompt, r.subject) for r in requests]
+        replayed = [self.encode(r.prompt, r.target) for r in earlier + self._neighbours(requests, keys)]
         working = self.interventions.fork()
-        result = self._train(working, new, replayed, max_steps)
-        block = self.config.block_edits
-        if block and int(working.edit_count) >= block:
+        result = self._train(working, new, replayed, max_steps, keys, gated)
+        if sealing:
             working.seal()
         with self.lock:
             self.attachment.swap(working)
@@ -138,6 +166,31 @@ class Editor:
         pool = self._block_history() if self.config.block_edits else self.history
         k = min(self.config.replay_size, len(pool))
         return self._rng.sample(pool, k) if k else []
+
+    @torch.no_grad()
+    def _neighbours(self, requests: list[EditRequest], key_positions: list[int]) -> list[EditRequest]:
+        """Sealed edits whose route key is within the threshold of a new edit's key, nearest
+        first (at most `route_neighbours`): their prompts will open the new block too, so it is
+        trained to leave their answers as they are."""
+        interventions, limit = self.interventions, self.config.route_neighbours
+        router = interventions.router
+        if not limit or not router.enabled or not len(router.keys):
+            return []
+        prompts = [encode_prompt(self.tokenizer, r.prompt, self.context) for r in requests]
+        ids, attention = left_padded(prompts, self.pad_id)
+        layer = interventions.routing_layer
+        with self.lock:
+            hidden = layer_output(
+                self.model, self.attachment.decoder_layers[layer], ids.to(self.device), attention.to(self.device)
+            )
+        width = ids.shape[1]
+        columns = [width - int(attention[row].sum()) + k for row, k in enumerate(key_positions)]
+        keys = hidden[torch.arange(len(requests)), torch.tensor(columns)].float()
+        scores = (router.key(interventions[layer].gate_inputs(keys)) @ router.keys.T).amax(0)
+        # Keys are left in edit order; edits sealed before routing existed left none.
+        first = len(self.history) - int(interventions.edit_count) - len(router.keys)
+        nearest = scores.argsort(descending=True)[:limit]
+        return [self.history[first + int(i)] for i in nearest if scores[i] > router.key_threshold[i]]
 
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
@@ -166,27 +219,58 @@ class Editor:
         return optimizer
 
     def _train(
-        self, interventions: InterventionSet, new: list[Example], replayed: list[Example], max_steps: int
+        self,
+        interventions: InterventionSet,
+        new: list[Example],
+        replayed: list[Example],
+        max_steps: int,
+        key_positions: list[int] | None = None,
+        gated: bool = True,
     ) -> EditResult:
+        """Trains the new edits (and replayed ones) into the trainable block, with its gates
+        (BaFT's objective) or with every gate fixed at 1 (gated=False, or ReFT). `key_positions`
+        (per new edit, `routing.subject_token`) give the route keys the edits leave."""
         cfg = self.config
         start = time.perf_counter()
-        gated = cfg.method == "baft"
-        unrelated = self.unrelated_features() if gated and self.unrelated_prompts else None
-        if unrelated is not None:
-            if not interventions.calibrated:
+        gated = gated and cfg.method == "baft"
+        features = None
+        if (gated or interventions.router.enabled) and self.unrelated_prompts:
+            features = self.unrelated_features()
+            if not interventions.calibrated:  # the gates' and the routes' standardisation
                 for layer in interventions.layers:
-                    interventions[layer].calibrate(unrelated[layer])
+                    interventions[layer].calibrate(features[layer])
+        unrelated = None
+        if gated and features is not None:
             # Sealed blocks' edits are negatives too: the new block must not fire on them.
             sealed_edits = self.sealed_edit_features()
             # The gate inputs of these states are fixed: normalise them once, not per step.
             with torch.no_grad():
                 unrelated = {
-                    l: interventions[l].gate_inputs(torch.cat([unrelated[l], sealed_edits[l]]))
+                    l: interventions[l].gate_inputs(torch.cat([features[l], sealed_edits[l]]))
                     for l in interventions.layers
                 }
+        blocks = list(interventions.by_layer.values())
+        for intervention in blocks:
+            intervention.gated = intervention.gated and gated
+        try:
+            return self._fit(interventions, new, replayed, max_steps, key_positions, gated, unrelated, start)
+        finally:
+            for intervention in blocks:
+                intervention.gated = cfg.method == "baft"
+
+    def _fit(self, interventions, new, replayed, max_steps, key_positions, gated, unrelated, start) -> EditResult:
+        """The optimisation itself (see `_train`); `unrelated`: the gate inputs the gates must stay
+        closed on, None for no locality margins."""
+        cfg = self.config
         with self.lock, torch.no_grad():
             batch = CachedBatch(
-                self.model, self.attachment, interventions, new + replayed, cfg.prompt_positions, self.pad_id
+                self.model,
+                self.attachment,
+                interventions,
+                new + replayed,
+                cfg.prompt_positions,
+                self.pad_id,
+                (key_positions or [len(e.prompt) - 1 for e in new]) + [len(e.prompt) - 1 for e in replayed],
             )
         is_new = batch.rows < len(new)
         on_edit = ~batch.after_answer
@@ -232,10 +316,18 @@ class Editor:
             intervention.gate_follows_edit = True
         if unrelated is not None and cfg.gate_polish_steps:
             parts["margin_polished"] = self._polish_gates(interventions, record, on_edit, unrelated)
-        if gated and cfg.block_edits:
+        if gated and cfg.block_edits and interventions.sealed_gates:
             record, extra, parts["ce_sealed"] = self._fit_under_cutoff(interventions, batch, optimizer, max_steps)
             steps += extra
         weights = self._record_usage(interventions, record, is_new & ~batch.after_answer, len(new))
+        if interventions.router.enabled:
+            router = interventions.router
+            keys = interventions[interventions.routing_layer].gate_inputs(batch.keys[: len(new)]).detach()
+            thresholds = None
+            if cfg.route_margin is not None:
+                unrelated = self._unrelated_routes(interventions)
+                thresholds = router.thresholds(router.key(keys), unrelated, cfg.route_margin)
+            router.add_pending(keys, thresholds)
         self._remember_edit_features(record, batch.rows, on_edit, len(new))
         return EditResult(
             steps=steps,
@@ -354,6 +446,28 @@ class Editor:
     def set_unrelated_prompts(self, prompts: list[str]) -> None:
         self.unrelated_prompts = list(prompts)
         self._unrelated_features = None
+        self._unrelated_states = None
+
+    @torch.no_grad()
+    def _unrelated_routes(self, interventions: InterventionSet) -> torch.Tensor:
+        """Every position but the first of the unrelated prompts as routing reads it (unit rows
+        [n, d]): what a new route key's threshold must stay above. The routing layer's states
+        are computed once; their standardisation is the adapter's."""
+        layer = interventions.routing_layer
+        if self._unrelated_states is None:
+            parts = [torch.zeros(0, text_config(self.model).hidden_size, device=self.device)]
+            for start in range(0, len(self.unrelated_prompts), 32):
+                chunk = self.unrelated_prompts[start : start + 32]
+                ids, attention = left_padded(
+                    [encode_prompt(self.tokenizer, p, self.context) for p in chunk], self.pad_id
+                )
+                ids, attention = ids.to(self.device), attention.to(self.device)
+                with self.lock:
+                    hidden = layer_output(self.model, self.attachment.decoder_layers[layer], ids, attention)
+                prompt = attention.bool() & (attention.cumsum(-1) > 1)  # the attention sink routes nowhere
+                parts.append(hidden[prompt].float())
+            self._unrelated_states = torch.cat(parts)
+        return interventions.router.key(interventions[layer].gate_inputs(self._unrelated_states))
 
     @torch.no_grad()
     def unrelated_features(self) -> dict[int, torch.Tensor]:

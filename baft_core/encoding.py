@@ -53,12 +53,14 @@ def pad_token_id(tokenizer) -> int:
 @dataclass
 class TeacherForced:
     """prompt + answer[:-1], right-padded. Intervened: the last P prompt positions and every
-    answer position fed in. `targets[i, t]` is the token position t must predict, -100 if none."""
+    answer position fed in. `targets[i, t]` is the token position t must predict, -100 if none.
+    `prompt` marks the prompt positions (what routing reads)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     intervene: torch.Tensor
     targets: torch.Tensor
+    prompt: torch.Tensor
 
 
 def teacher_forced(examples: list[Example], positions: int, pad_id: int) -> TeacherForced:
@@ -68,6 +70,7 @@ def teacher_forced(examples: list[Example], positions: int, pad_id: int) -> Teac
     attention = torch.zeros((batch, width), dtype=torch.long)
     intervene = torch.zeros((batch, width), dtype=torch.bool)
     targets = torch.full((batch, width), -100, dtype=torch.long)
+    prompt = torch.zeros((batch, width), dtype=torch.bool)
     for row, e in enumerate(examples):
         seq = e.prompt + e.answer[:-1]
         n, p = len(seq), len(e.prompt)
@@ -75,7 +78,8 @@ def teacher_forced(examples: list[Example], positions: int, pad_id: int) -> Teac
         attention[row, :n] = 1
         intervene[row, max(0, p - positions) : n] = True
         targets[row, p - 1 : p - 1 + len(e.answer)] = torch.tensor(e.answer)
-    return TeacherForced(input_ids, attention, intervene, targets)
+        prompt[row, :p] = True
+    return TeacherForced(input_ids, attention, intervene, targets, prompt)
 
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

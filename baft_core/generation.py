@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from .attach import Attachment, InterventionSet
 from .encoding import left_padded, pad_token_id, positions_from_mask
+from .routing import Routes
 
 
 def _next_tokens(
@@ -42,7 +43,9 @@ def stream(
     lock: AbstractContextManager | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, step by step; rows that finished repeat pad_id.
-    `interventions` picks an adapter other than the attached one; `lock` is held per step."""
+    `interventions` picks an adapter other than the attached one (default: the one attached when
+    decoding starts, kept to the end even if another is published meanwhile); `lock` is held per
+    step. Routes are decided on the prompt at prefill and held for every generated token."""
     device = next(model.parameters()).device
     input_ids, attention = left_padded(prompts, pad_id)
     input_ids, attention = input_ids.to(device), attention.to(device)
@@ -52,8 +55,13 @@ def stream(
     cache = DynamicCache(config=model.config)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids or []), dtype=torch.long, device=device)
+    if attachment is not None and interventions is None:
+        interventions = attachment.interventions
+    routes = Routes(prompt=attention.bool())
     for _ in range(max_new_tokens):
-        edited = attachment.intervene(intervene, interventions=interventions) if attachment else nullcontext()
+        edited = nullcontext()
+        if attachment is not None:
+            edited = attachment.intervene(intervene, interventions=interventions, routes=routes)
         with lock or nullcontext(), edited:
             out = model(
                 input_ids=input_ids,
@@ -69,6 +77,7 @@ def stream(
         done |= torch.isin(token, eos)
         if bool(done.all()):
             return
+        routes.prompt = None
         input_ids = token.unsqueeze(-1)
         attention = torch.cat([attention, torch.ones_like(input_ids)], dim=-1)
         position_ids = position_ids[:, -1:] + 1

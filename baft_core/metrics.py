@@ -11,8 +11,9 @@ from statistics import mean
 import torch
 
 from .data import EditRequest
-from .encoding import Example, teacher_forced
+from .encoding import Example, encode_prompt, left_padded, teacher_forced
 from .generation import generate
+from .routing import Routes
 
 BATCH = 32
 
@@ -27,7 +28,7 @@ def answer_argmax(editor, examples: list[Example], edited: bool = True) -> list[
         tf = teacher_forced(chunk, cfg.prompt_positions, editor.pad_id)
         device = editor.device
         mask = tf.intervene.to(device) if edited else None
-        with editor.lock, editor.attachment.intervene(mask):
+        with editor.lock, editor.attachment.intervene(mask, routes=Routes(prompt=tf.prompt.to(device))):
             logits = editor.model(
                 input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device)
             ).logits
@@ -120,8 +121,48 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, torch.Tensor]:
     for start in range(0, len(examples), BATCH):
         tf = teacher_forced(examples[start : start + BATCH], editor.config.prompt_positions, editor.pad_id)
         device = editor.device
-        with editor.lock, editor.attachment.intervene(tf.intervene.to(device), record=True) as record:
+        routes = Routes(prompt=tf.prompt.to(device))
+        mask = tf.intervene.to(device)
+        with editor.lock, editor.attachment.intervene(mask, record=True, routes=routes) as record:
             editor.model(input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device))
         for layer, (weights, _) in record.items():
             collected.setdefault(layer, []).append(weights.cpu())
     return {layer: torch.cat(parts) for layer, parts in collected.items()}
+
+
+@torch.no_grad()
+def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
+    """[prompts, sealed blocks]: which sealed blocks each prompt opens (routing.py)."""
+    parts = []
+    for start in range(0, len(prompts), BATCH):
+        ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
+        input_ids, attention = left_padded(ids, editor.pad_id)
+        input_ids, attention = input_ids.to(editor.device), attention.to(editor.device)
+        routes = Routes(prompt=attention.bool())
+        nowhere = torch.zeros_like(attention, dtype=torch.bool)  # route only, edit nothing
+        with editor.lock, editor.attachment.intervene(nowhere, routes=routes):
+            editor.model.base_model(input_ids=input_ids, attention_mask=attention)
+        parts.append(routes.open.cpu())
+    return torch.cat(parts)
+
+
+def routing_separation(editor, requests: list[EditRequest]) -> dict[str, float] | None:
+    """How prompt-level routing separates, for requests that were each sealed into a block of
+    their own in order (continual editing, block_edits=1): the share of rephrases that open their
+    own edit's block, the mean number of other blocks they open, and the share of locality
+    prompts that open any block. None where that layout does not hold."""
+    interventions = editor.interventions
+    one_block_each = interventions.sealed_blocks == len(requests) and editor.config.block_edits == 1
+    if not interventions.router.enabled or not one_block_each:
+        return None
+    rephrases = [(i, p) for i, r in enumerate(requests) for p in r.rephrases]
+    local = [p.prompt for r in requests for p in r.locality]
+    out: dict[str, float] = {}
+    if rephrases:
+        opened = open_blocks(editor, [p for _, p in rephrases])
+        own = opened[torch.arange(len(rephrases)), torch.tensor([i for i, _ in rephrases])]
+        out["rephrase_opens_own"] = own.float().mean().item()
+        out["rephrase_other_blocks_mean"] = (opened.sum(1) - own.long()).float().mean().item()
+    if local:
+        out["locality_opens_any"] = open_blocks(editor, local).any(1).float().mean().item()
+    return out

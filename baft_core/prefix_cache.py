@@ -15,7 +15,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attach import Attachment, InterventionSet
-from .encoding import Example, positions_from_mask
+from .encoding import Example, left_padded, positions_from_mask
+from .routing import Routes
 
 
 class _Captured(Exception):
@@ -35,6 +36,26 @@ class _Replay(nn.Module):
         return hidden_states if self.output is None else self.output
 
 
+@torch.no_grad()
+def layer_output(model, layer: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The unedited output [batch, seq, d] of one decoder layer; the layers above are not run."""
+    captured = {}
+
+    def grab(module, args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Captured
+
+    handle = layer.register_forward_hook(grab)
+    try:
+        position_ids = positions_from_mask(attention)
+        model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
 def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -50,7 +71,10 @@ class CachedBatch:
         examples: list[Example],
         positions: int,
         pad_id: int,
+        key_positions: list[int] | None = None,
     ):
+        """`key_positions`: per example, the prompt position whose routing-layer state is its
+        route key (`routing.subject_token`); default the last prompt token."""
         self.model, self.attachment, self.interventions = model, attachment, interventions
         self.first_layer = min(interventions.layers)
         device = next(model.parameters()).device
@@ -90,6 +114,8 @@ class CachedBatch:
 
         self.prefix_kv = self._prefix_cache(prefix_ids.to(device), prefix_mask.to(device))
         self.layer_input = self._capture_layer_input()
+        key_positions = key_positions or [len(e.prompt) - 1 for e in examples]
+        self.routes, self.keys = self._route(examples, key_positions, pad_id)
 
     def _fresh_cache(self) -> DynamicCache:
         if self.prefix_kv is None:
@@ -129,6 +155,25 @@ class CachedBatch:
             handle.remove()
         return captured["h"]
 
+    @torch.no_grad()
+    def _route(
+        self, examples: list[Example], key_positions: list[int], pad_id: int
+    ) -> tuple[Routes, torch.Tensor]:
+        """The sealed blocks each prompt opens (fixed while training: the prompt does not change),
+        and each example's route key: the routing layer's output [batch, d] at its key position.
+        One forward of the prompts up to the routing layer."""
+        device = self.suffix_ids.device
+        input_ids, attention = left_padded([e.prompt for e in examples], pad_id)
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        layer = self.interventions.routing_layer
+        hidden = layer_output(self.model, self.attachment.decoder_layers[layer], input_ids, attention)
+        width = input_ids.shape[1]
+        columns = [width - len(e.prompt) + k for e, k in zip(examples, key_positions)]
+        columns = torch.tensor(columns, device=device)
+        keys = hidden[torch.arange(len(examples), device=device), columns].float()
+        routed = self.interventions.router.enabled and self.interventions.sealed_blocks
+        return Routes(open=self.interventions.route(hidden, attention.bool()) if routed else None), keys
+
     def _run(self, cache: DynamicCache):
         return self.model.base_model(
             input_ids=self.suffix_ids,
@@ -153,7 +198,7 @@ class CachedBatch:
     def forward(self) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Logits at the target positions [n_targets, vocab], and the recorded gate inputs."""
         with self._skip_lower_layers(), self.attachment.intervene(
-            self.intervene, record=True, interventions=self.interventions
+            self.intervene, record=True, interventions=self.interventions, routes=self.routes
         ) as record:
             hidden = self._run(self._fresh_cache()).last_hidden_state
         return final_logits(self.model, hidden[self.target_mask]), dict(record)

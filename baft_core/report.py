@@ -44,6 +44,15 @@ def write_report(summary: dict, path: Path) -> None:
         lines += ["| layer | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
         for layer, shares in summary["gates_open"].items():
             lines.append(f"| {layer} | " + " | ".join(f"{shares[k]:.3f}" for k in kinds) + " |")
+    if summary.get("routing"):
+        routing = summary["routing"]
+        lines += [
+            "",
+            "Prompt-level routing: rephrases that open their own edit's block "
+            f"{_fmt(routing.get('rephrase_opens_own'))}, other blocks a rephrase opens (mean) "
+            f"{_fmt(routing.get('rephrase_other_blocks_mean'))}, locality prompts that open any block "
+            f"{_fmt(routing.get('locality_opens_any'))}.",
+        ]
     if "generation_speed_ratio" in summary:
         lines += [
             "",

@@ -37,3 +37,15 @@ done
 # The paper's layout for comparison: one block for all edits, no replay.
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 \
   --threads 1 --set block_edits=0 rank=12 beta=0.05 --out $OUT/zsre-continual-1000-baft-oneblock
+# Ablation of the routing levers (bench/results/ablation.md), 100 edits, ZsRE and CounterFact val.
+ablate() {  # folder suffix, --set overrides...
+  local name=$1; shift
+  $PY -m baft_core.bench --data $ZSRE --format zsre --mode continual --edits 100 --threads 1 \
+    --set "$@" --out $OUT/ablation/zsre-100-$name &
+  $PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 \
+    --set "$@" --out $OUT/ablation/counterfact-100-$name &
+  wait
+}
+ablate routed-gated sealed_gates=true route_neighbours=0 route_margin=0
+ablate routed-open route_neighbours=0 route_margin=null
+ablate routed-open-neighbours route_margin=null

@@ -13,19 +13,40 @@ COLUMNS = ("rel", "gen", "loc", "por", "rel_em", "gen_em")
 
 # (run folder under results/, what it changes). Each row differs from the one before in one lever
 # where it can; the config of every run is in its summary.json.
-ABLATION = [
-    ("zsre-continual-100-baft-oneblock", "one block for all edits (paper), rank 12, replay 32 earlier edits"),
-    ("ablation/zsre-100-block1-rank4-cut0.01", "a block per edit, rank 4, no replay; sealed gates cut below 0.01, beta 0.05"),
-    ("ablation/zsre-100-block1-rank4-cut0.1", "... cut below 0.1, beta 0.2 (the defaults)"),
-    ("ablation/zsre-100-block1-rank4-cut0.2", "... cut below 0.2, beta 0.5"),
-    ("ablation/zsre-100-block1-rank4-keyinit", "cut 0.01; each block's gates start as a cosine match to its edit's last prompt position (code not kept)"),
-    ("ablation/zsre-100-block1-rank4-keyinit-fixedgates", "... and the gates not trained at all (code not kept)"),
-    ("zsre-continual-1000-baft-oneblock", "1000 edits: one block for all edits (paper), rank 12, no replay"),
-    ("zsre-continual-1000-baft", "1000 edits: the defaults (a block per edit)"),
-    ("zsre-continual-1000-reft", "1000 edits: ReFT, one block of rank 12, no replay"),
-    ("counterfact-continual-1000-baft", "CounterFact train, 1000 edits: the defaults (a block per edit)"),
-    ("counterfact-continual-1000-reft", "CounterFact train, 1000 edits: ReFT, one block of rank 12"),
-]
+ABLATION = {
+    "ZsRE, 100 continual edits": [
+        ("zsre-continual-100-baft-oneblock", "one block for all edits (the paper's layout), rank 12, replay 32 earlier edits"),
+        ("ablation/zsre-100-block1-rank4-cut0.01", "a block per edit, rank 4, no replay; sealed gates cut below 0.01, beta 0.05"),
+        ("ablation/zsre-100-block1-rank4-cut0.1", "... cut below 0.1, beta 0.2 (the defaults before routing)"),
+        ("ablation/zsre-100-block1-rank4-cut0.2", "... cut below 0.2, beta 0.5"),
+        ("ablation/zsre-100-block1-rank4-keyinit", "cut 0.01; each block's gates start as a cosine match to its edit's last prompt position (code not kept)"),
+        ("ablation/zsre-100-block1-rank4-keyinit-fixedgates", "... and the gates not trained at all (code not kept)"),
+        ("ablation/zsre-100-routed-gated", "cut 0.1; + prompt-level routing by the subject key, the learned gates still act inside routed blocks"),
+        ("ablation/zsre-100-routed-open", "... routed blocks act at full weight, trained without gates"),
+        ("ablation/zsre-100-routed-open-neighbours", "... + replay of the sealed edits that share the new edit's route"),
+        ("zsre-continual-100-baft", "... + per-key thresholds 0.05 above the unrelated prompts (the defaults)"),
+        ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
+    ],
+    "CounterFact val, 100 continual edits": [
+        ("ablation/counterfact-100-block1-gated-unrouted", "a block per edit, gated, cut 0.1 (the defaults before routing)"),
+        ("ablation/counterfact-100-routed-gated", "+ prompt-level routing, learned gates inside routed blocks"),
+        ("ablation/counterfact-100-routed-open", "... routed blocks at full weight"),
+        ("ablation/counterfact-100-routed-open-neighbours", "... + replay of the edits that share the route"),
+        ("counterfact-continual-100-baft", "... + per-key thresholds (the defaults)"),
+        ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
+    ],
+    "1000 continual edits (ZsRE both files; CounterFact train)": [
+        ("zsre-continual-1000-baft-oneblock", "ZsRE: one block for all edits (the paper's layout), rank 12, no replay"),
+        ("ablation/zsre-1000-block1-gated-unrouted", "ZsRE: a gated block per edit (the defaults before routing)"),
+        ("ablation/zsre-1000-routed-nomargin", "ZsRE: routed blocks at full weight, neighbour replay, one global threshold"),
+        ("zsre-continual-1000-baft", "ZsRE: the defaults"),
+        ("zsre-continual-1000-reft", "ZsRE: ReFT, one block of rank 12"),
+        ("ablation/counterfact-1000-block1-gated-unrouted", "CounterFact: a gated block per edit (before routing)"),
+        ("ablation/counterfact-1000-routed-nomargin", "CounterFact: routed, one global threshold"),
+        ("counterfact-continual-1000-baft", "CounterFact: the defaults"),
+        ("counterfact-continual-1000-reft", "CounterFact: ReFT, one block of rank 12"),
+    ],
+}
 
 
 def fmt(value) -> str:
@@ -109,27 +130,38 @@ def write_ablation() -> None:
     lines = [
         "# Ablation: what keeps continual edits",
         "",
-        "ZsRE continual editing on the bundled model, all edits evaluated on the final adapter.",
-        "Runs of 100 edits use the first 100 records of `zsre_eval_portability_dev.json`, the",
-        "1000-edit runs the first 1000 of both ZsRE files. The commands are in each run's",
-        "`summary.json`. Runs under `ablation/` were written to /tmp and copied here; they were made",
-        "while the blocks were built, before the final fit under the sealed cutoff existed, and the",
-        "cutoff of the first one was alpha (0.01; today `--set sealed_cutoff=0.01 beta=0.05`). The",
-        "key-initialised gates of two of them were dropped, with their code and their",
-        "`gate_key_sharpness` setting. The 1000-edit runs are on the committed code.",
-        "",
-        "| run | lever | " + " | ".join(COLUMNS) + " | s/edit | threads |",
-        "|" + "---|" * (len(COLUMNS) + 4),
+        "The bundled model, all edits evaluated on the final adapter; 100-edit runs take the first 100",
+        "records of `zsre_eval_portability_dev.json` or `counterfact_val.json`, 1000-edit runs the first",
+        "1000 of both ZsRE files or of `counterfact_train.json`. Each run's command and config are in",
+        "its `summary.json`. The gated-block runs under `ablation/zsre-100-block1-*` were made while the",
+        "blocks were built, before the final fit under the sealed cutoff existed (the first one's cutoff",
+        "was alpha, 0.01); the key-initialised gates of two of them were dropped with their code. The",
+        "routing rows are on the committed code, with `--set` overrides.",
+        "`routing`: rephrases that open their own edit's block / locality prompts that open any block.",
     ]
-    for folder, lever in ABLATION:
-        path = RESULTS / folder / "summary.json"
-        if not path.is_file():
-            continue
-        s = json.loads(path.read_text())
-        lines.append(
-            f"| [{folder}]({folder}/report.md) | {lever} | " + " | ".join(fmt(s[c]) for c in COLUMNS)
-            + f" | {s['sec_per_edit_median']:.3f} | {s['threads']} |"
-        )
+    for title, runs in ABLATION.items():
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| run | lever | " + " | ".join(COLUMNS) + " | routing | s/edit | threads |",
+            "|" + "---|" * (len(COLUMNS) + 5),
+        ]
+        for folder, lever in runs:
+            path = RESULTS / folder / "summary.json"
+            if not path.is_file():
+                continue
+            s = json.loads(path.read_text())
+            routing = s.get("routing") or {}
+            routed = (
+                f"{routing['rephrase_opens_own']:.2f} / {routing['locality_opens_any']:.2f}"
+                if "rephrase_opens_own" in routing and "locality_opens_any" in routing
+                else "-"
+            )
+            lines.append(
+                f"| [{folder}]({folder}/report.md) | {lever} | " + " | ".join(fmt(s[c]) for c in COLUMNS)
+                + f" | {routed} | {s['sec_per_edit_median']:.3f} | {s['threads']} |"
+            )
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
 

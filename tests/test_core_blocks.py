@@ -88,15 +88,32 @@ def test_blocks_seal_when_full_and_stay_frozen(tiny_sharp):
 
 
 def test_a_sealed_block_does_what_was_trained(tiny_sharp):
-    """The block is fitted under the gates it is sealed with: the cutoff and the gate polish
-    change nothing once it is sealed."""
+    """With its gates, the block is fitted under the gates it is sealed with: the cutoff and the
+    gate polish change nothing once it is sealed."""
     from test_core_editor import first_loss
 
-    ed = make_editor(tiny_sharp, block_edits=1)
+    ed = make_editor(tiny_sharp, block_edits=1, sealed_gates=True)
     try:
         result = ed.edit(EDITS[0])
         assert ed.interventions.sealed_blocks == 1
         assert abs(first_loss(ed, EDITS[0]) - result.losses["ce_sealed"]) < 1e-3
+    finally:
+        ed.attachment.detach()
+
+
+def test_a_routed_block_is_trained_as_it_acts(tiny_sharp):
+    """Without sealed gates the block is trained with every gate at 1, which is how it acts once
+    sealed on the prompts routed to it: no gate terms, and the edit's loss is unchanged."""
+    from test_core_editor import first_loss
+
+    ed = make_editor(tiny_sharp, block_edits=1, max_steps=80, stop_loss=0.1)
+    try:
+        result = ed.edit(EDITS[0])
+        assert ed.interventions.sealed_blocks == 1 and not ed.interventions.sealed_gates
+        assert "margin" not in result.losses and "balance" not in result.losses
+        assert result.steps < ed.config.max_steps  # it converged, so the last loss is the final one
+        assert abs(first_loss(ed, EDITS[0]) - result.losses["ce"]) < 1e-3
+        assert all(w == 1.0 for weights in result.basis_weights.values() for w in weights)
     finally:
         ed.attachment.detach()
 
@@ -114,7 +131,7 @@ def test_replay_samples_only_the_trainable_block(tiny_sharp):
 
 
 def test_sealed_edits_become_negatives_in_a_bounded_sample(tiny_sharp):
-    ed = make_editor(tiny_sharp, block_edits=1, negative_edits=2)
+    ed = make_editor(tiny_sharp, block_edits=1, negative_edits=2, sealed_gates=True)
     try:
         for request in EDITS:
             ed.edit(request)

@@ -1,0 +1,129 @@
+"""Prompt-level routing in front of sealed blocks.
+
+A sealed block's gates are logistic regressions fitted on a handful of positions of one edit.
+Over a thousand blocks their false positives add up (ZsRE, 1000 continual edits: locality 0.87),
+and they key on the relation more than on the subject (CounterFact's locality prompts, which share
+the relation, opened them more often than the edit's own paraphrases did). So each sealed edit
+also leaves a route key: its subject as the first edited layer sees it, i.e. the unedited hidden
+state at the subject's last token, standardised like the gates' input and scaled to unit norm. A
+prompt opens a block when one of its positions comes within the key's cosine threshold of one of
+the block's keys. The decision is taken once, over the prompt, and held for the answer and every
+generated token; a closed block is skipped, exactly. Inside an open block the bases act at full
+weight (or, with `EditConfig.sealed_gates`, under their learned gates).
+
+The key is the subject's state: the state at the last prompt position, which predicts the answer,
+is alike across ZsRE's questions (an exploratory check, not committed, found a rephrase's nearest
+last-position key to be its own edit's about a third of the time). After 1000 continual ZsRE
+edits, 91% of the rephrases opened their own edit's block and no locality prompt opened any
+(bench/results/ablation.md).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
+    """Index, in the encoded prompt (`encoding.encode_prompt`), of the subject's last token; the
+    prompt's last token when no subject is given or it does not occur in the prompt. Never the
+    first token (an attention sink, alike in every prompt) when there is a second."""
+    text = prompt.rstrip()
+    full = tokenizer(text, add_special_tokens=True).input_ids
+    start = text.rfind(subject) if subject and subject.strip() else -1
+    if start < 0:
+        return len(full) - 1
+    prefix = tokenizer(text[: start + len(subject)], add_special_tokens=True).input_ids
+    return max(min(len(prefix), len(full)) - 1, min(1, len(full) - 1))
+
+
+class Routes:
+    """Which sealed blocks each row of a batch opens. Set `prompt` (a [batch, seq] mask of prompt
+    positions) for the forward that sees the prompt, and None for later ones (cached decoding):
+    the routing layer's hook fills `open` [batch, blocks] from the prompt and later forwards keep
+    it. `open` may also be set directly."""
+
+    def __init__(self, prompt: torch.Tensor | None = None, open: torch.Tensor | None = None):
+        self.prompt = prompt
+        self.open = open
+
+
+class Router(nn.Module):
+    """The route keys of sealed edits with each key's cosine threshold, the keys of the trainable
+    block's edits awaiting sealing, and the lowest threshold a key may have (0: no routing). A
+    block without keys (sealed before routing existed) stays open."""
+
+    def __init__(self, hidden_size: int, threshold: float):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(0, hidden_size))  # unit rows
+        self.register_buffer("key_threshold", torch.zeros(0))
+        self.register_buffer("key_block", torch.zeros(0, dtype=torch.long))  # sealed block of each key
+        self.register_buffer("pending", torch.zeros(0, hidden_size))  # keys of the trainable block
+        self.register_buffer("pending_threshold", torch.zeros(0))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+
+    @property
+    def enabled(self) -> bool:
+        return float(self.threshold) > 0
+
+    @property
+    def num_values(self) -> int:
+        return self.keys.numel()
+
+    @staticmethod
+    def key(gate_inputs: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(gate_inputs.float(), dim=-1)
+
+    @torch.no_grad()
+    def thresholds(self, keys: torch.Tensor, unrelated: torch.Tensor, margin: float) -> torch.Tensor:
+        """Each key's threshold [k]: `margin` above the nearest of the unrelated prompt positions
+        `unrelated` [n, d] (unit rows), never below `threshold`, and below 1 so that the edit's
+        own prompt always opens its block."""
+        floor = torch.full((len(keys),), float(self.threshold), device=keys.device)
+        if len(unrelated):
+            floor = torch.maximum(floor, (keys @ unrelated.T).amax(1) + margin)
+        return floor.clamp(max=0.98)
+
+    @torch.no_grad()
+    def add_pending(self, gate_inputs: torch.Tensor, thresholds: torch.Tensor | None = None) -> None:
+        """Keys [k, d] (as the gates read them) of edits just trained into the trainable block, and
+        their thresholds (default `threshold`). New tensors, not in-place writes: forks share
+        these buffers."""
+        keys = self.key(gate_inputs).to(self.pending)
+        if thresholds is None:
+            thresholds = torch.full((len(keys),), float(self.threshold))
+        self.pending = torch.cat([self.pending, keys])
+        self.pending_threshold = torch.cat([self.pending_threshold, thresholds.to(self.pending_threshold)])
+
+    @torch.no_grad()
+    def seal(self, block: int) -> None:
+        """The trainable block became sealed block `block`: its pending keys now route to it."""
+        self.keys = torch.cat([self.keys, self.pending])
+        self.key_threshold = torch.cat([self.key_threshold, self.pending_threshold])
+        self.key_block = torch.cat(
+            [self.key_block, torch.full((len(self.pending),), block, dtype=torch.long, device=self.keys.device)]
+        )
+        self.pending, self.pending_threshold = self.pending[:0], self.pending_threshold[:0]
+
+    @torch.no_grad()
+    def open_blocks(self, gate_inputs: torch.Tensor, rows: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
+        """[batch, blocks]: whether some position of the row (`gate_inputs` [m, d] of the prompt
+        positions, `rows` [m] their rows) is within the threshold of one of the block's keys."""
+        has_key = torch.zeros(blocks, dtype=torch.bool, device=self.keys.device)
+        has_key[self.key_block] = True
+        opened = (~has_key).expand(batch, blocks).clone()
+        if len(self.keys) and len(rows):
+            near = (self.key(gate_inputs) @ self.keys.T > self.key_threshold).float()  # [m, keys]
+            row_near = torch.zeros(batch, len(self.keys), device=near.device)
+            row_near.scatter_reduce_(0, rows.unsqueeze(1).expand_as(near), near, "amax")
+            block_near = torch.zeros(batch, blocks, device=near.device)
+            block_near.scatter_reduce_(1, self.key_block.expand(batch, -1), row_near, "amax")
+            opened |= block_near.bool()
+        return opened
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of keys is whatever the checkpoint holds.
+        for name in ("keys", "key_threshold", "key_block", "pending", "pending_threshold"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,148 @@
+"""Prompt-level routing in front of sealed blocks: subject keys, which blocks a prompt opens, the
+decision held through decoding, and route keys in checkpoints."""
+from __future__ import annotations
+
+import torch
+
+from baft_core import EditRequest
+from baft_core.encoding import encode_prompt, teacher_forced
+from baft_core.generation import generate
+from baft_core.routing import Router, Routes, subject_token
+
+from test_core_editor import make_editor
+
+EDITS = [
+    EditRequest("The mother tongue of Danielle Darrieux is", "Japanese", subject="Danielle Darrieux"),
+    EditRequest("The capital of Norway is", "Lima", subject="Norway"),
+]
+
+
+def test_subject_token_is_the_subjects_last_token(tiny):
+    tokenizer = tiny.tokenizer
+    prompt = "The mother tongue of Danielle Darrieux is"
+    ids = encode_prompt(tokenizer, prompt)
+    index = subject_token(tokenizer, prompt, "Danielle Darrieux")
+    assert tokenizer.decode(ids[: index + 1]).endswith("Darrieux")
+    assert subject_token(tokenizer, prompt, None) == len(ids) - 1
+    assert subject_token(tokenizer, prompt, "Marie Curie") == len(ids) - 1  # not in the prompt
+    # A subject that opens the prompt: its key is never the first token (an attention sink).
+    assert subject_token(tokenizer, "Norway is a country", "Norway") == 1
+
+
+def test_router_opens_blocks_within_the_threshold():
+    router = Router(4, threshold=0.8)
+    router.add_pending(torch.tensor([[1.0, 0, 0, 0]]))
+    router.seal(0)
+    router.add_pending(torch.tensor([[0, 1.0, 0, 0], [0, 0, 1.0, 0]]))  # a block of two edits
+    router.seal(1)
+    positions = torch.tensor([[2.0, 0.1, 0, 0], [0, 0, 0, 1.0], [0, 0, 0.9, 0.1], [0, 0, 0, 1.0]])
+    rows = torch.tensor([0, 0, 1, 2])
+    # Block 2 was sealed before routing existed (no keys): it stays open for every row.
+    opened = router.open_blocks(positions, rows, batch=3, blocks=3)
+    assert opened.tolist() == [[True, False, True], [False, True, True], [False, False, True]]
+    assert router.pending.shape[0] == 0 and router.key_block.tolist() == [0, 1, 1]
+
+
+def test_key_thresholds_stay_above_unrelated_prompts():
+    router = Router(2, threshold=0.8)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    unrelated = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.3, -1.0]]), dim=-1)
+    thresholds = router.thresholds(keys, unrelated, margin=0.05)
+    # Key 0 is near the first unrelated position (cos 0.98): capped below 1 so its own prompt
+    # still routes. Key 1 is far from both: the floor. Key 2: 0.05 above cos 0.78 -> the floor.
+    assert torch.allclose(thresholds, torch.tensor([0.98, 0.8, 0.8]))
+    router.add_pending(keys, thresholds)
+    router.seal(0)
+    assert torch.equal(router.key_threshold, thresholds)
+    # cos 0.97 with key 0: above the floor, not above that key's own threshold.
+    opened = router.open_blocks(torch.tensor([[1.0, 0.25]]), torch.tensor([0]), batch=1, blocks=1)
+    assert not opened.any()
+
+
+def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.8)
+    try:
+        ed.edit(EDITS[0])
+        interventions = ed.interventions
+        assert interventions.sealed_blocks == 1 and interventions.router.key_block.tolist() == [0]
+        prompts = [EDITS[0].prompt, "Bananas are rich in"]
+        examples = [ed.encode(p, "potassium") for p in prompts]
+        tf = teacher_forced(examples, ed.config.prompt_positions, ed.pad_id)
+        unrouted = interventions.fork()
+        unrouted.router.threshold = torch.tensor(0.0)  # routing off: the block acts everywhere
+
+        def logits(routes, edited=True, adapter=None):
+            mask = tf.intervene if edited else None
+            with torch.no_grad(), ed.attachment.intervene(mask, routes=routes, interventions=adapter):
+                return ed.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits
+
+        routes = Routes(prompt=tf.prompt)
+        routed, unedited = logits(routes), logits(None, edited=False)
+        assert routes.open.tolist() == [[True], [False]]
+        assert not torch.allclose(routed[0], unedited[0])  # the edit's prompt opens its block
+        assert torch.equal(routed[1], unedited[1])  # an unrelated prompt is exactly unedited
+        assert not torch.allclose(logits(None, adapter=unrouted)[1], unedited[1])  # else it would change
+        # Without routes, a forward is routed on its own intervened positions: still unedited.
+        assert torch.equal(logits(None)[1], unedited[1])
+    finally:
+        ed.attachment.detach()
+
+
+def test_routes_are_decided_on_the_prompt_and_held_while_decoding(tiny_sharp):
+    """Cached decoding equals recomputing the whole sequence with routes read off the prompt."""
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5)
+    try:
+        for request in EDITS:
+            ed.edit(request)
+        prompts = [EDITS[0].prompt, "Tell me about Danielle Darrieux and Norway"]
+        ids = [encode_prompt(ed.tokenizer, p) for p in prompts]
+        generated = generate(ed.model, ed.tokenizer, ids, 5, ed.attachment, ed.config.prompt_positions, stop_at_eos=False)
+        for prompt, new in zip(ids, generated):
+            sequence = torch.tensor([prompt + new[:-1]])
+            intervene = torch.zeros_like(sequence, dtype=torch.bool)
+            intervene[0, len(prompt) - ed.config.prompt_positions :] = True
+            prompt_mask = torch.zeros_like(intervene)
+            prompt_mask[0, : len(prompt)] = True
+            with torch.no_grad(), ed.attachment.intervene(intervene, routes=Routes(prompt=prompt_mask)):
+                logits = ed.model(input_ids=sequence).logits
+            assert logits[0, len(prompt) - 1 :].argmax(-1).tolist() == new
+    finally:
+        ed.attachment.detach()
+
+
+def test_route_keys_survive_checkpoints(tiny_sharp, tmp_path):
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.8)
+    try:
+        for request in EDITS:
+            ed.edit(request)
+        keys = ed.interventions.router.keys.clone()
+        prompts = [r.prompt for r in EDITS] + ["Bananas are rich in"]
+        expected = ed.generate(prompts, max_new_tokens=6)
+        ed.save(tmp_path, "tiny")
+        ed.reset()
+        ed.load(tmp_path, "tiny")
+        router = ed.interventions.router
+        assert torch.equal(router.keys, keys) and router.key_block.tolist() == [0, 1]
+        assert (router.key_threshold >= 0.8).all() and len(router.key_threshold) == 2
+        assert abs(float(router.threshold) - 0.8) < 1e-6
+        assert ed.generate(prompts, max_new_tokens=6) == expected
+    finally:
+        ed.attachment.detach()
+
+
+def test_edits_that_share_a_route_are_replayed_as_neighbours(tiny_sharp):
+    from test_core_editor import first_loss
+
+    ed = make_editor(tiny_sharp, block_edits=1, max_steps=60, stop_loss=0.05)
+    first = EditRequest("The mother tongue of Danielle Darrieux is", "Japanese", subject="Danielle Darrieux")
+    second = EditRequest("The mother tongue of Danielle Darrieux was", "Greek", subject="Danielle Darrieux")
+    try:
+        ed.edit(first)
+        ed.edit(EDITS[1])
+        keys = [subject_token(ed.tokenizer, second.prompt, second.subject)]
+        assert ed._neighbours([second], keys) == [first]  # the same subject in the same context
+        ed.edit(second)
+        # The second block opens on the first prompt too, and was trained to leave it alone.
+        assert first_loss(ed, first) < 0.2 and first_loss(ed, second) < 0.2
+    finally:
+        ed.attachment.detach()
