@@ -14,7 +14,7 @@ from torch import nn
 
 from .blocks import SealedBases
 from .intervention import BasisIntervention
-from .routing import Router, Routes
+from .routing import Router, Routes, routable
 
 
 def text_config(model: nn.Module):
@@ -74,8 +74,7 @@ class InterventionSet(nn.Module):
     def route(self, layer_output: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """[batch, sealed blocks]: the blocks each row's prompt opens, from the routing layer's
         output [batch, seq, d] at the `prompt` positions [batch, seq]."""
-        # A prompt's first position is an attention sink, alike in every prompt: it routes nowhere.
-        prompt = prompt & (prompt.long().cumsum(-1) > 1)
+        prompt = routable(prompt)
         gate_inputs = self[self.routing_layer].gate_inputs(layer_output[prompt].float())
         return self.router.open_blocks(gate_inputs, prompt.nonzero()[:, 0], prompt.shape[0], self.sealed_blocks)
 

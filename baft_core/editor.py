@@ -24,7 +24,7 @@ from .encoding import (
 from .generation import generate
 from .objective import load_balance, locality_margin, target_cross_entropy
 from .prefix_cache import CachedBatch, layer_output
-from .routing import subject_token
+from .routing import routable, subject_token
 from .unrelated import default_unrelated_prompts
 
 
@@ -464,8 +464,7 @@ class Editor:
                 ids, attention = ids.to(self.device), attention.to(self.device)
                 with self.lock:
                     hidden = layer_output(self.model, self.attachment.decoder_layers[layer], ids, attention)
-                prompt = attention.bool() & (attention.cumsum(-1) > 1)  # the attention sink routes nowhere
-                parts.append(hidden[prompt].float())
+                parts.append(hidden[routable(attention.bool())].float())
             self._unrelated_states = torch.cat(parts)
         return interventions.router.key(interventions[layer].gate_inputs(self._unrelated_states))
 

@@ -36,6 +36,12 @@ def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
     return max(min(len(prefix), len(full)) - 1, min(1, len(full) - 1))
 
 
+def routable(prompt: torch.Tensor) -> torch.Tensor:
+    """The prompt positions [batch, seq] routing reads: all but each row's first, an attention
+    sink whose state is alike in every prompt."""
+    return prompt & (prompt.long().cumsum(-1) > 1)
+
+
 class Routes:
     """Which sealed blocks each row of a batch opens. Set `prompt` (a [batch, seq] mask of prompt
     positions) for the forward that sees the prompt, and None for later ones (cached decoding):
