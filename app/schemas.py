@@ -147,6 +147,9 @@ class MetricsOut(BaseModel):
     portability: float | None
     reliability_em: float | None = Field(description="greedy generation reproduces the object")
     generality_em: float | None
+    answer_repeated: float | None = Field(
+        None, description="the object comes again in the 16 greedy tokens after it (lower is better)"
+    )
     steps: int | None
     loss: float | None
     train_seconds: float | None
@@ -165,6 +168,7 @@ class MetricsOut(BaseModel):
             portability=values.get("por"),
             reliability_em=values.get("rel_em"),
             generality_em=values.get("gen_em"),
+            answer_repeated=values.get("rep"),
             steps=row.steps,
             loss=row.loss,
             train_seconds=row.train_seconds,

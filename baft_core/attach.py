@@ -45,8 +45,14 @@ class InterventionSet(nn.Module):
         cutoff: float = 0.01,
         route_threshold: float = 0.0,
         sealed_gates: bool = True,
+        routing_layer: int | None = None,
     ):
+        """`routing_layer` (default: the first edited layer) must not be above it: routes are
+        decided before any block acts."""
         super().__init__()
+        routing_layer = min(layers) if routing_layer is None else routing_layer
+        if routing_layer > min(layers):
+            raise ValueError(f"routing layer {routing_layer} is above the first edited layer {min(layers)}")
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         self.layers = list(layers)
         self.by_layer = nn.ModuleDict(
@@ -55,7 +61,7 @@ class InterventionSet(nn.Module):
         self.sealed = nn.ModuleDict(
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates) for layer in self.layers}
         )
-        self.router = Router(hidden_size, route_threshold)
+        self.router = Router(hidden_size, route_threshold, routing_layer)
         # Sum over the block's edits of each basis' mean weight on that edit, and the edit count:
         # the running average the load-balancing term evens out.
         self.register_buffer("usage_sum", torch.zeros(len(self.layers), rank))
@@ -68,15 +74,14 @@ class InterventionSet(nn.Module):
 
     @property
     def routing_layer(self) -> int:
-        """Routes are decided at the first edited layer, whose input no intervention has touched."""
-        return self.layers[0]
+        """The decoder layer whose output routes are decided on (no intervention has touched it)."""
+        return self.router.layer
 
     def route(self, layer_output: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """[batch, sealed blocks]: the blocks each row's prompt opens, from the routing layer's
         output [batch, seq, d] at the `prompt` positions [batch, seq]."""
         prompt = routable(prompt)
-        gate_inputs = self[self.routing_layer].gate_inputs(layer_output[prompt].float())
-        return self.router.open_blocks(gate_inputs, prompt.nonzero()[:, 0], prompt.shape[0], self.sealed_blocks)
+        return self.router.open_blocks(layer_output[prompt], prompt.nonzero()[:, 0], prompt.shape[0], self.sealed_blocks)
 
     def forward(
         self, layer: int, h: torch.Tensor, blocks_open: torch.Tensor | None = None
@@ -149,20 +154,26 @@ class Attachment:
         self._active: InterventionSet | None = None
         self._routes: Routes | None = None
         self._implicit = Routes()  # the fallback routes of the current forward
-        self._handles = [
-            self.decoder_layers[layer].register_forward_hook(self._hook(layer))
-            for layer in interventions.layers
-        ]
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._hook_layers(interventions)
+
+    def _hook_layers(self, interventions: InterventionSet) -> None:
+        """Hooks the layers the adapter edits or routes at. Hooks stay: on a layer the active
+        adapter neither edits nor routes at, a hook does nothing."""
+        for layer in [*interventions.layers, interventions.routing_layer]:
+            if layer not in self._handles:
+                self._handles[layer] = self.decoder_layers[layer].register_forward_hook(self._hook(layer))
 
     def detach(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
-        self._handles = []
+        self._handles = {}
 
     def swap(self, interventions: InterventionSet) -> None:
         """Point the hooks at another adapter with the same layers (version switch, rollback)."""
         if interventions.layers != self.interventions.layers:
             raise ValueError("the new adapter edits other layers than the attached one")
+        self._hook_layers(interventions)
         self.interventions = interventions
 
     @contextmanager
@@ -180,6 +191,8 @@ class Attachment:
         positions."""
         if interventions is not None and interventions.layers != self.interventions.layers:
             raise ValueError("that adapter edits other layers than the attached one")
+        if interventions is not None and interventions.routing_layer not in self._handles:
+            raise ValueError(f"that adapter routes at layer {interventions.routing_layer}, which is not hooked")
         previous = self._mask, self._record, self._active, self._routes
         self._mask = mask
         self._record = {} if record else None
@@ -214,7 +227,7 @@ class Attachment:
                 routes = self._routes or self._fallback_routes(layer, interventions, mask)
             if routes is not None and routes.prompt is not None and layer == interventions.routing_layer:
                 routes.open = interventions.route(hidden, routes.prompt)
-            if not mask.any():  # nothing to edit in this forward (it may only route)
+            if layer not in interventions.layers or not mask.any():  # nothing to edit here
                 return output
             blocks_open = None
             if routes is not None and routes.open is not None:

@@ -24,7 +24,7 @@ from .editor import Editor
 from .models import BUNDLED, load_model
 from .report import plot_basis_weights, plot_curve, write_report
 
-METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em")
+METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,11 +32,13 @@ ADAPTER_FILE = "adapter.safetensors"
 METADATA_KEY = "baft"
 MANIFEST_FILE = "manifest.json"
 # 3: segments carry their edits' route keys (format-2 segments load as blocks without keys,
-# which routing leaves open).
-FORMAT_VERSION = 3
+# which routing leaves open). 4: routing reads its own layer with its own standardisation, and
+# each key names its edit (format 3 routed at the first edited layer, one key per edit in order).
+FORMAT_VERSION = 4
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
+_KEY_EDIT = "router.key_edit"
 
 
 class CheckpointError(ValueError):
@@ -79,9 +81,11 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         for name in _SEALED_ROWS
     }
     router = interventions.router
-    if (router.key_block == block).any():
-        tensors["route_keys"] = router.keys[router.key_block == block].detach().cpu().contiguous()
-        tensors["route_thresholds"] = router.key_threshold[router.key_block == block].detach().cpu().contiguous()
+    own = router.key_block == block
+    if own.any():
+        tensors["route_keys"] = router.keys[own].detach().cpu().contiguous()
+        tensors["route_thresholds"] = router.key_threshold[own].detach().cpu().contiguous()
+        tensors["route_key_edits"] = router.key_edit[own].detach().cpu().contiguous()
     return save(tensors)
 
 
@@ -108,7 +112,7 @@ def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[st
     """The sealed rows of every layer and the route keys with their blocks, concatenated in block
     order, each segment hash-checked."""
     parts: dict[str, list[torch.Tensor]] = {_sealed_key(l, n): [] for l in layers for n in _SEALED_ROWS}
-    parts[_ROUTE_KEYS], parts[_KEY_THRESHOLD], parts[_KEY_BLOCK] = [], [], []
+    parts[_ROUTE_KEYS], parts[_KEY_THRESHOLD], parts[_KEY_BLOCK], parts[_KEY_EDIT] = [], [], [], []
     for block, segment_id in enumerate(ids):
         path = segments / f"{segment_id}.safetensors"
         if not path.is_file():
@@ -123,6 +127,9 @@ def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[st
                 continue
             if key == "route_thresholds":
                 parts[_KEY_THRESHOLD].append(value)
+                continue
+            if key == "route_key_edits":
+                parts[_KEY_EDIT].append(value)
                 continue
             layer, name = key.split(".", 1)
             parts[_sealed_key(int(layer), name)].append(value)
@@ -143,7 +150,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     segment_ids = _write_segments(interventions, Path(segments) if segments else directory / SEGMENTS_DIR)
     sealed_rows = {_sealed_key(l, n) for l in interventions.layers for n in _SEALED_ROWS}
-    sealed_rows |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK}  # stored in the segments
+    sealed_rows |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT}  # stored in the segments
     tensors = {
         k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed_rows
     }
@@ -153,6 +160,7 @@ def save_checkpoint(
         "base_model": base_model,
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "layers": json.dumps(interventions.layers),
+        "routing_layer": str(interventions.routing_layer),
         "hidden_size": str(first.hidden_size),
         "rank": str(first.rank),
         "gated": json.dumps(first.gated),
@@ -215,17 +223,18 @@ def load_checkpoint(
     # Adapters from before routing were trained for sealed blocks that keep their gates.
     config_data.setdefault("sealed_gates", True)
     config = EditConfig.from_dict(config_data)
+    layers = json.loads(metadata["layers"])
     interventions = InterventionSet(
         int(metadata["hidden_size"]),
-        json.loads(metadata["layers"]),
+        layers,
         int(metadata["rank"]),
         json.loads(metadata["gated"]),
         route_threshold=config.route_threshold if config.block_edits else 0.0,
         sealed_gates=config.sealed_gates,
+        routing_layer=int(metadata.get("routing_layer", layers[0])),
     )
     segment_ids = json.loads(metadata.get("segments", "[]"))
     if segment_ids:
-        layers = json.loads(metadata["layers"])
         segments = Path(segments) if segments else directory / SEGMENTS_DIR
         tensors.update(_read_segments(segments, segment_ids, layers))
     # Checkpoints of format 1 predate sealed blocks, those of format 2 routing: what they lack
@@ -237,4 +246,16 @@ def load_checkpoint(
         )
     interventions.segment_ids.extend(segment_ids)
     history = [EditRequest.from_dict(r) for r in json.loads(metadata["history"])]
+    if "router.center" not in tensors and interventions.gated:
+        _route_like_format_3(interventions, len(history))
     return Checkpoint(interventions.to(device), config, history, manifest)
+
+
+def _route_like_format_3(interventions: InterventionSet, edits: int) -> None:
+    """Format 3 standardised route keys like the first edited layer's gates, and left one key
+    per edit, in edit order: the sealed ones, then the trainable block's."""
+    router, first = interventions.router, interventions[interventions.layers[0]]
+    router.center, router.scale = first.gate_center.clone(), first.gate_scale.clone()
+    block_start = edits - int(interventions.edit_count)
+    router.key_edit = torch.arange(block_start - len(router.keys), block_start)
+    router.pending_edit = torch.arange(block_start, block_start + len(router.pending))

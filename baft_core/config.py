@@ -1,7 +1,7 @@
 """All settings of an edit in one object."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Method = Literal["baft", "reft"]
@@ -11,6 +11,12 @@ Method = Literal["baft", "reft"]
 # layer cut a training step from 0.16 s to 0.10 s on SmolLM2 (layers below the first edited one
 # are not recomputed) with equal reliability and locality, on 12 ZsRE edits (no committed table yet).
 DEFAULT_LAYER_FRACTIONS = (0.56, 0.75, 0.875)
+# Where route keys are read, as a depth fraction (layer 4 of SmolLM2's 30): early enough that a
+# subject's state carries little of the text around it (routing.py).
+ROUTE_LAYER_FRACTION = 0.15
+# Generic text put before an edit's prompt for its extra route keys: paraphrases often say
+# something before the subject, which shifts its state even at an early layer.
+ROUTE_CONTEXTS = ("The following is true.", "I read this yesterday.", "Here is a fact:", "She said that", "Notes:")
 
 
 @dataclass
@@ -41,6 +47,12 @@ class EditConfig:
     # margin of 0.1 (a few unrelated positions just above alpha) count as 0.01.
     locality_weight: float = 0.1
     balance_weight: float = 0.01
+    # Blocks trained without gates (ReFT, routed blocks) act on every generated token: after the
+    # answer they must keep the unedited model's next-token distribution
+    # (`objective.continuation_drift`), over the answer's last position and this many tokens the
+    # unedited model says after it. 0 weight turns that off.
+    continuation_weight: float = 1.0
+    continuation_tokens: int = 4
     # False: the edit loss does not train the gates. Letting it do so made the gates open on
     # unrelated inputs (locality 0.67 vs 0.99 on 8 ZsRE edits) and the loss oscillate.
     gate_follows_edit: bool = False
@@ -66,6 +78,12 @@ class EditConfig:
     # this cosine of one of its edits' subject keys. 0 turns routing off (every block's gates
     # decide alone; needs sealed_gates).
     route_threshold: float = 0.8
+    route_layer: int | None = None  # None: ROUTE_LAYER_FRACTION of the model's depth
+    # Each edit leaves a route key for its prompt and one for its prompt after each of these.
+    route_contexts: list[str] = field(default_factory=lambda: list(ROUTE_CONTEXTS))
+    # Also train each edit after each route context (ROME's augmentation): its block then acts
+    # on paraphrases that say something before the subject the way it acts on the prompt.
+    train_in_contexts: bool = False
     # Each key's threshold is also this far above its nearest unrelated prompt position (None:
     # every key has route_threshold). On 100 CounterFact edits it cut the locality prompts that
     # open some block from 0.06 to 0.01 (loc 0.98 to 0.99) at the same generality.
@@ -97,6 +115,15 @@ class EditConfig:
             return sorted(set(self.layers))
         return sorted({min(num_layers - 1, round(f * num_layers)) for f in DEFAULT_LAYER_FRACTIONS})
 
+    def resolved_route_layer(self, num_layers: int) -> int:
+        """The routing layer: `route_layer`, or its default capped at the first edited layer."""
+        first = self.resolved_layers(num_layers)[0]
+        if self.route_layer is None:
+            return min(first, int(ROUTE_LAYER_FRACTION * num_layers))
+        if not 0 <= self.route_layer <= first:
+            raise ValueError(f"route_layer {self.route_layer} must be in [0, {first}] (the first edited layer)")
+        return self.route_layer
+
     def validate(self) -> None:
         if self.method not in ("baft", "reft"):
             raise ValueError(f"unknown method {self.method!r}: expected 'baft' or 'reft'")
@@ -104,8 +131,8 @@ class EditConfig:
             raise ValueError("rank must be >= 1")
         if self.prompt_positions < 1:
             raise ValueError("prompt_positions must be >= 1")
-        if self.block_edits < 0 or self.replay_size < 0 or self.negative_edits < 0:
-            raise ValueError("block_edits, replay_size and negative_edits must be >= 0")
+        if min(self.block_edits, self.replay_size, self.negative_edits, self.continuation_tokens) < 0:
+            raise ValueError("block_edits, replay_size, negative_edits and continuation_tokens must be >= 0")
         if self.block_edits and self.method != "baft":
             raise ValueError("block_edits needs gates (method 'baft'): ungated blocks would all act on every input")
         if not 0 <= self.route_threshold < 1:
@@ -114,6 +141,8 @@ class EditConfig:
             raise ValueError("sealed blocks without gates need routing (route_threshold > 0)")
         if self.route_neighbours < 0:
             raise ValueError("route_neighbours must be >= 0")
+        if self.route_margin is not None and not 0 <= self.route_margin < 1:
+            raise ValueError("route_margin must be in [0, 1) or None")
         if not 0 <= self.alpha < self.beta <= 1:
             raise ValueError("need 0 <= alpha < beta <= 1")
 

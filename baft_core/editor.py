@@ -22,7 +22,7 @@ from .encoding import (
     teacher_forced,
 )
 from .generation import generate
-from .objective import load_balance, locality_margin, target_cross_entropy
+from .objective import continuation_drift, load_balance, locality_margin, target_cross_entropy
 from .prefix_cache import CachedBatch, layer_output
 from .routing import routable, subject_token
 from .unrelated import default_unrelated_prompts
@@ -32,7 +32,7 @@ from .unrelated import default_unrelated_prompts
 class EditResult:
     steps: int
     loss: float
-    seconds: float
+    seconds: float = 0.0  # the whole edit (route keys, neighbours, continuations, training)
     losses: dict[str, float] = field(default_factory=dict)
     basis_weights: dict[int, list[float]] = field(default_factory=dict)  # mean w_k on the edit
 
@@ -64,7 +64,8 @@ class Editor:
             unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
         )
         self._unrelated_features: dict[int, torch.Tensor] | None = None
-        self._unrelated_states: torch.Tensor | None = None  # routing layer, unrelated prompts
+        # (routing layer, its states at the routable positions of the unrelated prompts)
+        self._unrelated_states: tuple[int, torch.Tensor] | None = None
         # (history index, {layer: hidden states}) of a sample of earlier edits; None: rebuild
         # from the history when needed (after a state was loaded).
         self._edit_features: list[tuple[int, dict[int, torch.Tensor]]] | None = []
@@ -80,17 +81,17 @@ class Editor:
 
     def new_interventions(self) -> InterventionSet:
         torch.manual_seed(self.config.seed)
-        hidden = text_config(self.model).hidden_size
-        gated = self.config.method == "baft"
+        text = text_config(self.model)
         cfg = self.config
         interventions = InterventionSet(
-            hidden,
+            text.hidden_size,
             self.layers,
             cfg.rank,
-            gated,
+            cfg.method == "baft",
             cfg.sealed_cutoff,
             cfg.route_threshold if cfg.block_edits else 0.0,
             cfg.sealed_gates,
+            cfg.resolved_route_layer(text.num_hidden_layers),
         )
         return interventions.to(self.device)
 
@@ -135,6 +136,7 @@ class Editor:
         """Trains a copy of the current adapter and publishes it when done: readers never see a
         half-trained state."""
         cfg = self.config
+        start = time.perf_counter()  # the whole edit: keys, neighbours, continuations, training
         block = cfg.block_edits
         sealing = bool(block) and int(self.interventions.edit_count) + len(requests) >= block
         # A block sealed now without its gates acts at full weight on the prompts routed to it:
@@ -144,16 +146,39 @@ class Editor:
         gated = cfg.method == "baft" and (sealed_gates or not sealing)
         earlier = self._block_history() if sealing and not sealed_gates else self._replay_sample()
         new = [self.encode(r.prompt, r.target) for r in requests]
-        keys = [subject_token(self.tokenizer, r.prompt, r.subject) for r in requests]
-        replayed = [self.encode(r.prompt, r.target) for r in earlier + self._neighbours(requests, keys)]
+        keys, owners = self._route_states(requests) if self.interventions.router.enabled else (None, None)
+        replayed = [self.encode(r.prompt, r.target) for r in earlier + self._neighbours(keys)]
+        if cfg.train_in_contexts:
+            replayed += [self.encode(f"{c} {r.prompt}", r.target) for r in requests for c in cfg.route_contexts]
+        if not gated:
+            new, replayed = self._with_continuations(new), self._with_continuations(replayed)
         working = self.interventions.fork()
-        result = self._train(working, new, replayed, max_steps, keys, gated)
+        result = self._train(working, new, replayed, max_steps, gated)
+        if keys is not None:
+            self._add_route_keys(working, keys, owners + len(self.history))
         if sealing:
             working.seal()
         with self.lock:
             self.attachment.swap(working)
             self.history.extend(requests)
+        result.seconds = time.perf_counter() - start
         return result
+
+    @torch.no_grad()
+    def _with_continuations(self, examples: list[Example]) -> list[Example]:
+        """The examples with what the unedited model greedily says after prompt + answer
+        (`continuation_tokens`, up to its end of text): an ungated block is trained to leave
+        those positions alone."""
+        count = self.config.continuation_tokens
+        if not examples or not count or not self.config.continuation_weight:
+            return examples
+        eos = self.tokenizer.eos_token_id
+        said = generate(self.model, self.tokenizer, [e.prompt + e.answer for e in examples], count, lock=self.lock)
+        out = []
+        for e, tokens in zip(examples, said):
+            tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+            out.append(Example(e.prompt, e.answer, tokens[: self.context - len(e.prompt) - len(e.answer)]))
+        return out
 
     def _block_history(self) -> list[EditRequest]:
         """The edits the trainable block holds: the latest `edit_count` (sealing resets it)."""
@@ -168,29 +193,51 @@ class Editor:
         return self._rng.sample(pool, k) if k else []
 
     @torch.no_grad()
-    def _neighbours(self, requests: list[EditRequest], key_positions: list[int]) -> list[EditRequest]:
-        """Sealed edits whose route key is within the threshold of a new edit's key, nearest
-        first (at most `route_neighbours`): their prompts will open the new block too, so it is
-        trained to leave their answers as they are."""
-        interventions, limit = self.interventions, self.config.route_neighbours
-        router = interventions.router
-        if not limit or not router.enabled or not len(router.keys):
-            return []
-        prompts = [encode_prompt(self.tokenizer, r.prompt, self.context) for r in requests]
+    def _route_states(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unedited routing-layer states [k, d] the requests' route keys are made of: at the
+        subject of each prompt, alone and after each of `route_contexts` (a context that would
+        overflow the model's context is left out); and the request of each [k]."""
+        prompts, positions, owners = [], [], []
+        for j, request in enumerate(requests):
+            for context in ["", *self.config.route_contexts]:
+                text = f"{context} {request.prompt}" if context else request.prompt
+                ids = encode_prompt(self.tokenizer, text)
+                if len(ids) <= self.context:
+                    prompts.append(ids)
+                    positions.append(subject_token(self.tokenizer, text, request.subject))
+                    owners.append(j)
         ids, attention = left_padded(prompts, self.pad_id)
-        layer = interventions.routing_layer
+        layer = self.attachment.decoder_layers[self.interventions.routing_layer]
         with self.lock:
-            hidden = layer_output(
-                self.model, self.attachment.decoder_layers[layer], ids.to(self.device), attention.to(self.device)
-            )
-        width = ids.shape[1]
-        columns = [width - int(attention[row].sum()) + k for row, k in enumerate(key_positions)]
-        keys = hidden[torch.arange(len(requests)), torch.tensor(columns)].float()
-        scores = (router.key(interventions[layer].gate_inputs(keys)) @ router.keys.T).amax(0)
-        # Keys are left in edit order; edits sealed before routing existed left none.
-        first = len(self.history) - int(interventions.edit_count) - len(router.keys)
-        nearest = scores.argsort(descending=True)[:limit]
-        return [self.history[first + int(i)] for i in nearest if scores[i] > router.key_threshold[i]]
+            hidden = layer_output(self.model, layer, ids.to(self.device), attention.to(self.device))
+        columns = [ids.shape[1] - len(p) + k for p, k in zip(prompts, positions)]
+        return hidden[torch.arange(len(prompts)), torch.tensor(columns)].float(), torch.tensor(owners)
+
+    @torch.no_grad()
+    def _neighbours(self, states: torch.Tensor | None) -> list[EditRequest]:
+        """Sealed edits with a route key within its threshold of one of the new edits' key
+        states, nearest first (at most `route_neighbours`): their prompts will open the new block
+        too, so it is trained to leave their answers as they are."""
+        router, limit = self.interventions.router, self.config.route_neighbours
+        if states is None or not limit or not len(router.keys):
+            return []
+        scores = (router.key(states) @ router.keys.T).amax(0)  # best match of each stored key
+        near = (scores > router.key_threshold).nonzero().squeeze(1)
+        chosen: list[int] = []
+        for i in near[scores[near].argsort(descending=True)].tolist():
+            edit = int(router.key_edit[i])
+            if edit not in chosen:
+                chosen.append(edit)
+        return [self.history[i] for i in chosen[:limit]]
+
+    def _add_route_keys(self, interventions: InterventionSet, states: torch.Tensor, edits: torch.Tensor) -> None:
+        """Leaves the new edits' route keys (history index `edits` each) in the trainable block,
+        each with its threshold above the unrelated prompts (`route_margin`)."""
+        router, margin = interventions.router, self.config.route_margin
+        thresholds = None
+        if margin is not None:
+            thresholds = router.thresholds(router.key(states), self._unrelated_routes(interventions), margin)
+        router.add_pending(states, edits, thresholds)
 
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
@@ -224,14 +271,11 @@ class Editor:
         new: list[Example],
         replayed: list[Example],
         max_steps: int,
-        key_positions: list[int] | None = None,
         gated: bool = True,
     ) -> EditResult:
         """Trains the new edits (and replayed ones) into the trainable block, with its gates
-        (BaFT's objective) or with every gate fixed at 1 (gated=False, or ReFT). `key_positions`
-        (per new edit, `routing.subject_token`) give the route keys the edits leave."""
+        (BaFT's objective) or with every gate fixed at 1 (gated=False, or ReFT)."""
         cfg = self.config
-        start = time.perf_counter()
         gated = gated and cfg.method == "baft"
         features = None
         if (gated or interventions.router.enabled) and self.unrelated_prompts:
@@ -239,6 +283,8 @@ class Editor:
             if not interventions.calibrated:  # the gates' and the routes' standardisation
                 for layer in interventions.layers:
                     interventions[layer].calibrate(features[layer])
+                if interventions.router.enabled:
+                    interventions.router.calibrate(self._unrelated_routing_states(interventions.routing_layer))
         unrelated = None
         if gated and features is not None:
             # Sealed blocks' edits are negatives too: the new block must not fire on them.
@@ -253,12 +299,21 @@ class Editor:
         for intervention in blocks:
             intervention.gated = intervention.gated and gated
         try:
-            return self._fit(interventions, new, replayed, max_steps, key_positions, gated, unrelated, start)
+            return self._fit(interventions, new, replayed, max_steps, gated=gated, unrelated=unrelated)
         finally:
             for intervention in blocks:
                 intervention.gated = cfg.method == "baft"
 
-    def _fit(self, interventions, new, replayed, max_steps, key_positions, gated, unrelated, start) -> EditResult:
+    def _fit(
+        self,
+        interventions: InterventionSet,
+        new: list[Example],
+        replayed: list[Example],
+        max_steps: int,
+        *,
+        gated: bool,
+        unrelated: dict[int, torch.Tensor] | None,
+    ) -> EditResult:
         """The optimisation itself (see `_train`); `unrelated`: the gate inputs the gates must stay
         closed on, None for no locality margins."""
         cfg = self.config
@@ -270,7 +325,6 @@ class Editor:
                 new + replayed,
                 cfg.prompt_positions,
                 self.pad_id,
-                (key_positions or [len(e.prompt) - 1 for e in new]) + [len(e.prompt) - 1 for e in replayed],
             )
         is_new = batch.rows < len(new)
         on_edit = ~batch.after_answer
@@ -281,9 +335,14 @@ class Editor:
         steps, parts = 0, {}
         for steps in range(1, max_steps + 1):
             with self.lock:
-                logits, record = batch.forward()
+                step = batch.forward()
+            logits, record = step.logits, step.record
             ce = target_cross_entropy(logits, batch.targets)
             loss, parts = ce, {"ce": ce.item()}
+            if not gated and cfg.continuation_weight:  # gated blocks close their gates there instead
+                drift = continuation_drift(step.continuation, batch.unedited_continuation)
+                loss = loss + cfg.continuation_weight * drift
+                parts["continuation"] = drift.item()
             if gated:
                 usage, margin = [], 0.0
                 for layer in interventions.layers:
@@ -304,9 +363,12 @@ class Editor:
                     parts["margin"] = margin.item()
             parts["loss"] = loss.item()
             # Stop once the edit is learnt: what is left of the margins then costs the gate
-            # polish microseconds, where each step here costs a forward and backward pass.
+            # polish microseconds, where each step here costs a forward and backward pass. The
+            # continuation's drift shapes the steps but does not hold the stop: bringing it under
+            # 0.01 took 30-40 steps instead of 5.
             edit_loss = parts["loss"] - cfg.locality_weight * parts.get("margin", 0.0)
-            if parts["loss"] < cfg.stop_loss or (unrelated is not None and edit_loss < cfg.stop_loss):
+            edit_loss -= cfg.continuation_weight * parts.get("continuation", 0.0)
+            if edit_loss < cfg.stop_loss:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -320,19 +382,10 @@ class Editor:
             record, extra, parts["ce_sealed"] = self._fit_under_cutoff(interventions, batch, optimizer, max_steps)
             steps += extra
         weights = self._record_usage(interventions, record, is_new & ~batch.after_answer, len(new))
-        if interventions.router.enabled:
-            router = interventions.router
-            keys = interventions[interventions.routing_layer].gate_inputs(batch.keys[: len(new)]).detach()
-            thresholds = None
-            if cfg.route_margin is not None:
-                unrelated = self._unrelated_routes(interventions)
-                thresholds = router.thresholds(router.key(keys), unrelated, cfg.route_margin)
-            router.add_pending(keys, thresholds)
         self._remember_edit_features(record, batch.rows, on_edit, len(new))
         return EditResult(
             steps=steps,
             loss=parts["loss"],
-            seconds=time.perf_counter() - start,
             losses=parts,
             basis_weights=weights,
         )
@@ -352,7 +405,7 @@ class Editor:
         try:
             for extra in range(max_steps + 1):
                 with self.lock:
-                    logits, record = batch.forward()
+                    logits, _, record = batch.forward()
                 ce = target_cross_entropy(logits, batch.targets)
                 if ce.item() < cfg.stop_loss or extra == max_steps:
                     return record, extra, ce.item()
@@ -449,12 +502,11 @@ class Editor:
         self._unrelated_states = None
 
     @torch.no_grad()
-    def _unrelated_routes(self, interventions: InterventionSet) -> torch.Tensor:
-        """Every position but the first of the unrelated prompts as routing reads it (unit rows
-        [n, d]): what a new route key's threshold must stay above. The routing layer's states
-        are computed once; their standardisation is the adapter's."""
-        layer = interventions.routing_layer
-        if self._unrelated_states is None:
+    def _unrelated_routing_states(self, layer: int) -> torch.Tensor:
+        """The unedited output of decoder layer `layer` at every position but the first of the
+        unrelated prompts [n, d]: what the router is standardised with and what route keys'
+        thresholds must stay above. Computed once per layer."""
+        if self._unrelated_states is None or self._unrelated_states[0] != layer:
             parts = [torch.zeros(0, text_config(self.model).hidden_size, device=self.device)]
             for start in range(0, len(self.unrelated_prompts), 32):
                 chunk = self.unrelated_prompts[start : start + 32]
@@ -465,8 +517,12 @@ class Editor:
                 with self.lock:
                     hidden = layer_output(self.model, self.attachment.decoder_layers[layer], ids, attention)
                 parts.append(hidden[routable(attention.bool())].float())
-            self._unrelated_states = torch.cat(parts)
-        return interventions.router.key(interventions[layer].gate_inputs(self._unrelated_states))
+            self._unrelated_states = (layer, torch.cat(parts))
+        return self._unrelated_states[1]
+
+    def _unrelated_routes(self, interventions: InterventionSet) -> torch.Tensor:
+        """The unrelated prompts' positions as the adapter's router compares them (unit rows)."""
+        return interventions.router.key(self._unrelated_routing_states(interventions.routing_layer))
 
     @torch.no_grad()
     def unrelated_features(self) -> dict[int, torch.Tensor]:

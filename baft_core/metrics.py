@@ -3,7 +3,8 @@
 reliability / generality / portability: teacher-forced token accuracy of the answer after the
 prompt / a rephrase / a dependent question. locality: share of answer tokens of an unrelated
 prompt whose argmax is unchanged from the unedited model. *_em: greedy generation reproduces the
-answer tokens exactly."""
+answer tokens exactly. rep: the answer comes again in the greedy continuation of the edit's prompt
+(REPEAT_WINDOW tokens after it), a failure teacher-forced scores cannot see."""
 from __future__ import annotations
 
 from statistics import mean
@@ -16,6 +17,7 @@ from .generation import generate
 from .routing import Routes
 
 BATCH = 32
+REPEAT_WINDOW = 16
 
 
 @torch.no_grad()
@@ -45,21 +47,38 @@ def token_accuracy(editor, examples: list[Example]) -> list[float]:
 
 def generation_match(editor, examples: list[Example]) -> list[float]:
     """1.0 where greedy decoding yields exactly the answer tokens."""
-    scores = []
+    return [match for match, _ in _greedy_answers(editor, examples, 0)]
+
+
+def answer_repeated(editor, examples: list[Example]) -> list[float]:
+    """1.0 where the answer occurs again in the REPEAT_WINDOW greedy tokens after it."""
+    out = []
+    for e, (_, after) in zip(examples, _greedy_answers(editor, examples, REPEAT_WINDOW)):
+        answer = editor.tokenizer.decode(e.answer).strip()
+        out.append(float(bool(answer) and answer in editor.tokenizer.decode(after)))
+    return out
+
+
+def _greedy_answers(editor, examples: list[Example], extra: int) -> list[tuple[float, list[int]]]:
+    """Per example: whether greedy decoding yields exactly the answer tokens, and the `extra`
+    tokens it decodes after them."""
+    out = []
     for start in range(0, len(examples), BATCH):
         chunk = examples[start : start + BATCH]
         rows = generate(
             editor.model,
             editor.tokenizer,
             [e.prompt for e in chunk],
-            max(len(e.answer) for e in chunk),
+            max(len(e.answer) for e in chunk) + extra,
             editor.attachment,
             editor.config.prompt_positions,
             stop_at_eos=False,
             lock=editor.lock,
         )
-        scores += [float(row[: len(e.answer)] == e.answer) for row, e in zip(rows, chunk)]
-    return scores
+        for row, e in zip(rows, chunk):
+            end = len(e.answer)
+            out.append((float(row[:end] == e.answer), row[end : end + extra]))
+    return out
 
 
 def locality_baseline(editor, requests: list[EditRequest]) -> list[list[list[int]]]:
@@ -100,6 +119,7 @@ def evaluate(
         "por": per_request(kinds["por"], lambda ex: token_accuracy(editor, ex)),
         "rel_em": per_request(kinds["rel"], lambda ex: generation_match(editor, ex)),
         "gen_em": per_request(kinds["gen"], lambda ex: generation_match(editor, ex)),
+        "rep": per_request(kinds["rel"], lambda ex: answer_repeated(editor, ex)),
     }
     return [{name: values[i] for name, values in columns.items()} for i in range(len(requests))]
 

@@ -1,4 +1,5 @@
-"""The training objective: target cross-entropy, incremental load balancing, locality margins.
+"""The training objective: target cross-entropy, incremental load balancing, locality margins,
+and for blocks that act at full weight, the continuation after the answer.
 
 The margins are hinges on the gate logits rather than on the weights: a hinge on a sigmoid output
 near 0.01 has almost no gradient, while the logit keeps a unit slope, so gates keep learning."""
@@ -13,6 +14,14 @@ import torch.nn.functional as F
 def target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean NLL of the target tokens; `logits` [n, vocab] and `targets` [n] for the target positions."""
     return F.cross_entropy(logits.float(), targets)
+
+
+def continuation_drift(edited: torch.Tensor, unedited: torch.Tensor) -> torch.Tensor:
+    """KL(unedited || edited) of the next token after the answer, from log-probabilities
+    [n, vocab]: what follows the new answer should be what the unedited model would say there.
+    Without it an ungated block, which acts on every generated token, made greedy decoding repeat
+    the answer ("actor actor actor ...")."""
+    return F.kl_div(edited, unedited, log_target=True, reduction="batchmean")
 
 
 def load_balance(current_usage: torch.Tensor, usage_sum: torch.Tensor, edit_count: int) -> torch.Tensor:

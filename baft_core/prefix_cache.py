@@ -8,7 +8,7 @@ positions (the "suffix"). Each optimisation step then runs layers L0.. on the su
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -62,6 +62,15 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+class Step(NamedTuple):
+    """One training forward: logits at the target positions [n_targets, vocab], log-probabilities
+    at the positions after the answers [n_after, vocab], and the recorded {layer: (weights, hidden)}."""
+
+    logits: torch.Tensor
+    continuation: torch.Tensor
+    record: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
 class CachedBatch:
     def __init__(
         self,
@@ -71,18 +80,16 @@ class CachedBatch:
         examples: list[Example],
         positions: int,
         pad_id: int,
-        key_positions: list[int] | None = None,
     ):
-        """`key_positions`: per example, the prompt position whose routing-layer state is its
-        route key (`routing.subject_token`); default the last prompt token."""
         self.model, self.attachment, self.interventions = model, attachment, interventions
         self.first_layer = min(interventions.layers)
         device = next(model.parameters()).device
         heads = [e.prompt[-positions:] for e in examples]
         prefixes = [e.prompt[: len(e.prompt) - len(h)] for e, h in zip(examples, heads)]
-        # The whole answer is fed: the position of its last token predicts what follows the
-        # answer, and there the gates must be closed (else generation keeps repeating the edit).
-        suffixes = [h + e.answer for h, e in zip(heads, examples)]
+        # The whole answer is fed, then the example's continuation: from the answer's last
+        # token on, positions predict what follows the answer, and there the edit must not act
+        # (else generation keeps repeating it).
+        suffixes = [h + e.answer + e.continuation for h, e in zip(heads, examples)]
         batch = len(examples)
         prefix_width = max(len(p) for p in prefixes)
         suffix_width = max(len(s) for s in suffixes)
@@ -100,7 +107,7 @@ class CachedBatch:
             suffix_ids[row, : len(suffix)] = torch.tensor(suffix)
             suffix_mask[row, : len(suffix)] = 1
             targets[row, len(head) - 1 : len(head) - 1 + len(e.answer)] = torch.tensor(e.answer)
-            after_answer[row, len(suffix) - 1] = True
+            after_answer[row, len(head) + len(e.answer) - 1 : len(suffix)] = True
 
         self.suffix_ids = suffix_ids.to(device)
         self.attention = torch.cat([prefix_mask, suffix_mask], dim=-1).to(device)
@@ -111,11 +118,12 @@ class CachedBatch:
         self.after_answer = after_answer.to(device)[self.intervene]
         self.target_mask = (targets != -100).to(device)
         self.targets = targets.to(device)[self.target_mask]
+        self.continuation_mask = after_answer.to(device)  # [batch, suffix]
 
         self.prefix_kv = self._prefix_cache(prefix_ids.to(device), prefix_mask.to(device))
         self.layer_input = self._capture_layer_input()
-        key_positions = key_positions or [len(e.prompt) - 1 for e in examples]
-        self.routes, self.keys = self._route(examples, key_positions, pad_id)
+        self.routes = self._route(examples, pad_id)
+        self.unedited_continuation = self._unedited_continuation()
 
     def _fresh_cache(self) -> DynamicCache:
         if self.prefix_kv is None:
@@ -156,23 +164,24 @@ class CachedBatch:
         return captured["h"]
 
     @torch.no_grad()
-    def _route(
-        self, examples: list[Example], key_positions: list[int], pad_id: int
-    ) -> tuple[Routes, torch.Tensor]:
-        """The sealed blocks each prompt opens (fixed while training: the prompt does not change),
-        and each example's route key: the routing layer's output [batch, d] at its key position.
-        One forward of the prompts up to the routing layer."""
+    def _unedited_continuation(self) -> torch.Tensor:
+        """The unedited model's log-probabilities at the positions after the answers [n_after, vocab]."""
+        with self._skip_lower_layers():
+            hidden = self._run(self._fresh_cache()).last_hidden_state
+        return torch.log_softmax(final_logits(self.model, hidden[self.continuation_mask]).float(), -1)
+
+    @torch.no_grad()
+    def _route(self, examples: list[Example], pad_id: int) -> Routes:
+        """The sealed blocks each prompt opens, fixed while training (the prompt does not change):
+        one forward of the prompts up to the routing layer."""
+        if not (self.interventions.router.enabled and self.interventions.sealed_blocks):
+            return Routes()
         device = self.suffix_ids.device
         input_ids, attention = left_padded([e.prompt for e in examples], pad_id)
         input_ids, attention = input_ids.to(device), attention.to(device)
-        layer = self.interventions.routing_layer
-        hidden = layer_output(self.model, self.attachment.decoder_layers[layer], input_ids, attention)
-        width = input_ids.shape[1]
-        columns = [width - len(e.prompt) + k for e, k in zip(examples, key_positions)]
-        columns = torch.tensor(columns, device=device)
-        keys = hidden[torch.arange(len(examples), device=device), columns].float()
-        routed = self.interventions.router.enabled and self.interventions.sealed_blocks
-        return Routes(open=self.interventions.route(hidden, attention.bool()) if routed else None), keys
+        layer = self.attachment.decoder_layers[self.interventions.routing_layer]
+        hidden = layer_output(self.model, layer, input_ids, attention)
+        return Routes(open=self.interventions.route(hidden, attention.bool()))
 
     def _run(self, cache: DynamicCache):
         return self.model.base_model(
@@ -195,10 +204,10 @@ class CachedBatch:
             for i, original in enumerate(originals):
                 layers[i] = original
 
-    def forward(self) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """Logits at the target positions [n_targets, vocab], and the recorded gate inputs."""
+    def forward(self) -> Step:
         with self._skip_lower_layers(), self.attachment.intervene(
             self.intervene, record=True, interventions=self.interventions, routes=self.routes
         ) as record:
             hidden = self._run(self._fresh_cache()).last_hidden_state
-        return final_logits(self.model, hidden[self.target_mask]), dict(record)
+        continuation = torch.log_softmax(final_logits(self.model, hidden[self.continuation_mask]).float(), -1)
+        return Step(final_logits(self.model, hidden[self.target_mask]), continuation, dict(record))

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from . import metrics  # noqa: E402
 
-COLUMNS = ("rel", "gen", "loc", "por", "rel_em", "gen_em")
+COLUMNS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
 
 
 def _fmt(value) -> str:
@@ -30,14 +30,14 @@ def write_report(summary: dict, path: Path) -> None:
         "| " + " | ".join(COLUMNS) + " | s/edit (median) | steps (mean) |",
         "|" + "---|" * (len(COLUMNS) + 2),
         "| "
-        + " | ".join(_fmt(summary[c]) for c in COLUMNS)
+        + " | ".join(_fmt(summary.get(c)) for c in COLUMNS)
         + f" | {summary['sec_per_edit_median']:.3f} | {summary['steps_mean']:.1f} |",
     ]
     if summary.get("curve"):
         lines += ["", "Curve (all edits so far, measured on the model at that point):", ""]
         lines += ["| edits | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
         for point in summary["curve"]:
-            lines.append(f"| {point['edits']} | " + " | ".join(_fmt(point[c]) for c in COLUMNS) + " |")
+            lines.append(f"| {point['edits']} | " + " | ".join(_fmt(point.get(c)) for c in COLUMNS) + " |")
     if summary.get("gates_open"):
         lines += ["", "Share of positions where some basis acts (weight above the sealed cutoff):", ""]
         kinds = list(next(iter(summary["gates_open"].values())))

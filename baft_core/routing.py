@@ -4,18 +4,22 @@ A sealed block's gates are logistic regressions fitted on a handful of positions
 Over a thousand blocks their false positives add up (ZsRE, 1000 continual edits: locality 0.87),
 and they key on the relation more than on the subject (CounterFact's locality prompts, which share
 the relation, opened them more often than the edit's own paraphrases did). So each sealed edit
-also leaves a route key: its subject as the first edited layer sees it, i.e. the unedited hidden
-state at the subject's last token, standardised like the gates' input and scaled to unit norm. A
-prompt opens a block when one of its positions comes within the key's cosine threshold of one of
-the block's keys. The decision is taken once, over the prompt, and held for the answer and every
-generated token; a closed block is skipped, exactly. Inside an open block the bases act at full
-weight (or, with `EditConfig.sealed_gates`, under their learned gates).
+also leaves route keys: its subject as an early layer sees it, i.e. the unedited hidden state at
+the subject's last token, standardised with the statistics of ordinary prompts and scaled to unit
+norm. A prompt opens a block when one of its positions comes within a key's cosine threshold of
+one of the block's keys. The decision is taken once, over the prompt, and held for the answer and
+every generated token; a closed block is skipped, exactly. Inside an open block the bases act at
+full weight (or, with `EditConfig.sealed_gates`, under their learned gates).
 
 The key is the subject's state: the state at the last prompt position, which predicts the answer,
-is alike across ZsRE's questions (an exploratory check, not committed, found a rephrase's nearest
-last-position key to be its own edit's about a third of the time). After 1000 continual ZsRE
-edits, 91% of the rephrases opened their own edit's block and no locality prompt opened any
-(bench/results/ablation.md).
+is alike across ZsRE's questions (an exploratory check found a rephrase's nearest last-position
+key to be its own edit's about a third of the time). It is read early (layer 4 of SmolLM2's 30),
+before the context has mixed into it, and each edit leaves one key per context: its prompt alone
+and after each of a few generic prefixes (`EditConfig.route_contexts`), since paraphrases put
+text before the subject. On 100 CounterFact edits this raised the share of paraphrases that open
+their own edit's block from 0.52 (one key, at the first edited layer 17) to 0.89 (one key at
+layer 4) and 0.98 (with the context keys), with locality prompts opening some block 0.02 of the
+time against 0.01 (bench/results/ablation.md).
 """
 from __future__ import annotations
 
@@ -54,18 +58,26 @@ class Routes:
 
 
 class Router(nn.Module):
-    """The route keys of sealed edits with each key's cosine threshold, the keys of the trainable
-    block's edits awaiting sealing, and the lowest threshold a key may have (0: no routing). A
+    """The route keys of sealed edits with each key's cosine threshold, block and edit (its index
+    in the editor's history), the keys of the trainable block's edits awaiting sealing, and the
+    lowest threshold a key may have (0: no routing). Keys are read at decoder layer `layer`. A
     block without keys (sealed before routing existed) stays open."""
 
-    def __init__(self, hidden_size: int, threshold: float):
+    def __init__(self, hidden_size: int, threshold: float, layer: int):
         super().__init__()
+        self.layer = layer
         self.register_buffer("keys", torch.zeros(0, hidden_size))  # unit rows
         self.register_buffer("key_threshold", torch.zeros(0))
         self.register_buffer("key_block", torch.zeros(0, dtype=torch.long))  # sealed block of each key
+        self.register_buffer("key_edit", torch.zeros(0, dtype=torch.long))  # history index of its edit
         self.register_buffer("pending", torch.zeros(0, hidden_size))  # keys of the trainable block
         self.register_buffer("pending_threshold", torch.zeros(0))
+        self.register_buffer("pending_edit", torch.zeros(0, dtype=torch.long))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
+        # Standardisation of the routing layer's states (`calibrate`): its residual stream has a
+        # large component shared by every token, which would make all cosines alike.
+        self.register_buffer("center", torch.zeros(hidden_size))
+        self.register_buffer("scale", torch.ones(hidden_size))
 
     @property
     def enabled(self) -> bool:
@@ -75,9 +87,16 @@ class Router(nn.Module):
     def num_values(self) -> int:
         return self.keys.numel()
 
-    @staticmethod
-    def key(gate_inputs: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(gate_inputs.float(), dim=-1)
+    @torch.no_grad()
+    def calibrate(self, hidden: torch.Tensor) -> None:
+        """Standardise with the statistics of ordinary routing-layer states [n, d]."""
+        hidden = hidden.float()
+        self.center = hidden.mean(0).to(self.center)
+        self.scale = (hidden.std(0).clamp_min(1e-3) if len(hidden) > 1 else torch.ones_like(hidden[0])).to(self.scale)
+
+    def key(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Routing-layer states [n, d] as routing compares them: standardised, unit rows."""
+        return nn.functional.normalize((hidden.float() - self.center) / self.scale, dim=-1)
 
     @torch.no_grad()
     def thresholds(self, keys: torch.Tensor, unrelated: torch.Tensor, margin: float) -> torch.Tensor:
@@ -90,35 +109,41 @@ class Router(nn.Module):
         return floor.clamp(max=0.98)
 
     @torch.no_grad()
-    def add_pending(self, gate_inputs: torch.Tensor, thresholds: torch.Tensor | None = None) -> None:
-        """Keys [k, d] (as the gates read them) of edits just trained into the trainable block, and
-        their thresholds (default `threshold`). New tensors, not in-place writes: forks share
-        these buffers."""
-        keys = self.key(gate_inputs).to(self.pending)
+    def add_pending(
+        self, hidden: torch.Tensor, edits: torch.Tensor, thresholds: torch.Tensor | None = None
+    ) -> None:
+        """Keys (routing-layer states [k, d]) of edits just trained into the trainable block, the
+        history index of each key's edit, and their thresholds (default `threshold`). New
+        tensors, not in-place writes: forks share these buffers."""
+        keys = self.key(hidden).to(self.pending)
         if thresholds is None:
             thresholds = torch.full((len(keys),), float(self.threshold))
         self.pending = torch.cat([self.pending, keys])
         self.pending_threshold = torch.cat([self.pending_threshold, thresholds.to(self.pending_threshold)])
+        self.pending_edit = torch.cat([self.pending_edit, edits.to(self.pending_edit)])
 
     @torch.no_grad()
     def seal(self, block: int) -> None:
         """The trainable block became sealed block `block`: its pending keys now route to it."""
         self.keys = torch.cat([self.keys, self.pending])
         self.key_threshold = torch.cat([self.key_threshold, self.pending_threshold])
+        self.key_edit = torch.cat([self.key_edit, self.pending_edit])
         self.key_block = torch.cat(
             [self.key_block, torch.full((len(self.pending),), block, dtype=torch.long, device=self.keys.device)]
         )
         self.pending, self.pending_threshold = self.pending[:0], self.pending_threshold[:0]
+        self.pending_edit = self.pending_edit[:0]
 
     @torch.no_grad()
-    def open_blocks(self, gate_inputs: torch.Tensor, rows: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
-        """[batch, blocks]: whether some position of the row (`gate_inputs` [m, d] of the prompt
-        positions, `rows` [m] their rows) is within the threshold of one of the block's keys."""
+    def open_blocks(self, hidden: torch.Tensor, rows: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
+        """[batch, blocks]: whether some position of the row (routing-layer states `hidden` [m, d]
+        of the prompt positions, `rows` [m] their rows) is within the threshold of one of the
+        block's keys."""
         has_key = torch.zeros(blocks, dtype=torch.bool, device=self.keys.device)
         has_key[self.key_block] = True
         opened = (~has_key).expand(batch, blocks).clone()
         if len(self.keys) and len(rows):
-            near = (self.key(gate_inputs) @ self.keys.T > self.key_threshold).float()  # [m, keys]
+            near = (self.key(hidden) @ self.keys.T > self.key_threshold).float()  # [m, keys]
             row_near = torch.zeros(batch, len(self.keys), device=near.device)
             row_near.scatter_reduce_(0, rows.unsqueeze(1).expand_as(near), near, "amax")
             block_near = torch.zeros(batch, blocks, device=near.device)
@@ -128,7 +153,7 @@ class Router(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of keys is whatever the checkpoint holds.
-        for name in ("keys", "key_threshold", "key_block", "pending", "pending_threshold"):
+        for name in ("keys", "key_threshold", "key_block", "key_edit", "pending", "pending_threshold", "pending_edit"):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))

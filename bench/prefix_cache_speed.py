@@ -30,7 +30,7 @@ def full_step(editor: Editor, examples) -> None:
 
 
 def cached_step(batch: CachedBatch) -> None:
-    logits, _ = batch.forward()
+    logits = batch.forward().logits
     torch.nn.functional.cross_entropy(logits.float(), batch.targets).backward()
 
 

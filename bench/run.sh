@@ -49,3 +49,8 @@ ablate() {  # folder suffix, --set overrides...
 ablate routed-gated sealed_gates=true route_neighbours=0 route_margin=0
 ablate routed-open route_neighbours=0 route_margin=null
 ablate routed-open-neighbours route_margin=null
+# Where route keys are read and how many, and the continuation after the answer.
+ablate route4-onekey 'route_contexts=[]' continuation_weight=0
+ablate route4-contexts continuation_weight=0
+ablate continuation5 continuation_weight=5.0
+ablate stop1e-4 stop_loss=0.0001

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-COLUMNS = ("rel", "gen", "loc", "por", "rel_em", "gen_em")
+COLUMNS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
 
 # (run folder under results/, what it changes). Each row differs from the one before in one lever
 # where it can; the config of every run is in its summary.json.
@@ -24,7 +24,12 @@ ABLATION = {
         ("ablation/zsre-100-routed-gated", "cut 0.1; + prompt-level routing by the subject key, the learned gates still act inside routed blocks"),
         ("ablation/zsre-100-routed-open", "... routed blocks act at full weight, trained without gates"),
         ("ablation/zsre-100-routed-open-neighbours", "... + replay of the sealed edits that share the new edit's route"),
-        ("zsre-continual-100-baft", "... + per-key thresholds 0.05 above the unrelated prompts (the defaults)"),
+        ("ablation/zsre-100-route17", "... + per-key thresholds 0.05 above the unrelated prompts (the defaults until keys moved to layer 4)"),
+        ("ablation/zsre-100-route4-onekey", "... keys read at layer 4 instead of 17 (the first edited layer)"),
+        ("ablation/zsre-100-route4-contexts", "... + a key after each of 5 generic contexts"),
+        ("zsre-continual-100-baft", "... + the continuation after the answer kept (weight 1; the defaults)"),
+        ("ablation/zsre-100-continuation5", "... continuation weight 5"),
+        ("ablation/zsre-100-stop1e-4", "the defaults, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
         ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "CounterFact val, 100 continual edits": [
@@ -32,18 +37,25 @@ ABLATION = {
         ("ablation/counterfact-100-routed-gated", "+ prompt-level routing, learned gates inside routed blocks"),
         ("ablation/counterfact-100-routed-open", "... routed blocks at full weight"),
         ("ablation/counterfact-100-routed-open-neighbours", "... + replay of the edits that share the route"),
-        ("counterfact-continual-100-baft", "... + per-key thresholds (the defaults)"),
+        ("ablation/counterfact-100-route17", "... + per-key thresholds (the defaults until keys moved to layer 4)"),
+        ("ablation/counterfact-100-route4-onekey", "... keys read at layer 4 instead of 17"),
+        ("ablation/counterfact-100-route4-contexts", "... + a key after each of 5 generic contexts"),
+        ("counterfact-continual-100-baft", "... + the continuation after the answer kept (weight 1; the defaults)"),
+        ("ablation/counterfact-100-continuation5", "... continuation weight 5"),
+        ("ablation/counterfact-100-stop1e-4", "the defaults, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
         ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "1000 continual edits (ZsRE both files; CounterFact train)": [
         ("zsre-continual-1000-baft-oneblock", "ZsRE: one block for all edits (the paper's layout), rank 12, no replay"),
         ("ablation/zsre-1000-block1-gated-unrouted", "ZsRE: a gated block per edit (the defaults before routing)"),
         ("ablation/zsre-1000-routed-nomargin", "ZsRE: routed blocks at full weight, neighbour replay, one global threshold"),
-        ("zsre-continual-1000-baft", "ZsRE: the defaults"),
+        ("ablation/zsre-1000-route17", "ZsRE: + per-key thresholds, keys at layer 17 (the defaults until keys moved to layer 4)"),
+        ("zsre-continual-1000-baft", "ZsRE: keys at layer 4, 6 per edit, continuation kept (the defaults)"),
         ("zsre-continual-1000-reft", "ZsRE: ReFT, one block of rank 12"),
         ("ablation/counterfact-1000-block1-gated-unrouted", "CounterFact: a gated block per edit (before routing)"),
         ("ablation/counterfact-1000-routed-nomargin", "CounterFact: routed, one global threshold"),
-        ("counterfact-continual-1000-baft", "CounterFact: the defaults"),
+        ("ablation/counterfact-1000-route17", "CounterFact: + per-key thresholds, keys at layer 17 (the defaults until keys moved to layer 4)"),
+        ("counterfact-continual-1000-baft", "CounterFact: keys at layer 4, 6 per edit, continuation kept (the defaults)"),
         ("counterfact-continual-1000-reft", "CounterFact: ReFT, one block of rank 12"),
     ],
 }
@@ -60,7 +72,7 @@ def main() -> None:
         data = Path(s["data"][0]).stem
         rows.append(
             f"| [{path.parent.name}]({path.parent.name}/report.md) | {data} | {s['method']} | {s['mode']} "
-            f"| {s['edits']} | " + " | ".join(fmt(s[c]) for c in COLUMNS)
+            f"| {s['edits']} | " + " | ".join(fmt(s.get(c)) for c in COLUMNS)
             + f" | {s['sec_per_edit_median']:.3f} | {s['steps_mean']:.1f} | {s['config']['replay_size']} "
             f"| {s['config'].get('block_edits', 0)} | {s['config']['rank']} | {s['threads']} |"
         )
@@ -136,7 +148,9 @@ def write_ablation() -> None:
         "its `summary.json`. The gated-block runs under `ablation/zsre-100-block1-*` were made while the",
         "blocks were built, before the final fit under the sealed cutoff existed (the first one's cutoff",
         "was alpha, 0.01); the key-initialised gates of two of them were dropped with their code. The",
-        "routing rows are on the committed code, with `--set` overrides.",
+        "routing rows are on the committed code of their time, with `--set` overrides; the `route17` runs",
+        "are the defaults of commit 27b5801 (their commands wrote to the main folders then).",
+        "`rep`: the answer comes again in the 16 greedy tokens after it (runs before the metric: -).",
         "`routing`: rephrases that open their own edit's block / locality prompts that open any block.",
     ]
     for title, runs in ABLATION.items():
@@ -159,7 +173,7 @@ def write_ablation() -> None:
                 else "-"
             )
             lines.append(
-                f"| [{folder}]({folder}/report.md) | {lever} | " + " | ".join(fmt(s[c]) for c in COLUMNS)
+                f"| [{folder}]({folder}/report.md) | {lever} | " + " | ".join(fmt(s.get(c)) for c in COLUMNS)
                 + f" | {routed} | {s['sec_per_edit_median']:.3f} | {s['threads']} |"
             )
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")

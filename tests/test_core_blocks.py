@@ -207,28 +207,18 @@ def test_sealed_blocks_are_stored_once_across_checkpoints(tiny_sharp, tmp_path):
 
 def test_checkpoint_without_sealed_buffers_still_loads(tiny_sharp, tmp_path):
     """Checkpoints written before blocks existed hold no sealed buffers and no segment list."""
-    import hashlib
-    import json
+    from checkpoint_support import rewrite_adapter
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from baft_core.checkpoint import ADAPTER_FILE, MANIFEST_FILE, METADATA_KEY
+    def before_blocks(metadata, tensors):
+        metadata.pop("segments")
+        return metadata, {k: v for k, v in tensors.items() if not k.startswith("sealed.")}
 
     ed = make_editor(tiny_sharp)  # one block for all edits, as before
     try:
         ed.edit(EDITS[0])
         expected = ed.generate([EDITS[0].prompt], max_new_tokens=6)
         ed.save(tmp_path, "tiny")
-        adapter = tmp_path / ADAPTER_FILE
-        with safe_open(adapter, framework="pt") as handle:
-            metadata = json.loads(handle.metadata()[METADATA_KEY])
-        metadata.pop("segments")
-        tensors = {k: v for k, v in load_file(adapter).items() if not k.startswith("sealed.")}
-        save_file(tensors, adapter, metadata={METADATA_KEY: json.dumps(metadata)})
-        manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
-        manifest["sha256"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
-        (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+        rewrite_adapter(tmp_path, before_blocks)
         ed.reset()
         ed.load(tmp_path, "tiny")
         assert ed.interventions.sealed_blocks == 0

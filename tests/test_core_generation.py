@@ -152,7 +152,7 @@ def test_cached_prefix_batch_equals_full_forward(tiny, layers):
         examples = [ed.encode(p, a) for p, a in zip(prompts, answers)]
         assert any(len(e.prompt) <= P for e in examples)
         batch = CachedBatch(ed.model, ed.attachment, ed.interventions, examples, P, ed.pad_id)
-        logits, record = batch.forward()
+        logits, _, record = batch.forward()
 
         # Training feeds the whole answer (the last answer position is where the gates must
         # close), so the reference feeds it too; targets sit at the same positions.
@@ -198,3 +198,23 @@ def test_mask_shape_mismatch_raises(editor):
     with editor.attachment.intervene(torch.ones(1, 2, dtype=torch.bool)):
         with pytest.raises(RuntimeError, match="does not match"):
             editor.model(input_ids=ids)
+
+
+def test_continuations_are_the_unedited_greedy_words_and_start_unedited(tiny):
+    """An ungated block is trained on what the unedited model says after the answer; a fresh
+    adapter is the identity, so its continuation log-probabilities equal the unedited ones."""
+    torch.manual_seed(0)
+    ed = Editor(tiny.model, tiny.tokenizer, EditConfig(layers=[1, 2, 3], rank=8, continuation_tokens=3), [])
+    try:
+        examples = [ed.encode(p, a) for p, a in zip(PROMPTS[:2], ["Paris", "there"])]
+        extended = ed._with_continuations(examples)
+        said = generate(ed.model, ed.tokenizer, [e.prompt + e.answer for e in examples], 3)
+        eos = ed.tokenizer.eos_token_id
+        for e, tokens in zip(extended, said):
+            assert e.continuation == (tokens[: tokens.index(eos)] if eos in tokens else tokens)
+        batch = CachedBatch(ed.model, ed.attachment, ed.interventions, extended, P, ed.pad_id)
+        step = batch.forward()
+        assert step.continuation.shape[0] == sum(len(e.continuation) + 1 for e in extended)
+        assert torch.allclose(step.continuation, batch.unedited_continuation, atol=1e-4)
+    finally:
+        ed.attachment.detach()

@@ -69,7 +69,7 @@ def test_generic_layers_and_tiny_edit(tiny, family):
                 editor.interventions[layer].gate.bias.fill_(3.0)
         examples = [editor.encode("The capital of France is", "Paris"), editor.encode("Hi", "there")]
         batch = CachedBatch(model, editor.attachment, editor.interventions, examples, 3, editor.pad_id)
-        logits, _ = batch.forward()
+        logits = batch.forward().logits
         tf = teacher_forced(examples, 3, editor.pad_id)
         with editor.attachment.intervene(tf.intervene):
             full = model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits

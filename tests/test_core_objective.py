@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from baft_core.objective import load_balance, locality_margin, target_cross_entropy
+from baft_core.objective import continuation_drift, load_balance, locality_margin, target_cross_entropy
 
 
 def test_target_cross_entropy_value():
@@ -75,3 +75,12 @@ def test_locality_margin_gradient_directions():
     locality_margin(edit, unrelated, 0.01, 0.05, 0.02).backward()
     assert (edit.grad <= 0).all() and edit.grad.sum() < 0  # descent raises edit logits
     assert (unrelated.grad >= 0).all() and unrelated.grad.sum() > 0  # descent lowers unrelated
+
+
+def test_continuation_drift_is_the_kl_from_the_unedited_prediction():
+    unedited = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]), -1)
+    assert continuation_drift(unedited, unedited).abs() < 1e-7
+    edited = torch.log_softmax(torch.tensor([[-1.0, 3.0, 0.0], [0.0, 0.0, 0.0]]), -1)
+    p = unedited[0].exp()
+    expected = (p * (unedited[0] - edited[0])).sum() / 2  # mean over the two positions
+    assert torch.allclose(continuation_drift(edited, unedited), expected)

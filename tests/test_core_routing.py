@@ -30,10 +30,10 @@ def test_subject_token_is_the_subjects_last_token(tiny):
 
 
 def test_router_opens_blocks_within_the_threshold():
-    router = Router(4, threshold=0.8)
-    router.add_pending(torch.tensor([[1.0, 0, 0, 0]]))
+    router = Router(4, threshold=0.8, layer=0)
+    router.add_pending(torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([0]))
     router.seal(0)
-    router.add_pending(torch.tensor([[0, 1.0, 0, 0], [0, 0, 1.0, 0]]))  # a block of two edits
+    router.add_pending(torch.tensor([[0, 1.0, 0, 0], [0, 0, 1.0, 0]]), torch.tensor([1, 2]))  # two edits
     router.seal(1)
     positions = torch.tensor([[2.0, 0.1, 0, 0], [0, 0, 0, 1.0], [0, 0, 0.9, 0.1], [0, 0, 0, 1.0]])
     rows = torch.tensor([0, 0, 1, 2])
@@ -41,17 +41,18 @@ def test_router_opens_blocks_within_the_threshold():
     opened = router.open_blocks(positions, rows, batch=3, blocks=3)
     assert opened.tolist() == [[True, False, True], [False, True, True], [False, False, True]]
     assert router.pending.shape[0] == 0 and router.key_block.tolist() == [0, 1, 1]
+    assert router.key_edit.tolist() == [0, 1, 2] and router.pending_edit.shape[0] == 0
 
 
 def test_key_thresholds_stay_above_unrelated_prompts():
-    router = Router(2, threshold=0.8)
+    router = Router(2, threshold=0.8, layer=0)
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     unrelated = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.3, -1.0]]), dim=-1)
     thresholds = router.thresholds(keys, unrelated, margin=0.05)
     # Key 0 is near the first unrelated position (cos 0.98): capped below 1 so its own prompt
     # still routes. Key 1 is far from both: the floor. Key 2: 0.05 above cos 0.78 -> the floor.
     assert torch.allclose(thresholds, torch.tensor([0.98, 0.8, 0.8]))
-    router.add_pending(keys, thresholds)
+    router.add_pending(keys, torch.tensor([0, 1, 2]), thresholds)
     router.seal(0)
     assert torch.equal(router.key_threshold, thresholds)
     # cos 0.97 with key 0: above the floor, not above that key's own threshold.
@@ -64,7 +65,10 @@ def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
     try:
         ed.edit(EDITS[0])
         interventions = ed.interventions
-        assert interventions.sealed_blocks == 1 and interventions.router.key_block.tolist() == [0]
+        # One key for the prompt alone and one after each generic context, all naming edit 0.
+        keys_per_edit = 1 + len(ed.config.route_contexts)
+        assert interventions.sealed_blocks == 1 and interventions.router.key_block.tolist() == [0] * keys_per_edit
+        assert interventions.router.key_edit.tolist() == [0] * keys_per_edit
         prompts = [EDITS[0].prompt, "Bananas are rich in"]
         examples = [ed.encode(p, "potassium") for p in prompts]
         tf = teacher_forced(examples, ed.config.prompt_positions, ed.pad_id)
@@ -122,8 +126,10 @@ def test_route_keys_survive_checkpoints(tiny_sharp, tmp_path):
         ed.reset()
         ed.load(tmp_path, "tiny")
         router = ed.interventions.router
-        assert torch.equal(router.keys, keys) and router.key_block.tolist() == [0, 1]
-        assert (router.key_threshold >= 0.8).all() and len(router.key_threshold) == 2
+        per_edit = 1 + len(ed.config.route_contexts)
+        assert torch.equal(router.keys, keys) and router.key_block.tolist() == [0] * per_edit + [1] * per_edit
+        assert router.key_edit.tolist() == router.key_block.tolist() and router.layer == ed.interventions.routing_layer
+        assert (router.key_threshold >= 0.8).all() and len(router.key_threshold) == 2 * per_edit
         assert abs(float(router.threshold) - 0.8) < 1e-6
         assert ed.generate(prompts, max_new_tokens=6) == expected
     finally:
@@ -139,10 +145,56 @@ def test_edits_that_share_a_route_are_replayed_as_neighbours(tiny_sharp):
     try:
         ed.edit(first)
         ed.edit(EDITS[1])
-        keys = [subject_token(ed.tokenizer, second.prompt, second.subject)]
-        assert ed._neighbours([second], keys) == [first]  # the same subject in the same context
+        states, owners = ed._route_states([second])
+        assert owners.tolist() == [0] * (1 + len(ed.config.route_contexts))
+        assert ed._neighbours(states) == [first]  # the same subject in the same contexts
         ed.edit(second)
         # The second block opens on the first prompt too, and was trained to leave it alone.
         assert first_loss(ed, first) < 0.2 and first_loss(ed, second) < 0.2
+    finally:
+        ed.attachment.detach()
+
+
+def test_format_3_checkpoints_still_route(tiny_sharp, tmp_path):
+    """Format 3 routed at the first edited layer with the gates' standardisation, one key per edit
+    in edit order, and stored neither the router's statistics nor the keys' edits."""
+    import hashlib
+    import json
+
+    from checkpoint_support import rewrite_adapter
+    from safetensors.torch import load, save
+
+    def format_3(metadata, tensors):
+        segment_ids = []
+        for segment_id in json.loads(metadata["segments"]):
+            path = tmp_path / "segments" / f"{segment_id}.safetensors"
+            data = save({k: v for k, v in load(path.read_bytes()).items() if k != "route_key_edits"})
+            segment_ids.append(hashlib.sha256(data).hexdigest())
+            (tmp_path / "segments" / f"{segment_ids[-1]}.safetensors").write_bytes(data)
+        metadata["segments"] = json.dumps(segment_ids)
+        del metadata["routing_layer"]
+        new_buffers = ("router.center", "router.scale", "router.pending_edit")
+        return metadata, {k: v for k, v in tensors.items() if k not in new_buffers}
+
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5, route_layer=1, route_contexts=[])
+    try:
+        for request in EDITS:
+            ed.edit(request)
+        router, first = ed.interventions.router, ed.interventions[1]
+        # The fresh trainable block is the identity whatever its gates read: give it the
+        # router's statistics, as format 3 kept them there.
+        first.gate_center.copy_(router.center)
+        first.gate_scale.copy_(router.scale)
+        prompts = [r.prompt for r in EDITS] + ["Bananas are rich in"]
+        expected = ed.generate(prompts, max_new_tokens=6)
+        ed.save(tmp_path, "tiny")
+        rewrite_adapter(tmp_path, format_3)
+
+        ed.reset()
+        ed.load(tmp_path, "tiny")
+        router = ed.interventions.router
+        assert router.layer == 1 and router.key_edit.tolist() == [0, 1]
+        assert torch.equal(router.center, ed.interventions[1].gate_center)
+        assert ed.generate(prompts, max_new_tokens=6) == expected
     finally:
         ed.attachment.detach()

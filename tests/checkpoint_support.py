@@ -1,0 +1,27 @@
+"""Rewriting a saved checkpoint the way an older format wrote it (tests of backward compatibility)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from baft_core.checkpoint import ADAPTER_FILE, MANIFEST_FILE, METADATA_KEY
+
+Change = Callable[[dict, dict[str, torch.Tensor]], tuple[dict, dict[str, torch.Tensor]]]
+
+
+def rewrite_adapter(directory: Path, change: Change) -> None:
+    """Applies `change(metadata, tensors)` to the adapter file and re-signs the manifest."""
+    adapter = directory / ADAPTER_FILE
+    with safe_open(adapter, framework="pt") as handle:
+        metadata = json.loads(handle.metadata()[METADATA_KEY])
+    metadata, tensors = change(metadata, load_file(adapter))
+    save_file(tensors, adapter, metadata={METADATA_KEY: json.dumps(metadata)})
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest["sha256"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
