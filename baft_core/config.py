@@ -141,6 +141,12 @@ class EditConfig:
             raise ValueError("sealed blocks without gates need routing (route_threshold > 0)")
         if self.route_neighbours < 0:
             raise ValueError("route_neighbours must be >= 0")
+        if self.continuation_weight < 0:
+            raise ValueError("continuation_weight must be >= 0")
+        if not isinstance(self.route_contexts, (list, tuple)) or not all(
+            isinstance(c, str) and c.strip() for c in self.route_contexts
+        ):
+            raise ValueError("route_contexts must be a list of non-empty strings")
         if self.route_margin is not None and not 0 <= self.route_margin < 1:
             raise ValueError("route_margin must be in [0, 1) or None")
         if not 0 <= self.alpha < self.beta <= 1:

@@ -206,12 +206,21 @@ class Editor:
                     prompts.append(ids)
                     positions.append(subject_token(self.tokenizer, text, request.subject))
                     owners.append(j)
-        ids, attention = left_padded(prompts, self.pad_id)
-        layer = self.attachment.decoder_layers[self.interventions.routing_layer]
-        with self.lock:
-            hidden = layer_output(self.model, layer, ids.to(self.device), attention.to(self.device))
-        columns = [ids.shape[1] - len(p) + k for p, k in zip(prompts, positions)]
+        hidden, _ = self.routing_layer_output(prompts)
+        columns = [hidden.shape[1] - len(p) + k for p, k in zip(prompts, positions)]
         return hidden[torch.arange(len(prompts)), torch.tensor(columns)].float(), torch.tensor(owners)
+
+    @torch.no_grad()
+    def routing_layer_output(
+        self, prompts: list[list[int]], layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unedited output [batch, seq, d] of decoder layer `layer` (default: the adapter's
+        routing layer) for encoded prompts, left-padded, and their attention mask [batch, seq]."""
+        layer = self.interventions.routing_layer if layer is None else layer
+        ids, attention = left_padded(prompts, self.pad_id)
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        with self.lock:
+            return layer_output(self.model, self.attachment.decoder_layers[layer], ids, attention), attention
 
     @torch.no_grad()
     def _neighbours(self, states: torch.Tensor | None) -> list[EditRequest]:
@@ -362,13 +371,11 @@ class Editor:
                     loss = loss + cfg.locality_weight * margin
                     parts["margin"] = margin.item()
             parts["loss"] = loss.item()
-            # Stop once the edit is learnt: what is left of the margins then costs the gate
-            # polish microseconds, where each step here costs a forward and backward pass. The
-            # continuation's drift shapes the steps but does not hold the stop: bringing it under
-            # 0.01 took 30-40 steps instead of 5.
-            edit_loss = parts["loss"] - cfg.locality_weight * parts.get("margin", 0.0)
-            edit_loss -= cfg.continuation_weight * parts.get("continuation", 0.0)
-            if edit_loss < cfg.stop_loss:
+            # Stop once the edit is learnt (cross-entropy and balancing): what is left of the
+            # margins then costs the gate polish microseconds, where each step here costs a
+            # forward and backward pass. The continuation's drift shapes the steps but does not
+            # hold the stop: bringing it under 0.01 took 30-40 steps instead of 5.
+            if parts["ce"] + cfg.balance_weight * parts.get("balance", 0.0) < cfg.stop_loss:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -510,12 +517,8 @@ class Editor:
             parts = [torch.zeros(0, text_config(self.model).hidden_size, device=self.device)]
             for start in range(0, len(self.unrelated_prompts), 32):
                 chunk = self.unrelated_prompts[start : start + 32]
-                ids, attention = left_padded(
-                    [encode_prompt(self.tokenizer, p, self.context) for p in chunk], self.pad_id
-                )
-                ids, attention = ids.to(self.device), attention.to(self.device)
-                with self.lock:
-                    hidden = layer_output(self.model, self.attachment.decoder_layers[layer], ids, attention)
+                ids = [encode_prompt(self.tokenizer, p, self.context) for p in chunk]
+                hidden, attention = self.routing_layer_output(ids, layer)
                 parts.append(hidden[routable(attention.bool())].float())
             self._unrelated_states = (layer, torch.cat(parts))
         return self._unrelated_states[1]

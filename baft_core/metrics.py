@@ -12,7 +12,7 @@ from statistics import mean
 import torch
 
 from .data import EditRequest
-from .encoding import Example, encode_prompt, left_padded, teacher_forced
+from .encoding import Example, encode_prompt, teacher_forced
 from .generation import generate
 from .routing import Routes
 
@@ -47,19 +47,16 @@ def token_accuracy(editor, examples: list[Example]) -> list[float]:
 
 def generation_match(editor, examples: list[Example]) -> list[float]:
     """1.0 where greedy decoding yields exactly the answer tokens."""
-    return [match for match, _ in _greedy_answers(editor, examples, 0)]
+    return [match for match, _ in _greedy_answers(editor, examples)]
 
 
-def answer_repeated(editor, examples: list[Example]) -> list[float]:
-    """1.0 where the answer occurs again in the REPEAT_WINDOW greedy tokens after it."""
-    out = []
-    for e, (_, after) in zip(examples, _greedy_answers(editor, examples, REPEAT_WINDOW)):
-        answer = editor.tokenizer.decode(e.answer).strip()
-        out.append(float(bool(answer) and answer in editor.tokenizer.decode(after)))
-    return out
+def answer_repeated(editor, example: Example, after: list[int]) -> float:
+    """1.0 where the answer occurs again in the tokens decoded `after` it."""
+    answer = editor.tokenizer.decode(example.answer).strip()
+    return float(bool(answer) and answer in editor.tokenizer.decode(after))
 
 
-def _greedy_answers(editor, examples: list[Example], extra: int) -> list[tuple[float, list[int]]]:
+def _greedy_answers(editor, examples: list[Example], extra: int = 0) -> list[tuple[float, list[int]]]:
     """Per example: whether greedy decoding yields exactly the answer tokens, and the `extra`
     tokens it decodes after them."""
     out = []
@@ -112,14 +109,17 @@ def evaluate(
         before = [b for per in baseline for b in per]
         return [mean(float(x == y) for x, y in zip(a, b)) for a, b in zip(after, before)]
 
+    # One greedy decode of each edit prompt (one per request) serves both rel_em and rep.
+    prompts = [group[0] for group in kinds["rel"]]
+    decoded = _greedy_answers(editor, prompts, REPEAT_WINDOW) if prompts else []
     columns = {
         "rel": per_request(kinds["rel"], lambda ex: token_accuracy(editor, ex)),
         "gen": per_request(kinds["gen"], lambda ex: token_accuracy(editor, ex)),
         "loc": per_request(kinds["loc"], locality),
         "por": per_request(kinds["por"], lambda ex: token_accuracy(editor, ex)),
-        "rel_em": per_request(kinds["rel"], lambda ex: generation_match(editor, ex)),
+        "rel_em": [match for match, _ in decoded],
         "gen_em": per_request(kinds["gen"], lambda ex: generation_match(editor, ex)),
-        "rep": per_request(kinds["rel"], lambda ex: answer_repeated(editor, ex)),
+        "rep": [answer_repeated(editor, e, after) for e, (_, after) in zip(prompts, decoded)],
     }
     return [{name: values[i] for name, values in columns.items()} for i in range(len(requests))]
 
@@ -152,17 +152,13 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, torch.Tensor]:
 
 @torch.no_grad()
 def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
-    """[prompts, sealed blocks]: which sealed blocks each prompt opens (routing.py)."""
+    """[prompts, sealed blocks]: which sealed blocks each prompt opens (routing.py), from a forward
+    that stops at the routing layer."""
     parts = []
     for start in range(0, len(prompts), BATCH):
         ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
-        input_ids, attention = left_padded(ids, editor.pad_id)
-        input_ids, attention = input_ids.to(editor.device), attention.to(editor.device)
-        routes = Routes(prompt=attention.bool())
-        nowhere = torch.zeros_like(attention, dtype=torch.bool)  # route only, edit nothing
-        with editor.lock, editor.attachment.intervene(nowhere, routes=routes):
-            editor.model.base_model(input_ids=input_ids, attention_mask=attention)
-        parts.append(routes.open.cpu())
+        hidden, attention = editor.routing_layer_output(ids)
+        parts.append(editor.interventions.route(hidden, attention.bool()).cpu())
     return torch.cat(parts)
 
 

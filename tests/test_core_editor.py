@@ -173,6 +173,10 @@ def test_bad_inputs(tiny, editor):
         ({"rank": 0}, "rank"),
         ({"alpha": 0.1, "beta": 0.05}, "alpha"),
         ({"layers": [7]}, "out of range"),
+        ({"route_layer": 3, "layers": [1, 2]}, "route_layer"),
+        ({"route_margin": 1.5}, "route_margin"),
+        ({"route_contexts": "Notes:"}, "route_contexts"),
+        ({"continuation_weight": -1.0}, "continuation_weight"),
     ],
 )
 def test_bad_config(tiny, kwargs, message):
