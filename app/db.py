@@ -1,14 +1,19 @@
 """Engine, sessions and migrations: the one place that knows how to reach the database."""
 from __future__ import annotations
 
+import fcntl
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+MIGRATION_LOCK_KEY = 0x62616674  # PostgreSQL advisory lock id held while migrating ("baft")
 
 
 def make_engine(url: str) -> Engine:
@@ -42,12 +47,44 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@contextmanager
+def migration_lock(url: str) -> Iterator[None]:
+    """Held while migrating. The API and a stand-alone worker start together and both migrate:
+    unserialised, both saw an empty database and the second died on "relation already exists".
+    Now one migrates, the others wait and then find the schema at head."""
+    if url.startswith("postgresql"):
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        finally:
+            engine.dispose()
+        return
+    path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
+    if not path or path == ":memory:":  # nothing shared to race on
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def migrate(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    with migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
-    command.downgrade(alembic_config(url), revision)
+    with migration_lock(url):
+        command.downgrade(alembic_config(url), revision)
 
 
 def ping(engine: Engine) -> None:

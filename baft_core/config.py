@@ -22,8 +22,11 @@ ROUTE_CONTEXTS = ("The following is true.", "I read this yesterday.", "Here is a
 @dataclass
 class EditConfig:
     method: Method = "baft"  # "reft" is BaFT with every gate fixed at 1
-    # Bases per block and layer. None: 4 for BaFT's block per edit, the paper's 12 for ReFT's
-    # one block holding every edit (bench/results/ablation.md).
+    # Bases per block and layer. None: 24 for BaFT's block per edit, the paper's 12 for ReFT's
+    # one block holding every edit. On 100 single CounterFact edits generality rose with the rank
+    # (4: 0.57, 8: 0.63, 12: 0.73, 16: 0.82, 24: 0.85) at locality 1.00; the price is ZsRE
+    # portability (0.30 at rank 4, 0.18 at 24), the answer said again more often after itself, and
+    # 6x the stored values per edit (bench/results/ablation.md).
     rank: int | None = None
     layers: list[int] | None = None  # None: DEFAULT_LAYER_FRACTIONS of the model's depth
     prompt_positions: int = 3  # P: last prompt positions that are intervened
@@ -103,7 +106,7 @@ class EditConfig:
     def __post_init__(self) -> None:
         gated = self.method == "baft"
         if self.rank is None:
-            self.rank = 4 if gated else 12
+            self.rank = 24 if gated else 12
         if self.block_edits is None:
             self.block_edits = 1 if gated else 0
 

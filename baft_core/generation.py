@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from .attach import Attachment, InterventionSet
+from .attach import Attachment, InterventionSet, final_logits
 from .encoding import left_padded, pad_token_id, positions_from_mask
 from .routing import Routes
 
@@ -63,15 +63,15 @@ def stream(
         if attachment is not None:
             edited = attachment.intervene(intervene, interventions=interventions, routes=routes)
         with lock or nullcontext(), edited:
-            out = model(
+            hidden = model.base_model(
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
-            )
-        token = _next_tokens(out.logits[:, -1], temperature, top_p, generator)
+            ).last_hidden_state
+            logits = final_logits(model, hidden[:, -1])  # 2-D: see final_logits
+        token = _next_tokens(logits, temperature, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         yield token
         done |= torch.isin(token, eos)

@@ -1,9 +1,10 @@
 """A training batch whose unchanging part is computed once.
 
 The base model is frozen and only layers >= the first edited layer L0 are intervened, at the
-positions from the last P prompt tokens on. So per edit, once: the KV cache of every position
-before the first intervened one (the "prefix"), and the input of layer L0 at the intervened
-positions (the "suffix"). Each optimisation step then runs layers L0.. on the suffix alone.
+positions from the last P prompt tokens on. So per edit, in one unedited forward: the KV cache of
+every position before the first intervened one (the "prefix"), and the input of layer L0 at the
+intervened positions (the "suffix"). Each optimisation step then runs layers L0.. on the suffix
+alone.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .attach import Attachment, InterventionSet
-from .encoding import Example, left_padded, positions_from_mask
+from .attach import Attachment, InterventionSet, final_logits
+from .encoding import Example, positions_from_mask
 from .routing import Routes
 
 
@@ -54,12 +55,6 @@ def layer_output(model, layer: nn.Module, input_ids: torch.Tensor, attention: to
     finally:
         handle.remove()
     return captured["h"]
-
-
-def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class Step(NamedTuple):
@@ -116,14 +111,19 @@ class CachedBatch:
         # Row of each intervened position, in the order the hooks see them (row-major).
         self.rows = self.intervene.nonzero()[:, 0]
         self.after_answer = after_answer.to(device)[self.intervene]
-        self.target_mask = (targets != -100).to(device)
-        self.targets = targets.to(device)[self.target_mask]
+        target_mask = (targets != -100).to(device)
+        self.targets = targets.to(device)[target_mask]
         self.continuation_mask = after_answer.to(device)  # [batch, suffix]
+        # Targets and continuations go through the output head together: one pass over its
+        # (vocab x d) weight per step, not two. `is_target` splits the rows again.
+        self.output_mask = target_mask | self.continuation_mask
+        self.is_target = target_mask[self.output_mask]
 
-        self.prefix_kv = self._prefix_cache(prefix_ids.to(device), prefix_mask.to(device))
-        self.layer_input = self._capture_layer_input()
-        self.routes = self._route(examples, pad_id)
-        self.unedited_continuation = self._unedited_continuation()
+        in_head = torch.arange(suffix_width) < torch.tensor([len(h) for h in heads]).unsqueeze(1)
+        prompt_mask = torch.cat([prefix_mask.bool(), in_head], dim=-1).to(device)
+        self.prefix_kv, self.layer_input, self.unedited_continuation, self.routes = self._unedited_pass(
+            prefix_ids.to(device), prefix_mask.to(device), prompt_mask
+        )
 
     def _fresh_cache(self) -> DynamicCache:
         if self.prefix_kv is None:
@@ -131,57 +131,45 @@ class CachedBatch:
         return DynamicCache(ddp_cache_data=self.prefix_kv, config=self.model.config)
 
     @torch.no_grad()
-    def _prefix_cache(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor):
-        if prefix_ids.shape[1] == 0:
-            return None
+    def _unedited_pass(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, prompt_mask: torch.Tensor):
+        """One unedited forward of prefix + suffix gives all that stays fixed while training: the
+        prefix's KV cache, the input of layer L0 at the suffix [batch, suffix, d], the
+        log-probabilities after the answers [n_after, vocab], and the sealed blocks each prompt
+        (`prompt_mask` [batch, prefix + suffix]) opens."""
+        width = prefix_ids.shape[1]
+        layers, captured, handles = self.attachment.decoder_layers, {}, []
+
+        def grab_input(module, args, kwargs):
+            captured["input"] = (args[0] if args else kwargs["hidden_states"])[:, width:]
+
+        def grab_routing(module, args, output):
+            captured["routing"] = output[0] if isinstance(output, tuple) else output
+
+        routing = self.interventions.router.enabled and self.interventions.sealed_blocks
         cache = DynamicCache(config=self.model.config)
-        self.model.base_model(
-            input_ids=prefix_ids,
-            attention_mask=prefix_mask,
-            position_ids=positions_from_mask(prefix_mask),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
-    @torch.no_grad()
-    def _capture_layer_input(self) -> torch.Tensor:
-        captured = {}
-
-        def grab(module, args, kwargs):
-            captured["h"] = args[0] if args else kwargs["hidden_states"]
-            raise _Captured  # the layers above are not needed now
-
-        handle = self.attachment.decoder_layers[self.first_layer].register_forward_pre_hook(
-            grab, with_kwargs=True
-        )
+        handles.append(layers[self.first_layer].register_forward_pre_hook(grab_input, with_kwargs=True))
+        if routing:
+            handles.append(layers[self.interventions.routing_layer].register_forward_hook(grab_routing))
         try:
-            self._run(self._fresh_cache())
-        except _Captured:
-            pass
+            hidden = self.model.base_model(
+                input_ids=torch.cat([prefix_ids, self.suffix_ids], dim=1),
+                attention_mask=self.attention,
+                position_ids=torch.cat([positions_from_mask(prefix_mask), self.position_ids], dim=1),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, width:]
         finally:
-            handle.remove()
-        return captured["h"]
-
-    @torch.no_grad()
-    def _unedited_continuation(self) -> torch.Tensor:
-        """The unedited model's log-probabilities at the positions after the answers [n_after, vocab]."""
-        with self._skip_lower_layers():
-            hidden = self._run(self._fresh_cache()).last_hidden_state
-        return torch.log_softmax(final_logits(self.model, hidden[self.continuation_mask]).float(), -1)
-
-    @torch.no_grad()
-    def _route(self, examples: list[Example], pad_id: int) -> Routes:
-        """The sealed blocks each prompt opens, fixed while training (the prompt does not change):
-        one forward of the prompts up to the routing layer."""
-        if not (self.interventions.router.enabled and self.interventions.sealed_blocks):
-            return Routes()
-        device = self.suffix_ids.device
-        input_ids, attention = left_padded([e.prompt for e in examples], pad_id)
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        layer = self.attachment.decoder_layers[self.interventions.routing_layer]
-        hidden = layer_output(self.model, layer, input_ids, attention)
-        return Routes(open=self.interventions.route(hidden, attention.bool()))
+            for handle in handles:
+                handle.remove()
+        continuation = torch.log_softmax(final_logits(self.model, hidden[self.continuation_mask]).float(), -1)
+        routes = Routes(open=self.interventions.route(captured["routing"], prompt_mask)) if routing else Routes()
+        if not width:
+            return None, captured["input"], continuation, routes
+        total = width + self.suffix_ids.shape[1]
+        if any(layer.keys.shape[-2] != total for layer in cache.layers):
+            raise ValueError(f"an edit example of {total} tokens is longer than the model's sliding window")
+        prefix_kv = [(layer.keys[..., :width, :], layer.values[..., :width, :]) for layer in cache.layers]
+        return prefix_kv, captured["input"], continuation, routes
 
     def _run(self, cache: DynamicCache):
         return self.model.base_model(
@@ -209,5 +197,6 @@ class CachedBatch:
             self.intervene, record=True, interventions=self.interventions, routes=self.routes
         ) as record:
             hidden = self._run(self._fresh_cache()).last_hidden_state
-        continuation = torch.log_softmax(final_logits(self.model, hidden[self.continuation_mask]).float(), -1)
-        return Step(final_logits(self.model, hidden[self.target_mask]), continuation, dict(record))
+        logits = final_logits(self.model, hidden[self.output_mask])
+        continuation = torch.log_softmax(logits[~self.is_target].float(), -1)
+        return Step(logits[self.is_target], continuation, dict(record))

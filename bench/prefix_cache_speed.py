@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from baft_core import EditConfig, Editor, load_edits, load_model
+from baft_core.attach import final_logits
 from baft_core.encoding import teacher_forced
-from baft_core.prefix_cache import CachedBatch, final_logits
+from baft_core.prefix_cache import CachedBatch
 
 
 def full_step(editor: Editor, examples) -> None:

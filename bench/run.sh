@@ -15,12 +15,13 @@ for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
     --out $OUT/zsre-single-100-$method
 done
-# Continual, 100 edits: ZsRE and CounterFact.
+# Continual, 100 edits: ZsRE and CounterFact side by side, one thread each.
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 100 \
-    --out $OUT/zsre-continual-100-$method
+    --threads 1 --out $OUT/zsre-continual-100-$method &
   $PY -m baft_core.bench --data $CF_VAL --format counterfact --method $method --mode continual --edits 100 \
-    --out $OUT/counterfact-continual-100-$method
+    --threads 1 --out $OUT/counterfact-continual-100-$method &
+  wait
 done
 # Batched: 100 edits in batches of 10.
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode batched --edits 100 --batch-size 10 \
@@ -46,11 +47,29 @@ ablate() {  # folder suffix, --set overrides...
     --set "$@" --out $OUT/ablation/counterfact-100-$name &
   wait
 }
-ablate routed-gated sealed_gates=true route_neighbours=0 route_margin=0
-ablate routed-open route_neighbours=0 route_margin=null
-ablate routed-open-neighbours route_margin=null
+# (Run at rank 4, the default they were made with.)
+ablate routed-gated rank=4 sealed_gates=true route_neighbours=0 route_margin=0
+ablate routed-open rank=4 route_neighbours=0 route_margin=null
+ablate routed-open-neighbours rank=4 route_margin=null
 # Where route keys are read and how many, and the continuation after the answer.
-ablate route4-onekey 'route_contexts=[]' continuation_weight=0
-ablate route4-contexts continuation_weight=0
-ablate continuation5 continuation_weight=5.0
-ablate stop1e-4 stop_loss=0.0001
+ablate route4-onekey rank=4 'route_contexts=[]' continuation_weight=0
+ablate route4-contexts rank=4 continuation_weight=0
+ablate rank4 rank=4
+ablate continuation5 rank=4 continuation_weight=5.0
+ablate stop1e-4 rank=4 stop_loss=0.0001
+ablate rank16 rank=16
+# The rank of a block on single CounterFact edits, two runs at a time, and ReFT beside them.
+single_cf() {  # folder suffix, bench arguments...
+  local name=$1; shift
+  $PY -m baft_core.bench --data $CF_VAL --format counterfact --mode single --edits 100 --threads 1 \
+    "$@" --out $OUT/ablation/counterfact-single-100-$name &
+}
+single_cf rank4 --set rank=4; single_cf reft --method reft; wait
+single_cf rank8 --set rank=8; single_cf rank12 --set rank=12; wait
+single_cf rank16 --set rank=16; single_cf rank24 --set rank=24; wait
+single_cf lr0.003 --set lr=0.003; wait
+# How often the unedited model repeats an answer after itself (the baseline for `rep`), and the
+# output head on 3-D slices against 2-D rows.
+$PY bench/repeat_baseline.py --out $OUT/repeat_baseline.json
+$PY bench/output_head_speed.py --out $OUT/output_head_speed.json
+$PY bench/summarize.py

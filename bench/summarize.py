@@ -27,9 +27,11 @@ ABLATION = {
         ("ablation/zsre-100-route17", "... + per-key thresholds 0.05 above the unrelated prompts (the defaults until keys moved to layer 4)"),
         ("ablation/zsre-100-route4-onekey", "... keys read at layer 4 instead of 17 (the first edited layer)"),
         ("ablation/zsre-100-route4-contexts", "... + a key after each of 5 generic contexts"),
-        ("zsre-continual-100-baft", "... + the continuation after the answer kept (weight 1; the defaults)"),
+        ("ablation/zsre-100-rank4", "... + the continuation after the answer kept (weight 1), rank 4 (the defaults until rank 24)"),
         ("ablation/zsre-100-continuation5", "... continuation weight 5"),
-        ("ablation/zsre-100-stop1e-4", "the defaults, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
+        ("ablation/zsre-100-stop1e-4", "rank 4, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
+        ("ablation/zsre-100-rank16", "rank 16"),
+        ("zsre-continual-100-baft", "rank 24 (the defaults)"),
         ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "CounterFact val, 100 continual edits": [
@@ -40,22 +42,45 @@ ABLATION = {
         ("ablation/counterfact-100-route17", "... + per-key thresholds (the defaults until keys moved to layer 4)"),
         ("ablation/counterfact-100-route4-onekey", "... keys read at layer 4 instead of 17"),
         ("ablation/counterfact-100-route4-contexts", "... + a key after each of 5 generic contexts"),
-        ("counterfact-continual-100-baft", "... + the continuation after the answer kept (weight 1; the defaults)"),
+        ("ablation/counterfact-100-rank4", "... + the continuation after the answer kept (weight 1), rank 4 (the defaults until rank 24)"),
         ("ablation/counterfact-100-continuation5", "... continuation weight 5"),
-        ("ablation/counterfact-100-stop1e-4", "the defaults, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
+        ("ablation/counterfact-100-stop1e-4", "rank 4, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
+        ("ablation/counterfact-100-rank16", "rank 16"),
+        ("counterfact-continual-100-baft", "rank 24 (the defaults)"),
         ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
+    ],
+    "ZsRE, 40 single edits, rank 4: the time of an edit before and after one unedited pass per edit and 2-D output-head calls (run side by side, one thread each; `before` from a checkout of d6992c4)": [
+        ("ablation/zsre-single-40-before", "d6992c4: continuation decoding through `logits_to_keep=1`, three unedited passes per training batch"),
+        ("ablation/zsre-single-40-after", "this commit's speed changes, the same edits and settings (rank 4, the default then: `--set rank=4` now)"),
+    ],
+    "CounterFact val, 100 single edits: the rank of a block": [
+        ("ablation/counterfact-single-100-rank4", "rank 4 (the default then; `--set rank=4` now)"),
+        ("ablation/counterfact-single-100-rank8", "rank 8"),
+        ("ablation/counterfact-single-100-rank12", "rank 12 (the paper's)"),
+        ("ablation/counterfact-single-100-rank16", "rank 16"),
+        ("ablation/counterfact-single-100-rank24", "rank 24 (the default now)"),
+        ("ablation/counterfact-single-100-lr0.003", "rank 24, learning rate 0.003 instead of 0.01 (fewer steps, far less generality)"),
+        ("ablation/counterfact-single-100-reft", "ReFT, rank 12: acts on every input"),
+    ],
+    "ZsRE, 100 single edits": [
+        ("zsre-single-100-baft", "rank 24, learning rate 0.01 (the defaults; two threads, alone)"),
+        ("zsre-single-100-reft", "ReFT, rank 12 (two threads, alone, right after the defaults' run)"),
+        ("ablation/zsre-single-100-rank4", "rank 4, d6992c4 (the defaults then; two threads, alone, earlier in the day)"),
+        ("ablation/zsre-single-100-reft-d6992c4", "ReFT, d6992c4 (right after the run above)"),
     ],
     "1000 continual edits (ZsRE both files; CounterFact train)": [
         ("zsre-continual-1000-baft-oneblock", "ZsRE: one block for all edits (the paper's layout), rank 12, no replay"),
         ("ablation/zsre-1000-block1-gated-unrouted", "ZsRE: a gated block per edit (the defaults before routing)"),
         ("ablation/zsre-1000-routed-nomargin", "ZsRE: routed blocks at full weight, neighbour replay, one global threshold"),
         ("ablation/zsre-1000-route17", "ZsRE: + per-key thresholds, keys at layer 17 (the defaults until keys moved to layer 4)"),
-        ("zsre-continual-1000-baft", "ZsRE: keys at layer 4, 6 per edit, continuation kept (the defaults)"),
+        ("ablation/zsre-1000-rank4", "ZsRE: keys at layer 4, 6 per edit, continuation kept, rank 4 (the defaults until rank 24)"),
+        ("zsre-continual-1000-baft", "ZsRE: rank 24 (the defaults)"),
         ("zsre-continual-1000-reft", "ZsRE: ReFT, one block of rank 12"),
         ("ablation/counterfact-1000-block1-gated-unrouted", "CounterFact: a gated block per edit (before routing)"),
         ("ablation/counterfact-1000-routed-nomargin", "CounterFact: routed, one global threshold"),
         ("ablation/counterfact-1000-route17", "CounterFact: + per-key thresholds, keys at layer 17 (the defaults until keys moved to layer 4)"),
-        ("counterfact-continual-1000-baft", "CounterFact: keys at layer 4, 6 per edit, continuation kept (the defaults)"),
+        ("ablation/counterfact-1000-rank4", "CounterFact: keys at layer 4, 6 per edit, continuation kept, rank 4 (the defaults until rank 24)"),
+        ("counterfact-continual-1000-baft", "CounterFact: rank 24 (the defaults)"),
         ("counterfact-continual-1000-reft", "CounterFact: ReFT, one block of rank 12"),
     ],
 }
@@ -105,6 +130,20 @@ def main() -> None:
             f"{s['cached_step_median_s'] * 1000:.1f} ms per step, **{s['speedup']:.2f}x** "
             f"(layers {s['layers']}, {s['dtype']}).",
         ]
+    head = RESULTS / "output_head_speed.json"
+    if head.is_file():
+        s = json.loads(head.read_text())
+        lines += [
+            "",
+            f"Next-token logits in decoding (`{s['command']}`), the head on a 3-D slice as "
+            "`logits_to_keep=1` does it against 2-D rows, frozen model, interleaved: "
+            + "; ".join(
+                f"batch {r['batch']}: {r['sliced_3d_median_ms']:.1f} ms vs {r['rows_2d_median_ms']:.1f} ms "
+                f"(**{r['speedup']:.1f}x**)"
+                for r in s["results"]
+            )
+            + ".",
+        ]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     write_ablation()
@@ -149,10 +188,20 @@ def write_ablation() -> None:
         "blocks were built, before the final fit under the sealed cutoff existed (the first one's cutoff",
         "was alpha, 0.01); the key-initialised gates of two of them were dropped with their code. The",
         "routing rows are on the committed code of their time, with `--set` overrides; the `route17` runs",
-        "are the defaults of commit 27b5801 (their commands wrote to the main folders then).",
+        "are the defaults of commit 27b5801 (their commands wrote to the main folders then); the `rank4`",
+        "runs are the defaults of commit d6992c4, moved here when the default rank became 24 (their",
+        "commands name the main folders they were written to; `--set rank=4` repeats them now).",
         "`rep`: the answer comes again in the 16 greedy tokens after it (runs before the metric: -).",
         "`routing`: rephrases that open their own edit's block / locality prompts that open any block.",
     ]
+    baseline = RESULTS / "repeat_baseline.json"
+    if baseline.is_file():
+        b = json.loads(baseline.read_text())
+        lines += [
+            f"`rep` of the unedited model fed prompt + new target (`{b['command']}`, first 100 records):",
+            f"ZsRE {b['zsre_new_target']:.2f}, CounterFact {b['counterfact_new_target']:.2f} (after its own "
+            f"true object: {b['counterfact_true_object']:.2f}).",
+        ]
     for title, runs in ABLATION.items():
         lines += [
             "",

@@ -66,7 +66,7 @@ def test_cached_decoding_equals_full_recomputation(editor, prompt):
         handle.remove()
     generated = [int(t[0]) for t in steps]
     assert len(generated) == n
-    cached = torch.stack([s[0, -1] for s in seen])  # [n, vocab]
+    cached = torch.stack([s[0] for s in seen])  # the head sees the last position only: [n, vocab]
 
     full = full_forward_logits(editor, ids + generated, len(ids))
     recomputed = full[len(ids) - 1 : len(ids) - 1 + n]

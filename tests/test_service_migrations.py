@@ -1,6 +1,10 @@
 """Alembic migrations up and down on SQLite and PostgreSQL, and the schema matches the models."""
 from __future__ import annotations
 
+import multiprocessing
+from typing import Iterator
+
+import pytest
 from sqlalchemy import create_engine, inspect
 
 from app.db import downgrade, migrate
@@ -39,10 +43,38 @@ def _up_down_up(url: str) -> None:
     assert _tables(url) == TABLES
 
 
-def test_sqlite_migrations(tmp_path):
-    _up_down_up(f"sqlite:///{tmp_path / 'db.sqlite'}")
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request, tmp_path) -> Iterator[str]:
+    """A fresh, empty database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db.sqlite'}"
+        return
+    with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+        yield url
 
 
-def test_postgres_migrations(postgres_url):
-    with postgres_schema(postgres_url) as url:
-        _up_down_up(url)
+def test_migrations_up_down_up(database):
+    _up_down_up(database)
+
+
+def _migrate_on_signal(start, url: str) -> None:
+    start.wait()
+    migrate(url)
+
+
+def _migrate_together(url: str, processes: int = 4) -> None:
+    """The API and a stand-alone worker start together on an empty database: each migrates, one
+    does the work and the others find the schema at head; none fails."""
+    context = multiprocessing.get_context("spawn")  # separate processes, as in a deployment
+    start = context.Barrier(processes)
+    workers = [context.Process(target=_migrate_on_signal, args=(start, url)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0] * processes
+    assert _tables(url) == TABLES
+
+
+def test_concurrent_migrations(database):
+    _migrate_together(database)
