@@ -16,11 +16,18 @@ MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 MIGRATION_LOCK_KEY = 0x62616674  # PostgreSQL advisory lock id held while migrating ("baft")
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (its folder created), None for other URLs or memory."""
+    path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
+    if not path or path == ":memory:":
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -64,11 +71,10 @@ def migration_lock(url: str) -> Iterator[None]:
         finally:
             engine.dispose()
         return
-    path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
-    if not path or path == ":memory:":  # nothing shared to race on
+    path = _sqlite_file(url)
+    if path is None:  # nothing shared to race on
         yield
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.migrate-lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

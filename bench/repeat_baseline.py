@@ -20,7 +20,7 @@ import torch
 from baft_core import load_edits, load_model
 from baft_core.encoding import Example, encode
 from baft_core.generation import generate
-from baft_core.metrics import REPEAT_WINDOW
+from baft_core.metrics import REPEAT_WINDOW, answer_repeated
 
 DATA = {
     "zsre": "../shared/data/zsre/zsre_eval_portability_dev.json",
@@ -29,13 +29,11 @@ DATA = {
 
 
 def repeat_rate(loaded, examples: list[Example]) -> float:
-    tokenizer, hits = loaded.tokenizer, 0
+    tokenizer, hits = loaded.tokenizer, 0.0
     for start in range(0, len(examples), 32):
         chunk = examples[start : start + 32]
         decoded = generate(loaded.model, tokenizer, [e.prompt + e.answer for e in chunk], REPEAT_WINDOW, stop_at_eos=False)
-        for e, after in zip(chunk, decoded):
-            answer = tokenizer.decode(e.answer).strip()
-            hits += bool(answer) and answer in tokenizer.decode(after)
+        hits += sum(answer_repeated(loaded, e, after) for e, after in zip(chunk, decoded))
     return hits / len(examples)
 
 
