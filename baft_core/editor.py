@@ -150,8 +150,6 @@ class Editor:
         replayed = [self.encode(r.prompt, r.target) for r in earlier + self._neighbours(keys)]
         if cfg.train_in_contexts:
             replayed += [self.encode(f"{c} {r.prompt}", r.target) for r in requests for c in cfg.route_contexts]
-        if not gated:
-            new, replayed = self._with_continuations(new), self._with_continuations(replayed)
         working = self.interventions.fork()
         result = self._train(working, new, replayed, max_steps, gated)
         if keys is not None:
@@ -163,22 +161,6 @@ class Editor:
             self.history.extend(requests)
         result.seconds = time.perf_counter() - start
         return result
-
-    @torch.no_grad()
-    def _with_continuations(self, examples: list[Example]) -> list[Example]:
-        """The examples with what the unedited model greedily says after prompt + answer
-        (`continuation_tokens`, up to its end of text): an ungated block is trained to leave
-        those positions alone."""
-        count = self.config.continuation_tokens
-        if not examples or not count or not self.config.continuation_weight:
-            return examples
-        eos = self.tokenizer.eos_token_id
-        said = generate(self.model, self.tokenizer, [e.prompt + e.answer for e in examples], count, lock=self.lock)
-        out = []
-        for e, tokens in zip(examples, said):
-            tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-            out.append(Example(e.prompt, e.answer, tokens[: self.context - len(e.prompt) - len(e.answer)]))
-        return out
 
     def _block_history(self) -> list[EditRequest]:
         """The edits the trainable block holds: the latest `edit_count` (sealing resets it)."""
@@ -326,6 +308,9 @@ class Editor:
         """The optimisation itself (see `_train`); `unrelated`: the gate inputs the gates must stay
         closed on, None for no locality margins."""
         cfg = self.config
+        # An ungated block acts on every generated token: it is trained to leave what the
+        # unedited model says after the answer as it was (gated blocks close their gates there).
+        keep_after = cfg.continuation_tokens if not gated and cfg.continuation_weight else 0
         with self.lock, torch.no_grad():
             batch = CachedBatch(
                 self.model,
@@ -334,6 +319,8 @@ class Editor:
                 new + replayed,
                 cfg.prompt_positions,
                 self.pad_id,
+                keep_after,
+                self.tokenizer.eos_token_id,
             )
         is_new = batch.rows < len(new)
         on_edit = ~batch.after_answer

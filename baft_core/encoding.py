@@ -1,7 +1,7 @@
 """Tokenising prompt/answer pairs and laying them out in padded batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -10,8 +10,6 @@ import torch
 class Example:
     prompt: list[int]
     answer: list[int]
-    # Training only: what the unedited model says after prompt + answer (prefix_cache.py).
-    continuation: list[int] = field(default_factory=list)
 
 
 def context_limit(model) -> int:

@@ -3,8 +3,8 @@
 The base model is frozen and only layers >= the first edited layer L0 are intervened, at the
 positions from the last P prompt tokens on. So per edit, in one unedited forward: the KV cache of
 every position before the first intervened one (the "prefix"), and the input of layer L0 at the
-intervened positions (the "suffix"). Each optimisation step then runs layers L0.. on the suffix
-alone.
+intervened positions (the "suffix"); the same pass decodes what the unedited model says after
+each answer. Each optimisation step then runs layers L0.. on the suffix alone.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attach import Attachment, InterventionSet, final_logits
-from .encoding import Example, positions_from_mask
+from .encoding import Example, context_limit, positions_from_mask
 from .routing import Routes
 
 
@@ -66,7 +66,31 @@ class Step(NamedTuple):
     record: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
+class _Unedited(NamedTuple):
+    """What the unedited pass leaves for training (see `CachedBatch._unedited_pass`)."""
+
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+    layer_input: torch.Tensor  # [batch, suffix, d], in the training layout
+    continuations: list[list[int]]
+    log_probs: torch.Tensor  # [n_after, vocab], row-major like `continuation_mask`
+    routes: Routes
+
+
+def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
 class CachedBatch:
+    """`continuation_tokens`: also feed, after each answer, up to this many tokens the unedited
+    model greedily says after prompt + answer (up to `eos_id`); they are decoded inside the one
+    unedited pass, so finding them costs one single-token forward each."""
+
     def __init__(
         self,
         model,
@@ -75,38 +99,46 @@ class CachedBatch:
         examples: list[Example],
         positions: int,
         pad_id: int,
+        continuation_tokens: int = 0,
+        eos_id: int | None = None,
     ):
         self.model, self.attachment, self.interventions = model, attachment, interventions
         self.first_layer = min(interventions.layers)
         device = next(model.parameters()).device
         heads = [e.prompt[-positions:] for e in examples]
         prefixes = [e.prompt[: len(e.prompt) - len(h)] for e, h in zip(examples, heads)]
-        # The whole answer is fed, then the example's continuation: from the answer's last
-        # token on, positions predict what follows the answer, and there the edit must not act
-        # (else generation keeps repeating it).
-        suffixes = [h + e.answer + e.continuation for h, e in zip(heads, examples)]
         batch = len(examples)
+        # Left-padded, so every suffix starts at the same column.
         prefix_width = max(len(p) for p in prefixes)
-        suffix_width = max(len(s) for s in suffixes)
-
         prefix_ids = torch.full((batch, prefix_width), pad_id, dtype=torch.long)
         prefix_mask = torch.zeros((batch, prefix_width), dtype=torch.long)
-        suffix_ids = torch.full((batch, suffix_width), pad_id, dtype=torch.long)
-        suffix_mask = torch.zeros((batch, suffix_width), dtype=torch.long)
-        targets = torch.full((batch, suffix_width), -100, dtype=torch.long)
-        after_answer = torch.zeros((batch, suffix_width), dtype=torch.bool)
-        for row, (prefix, suffix, head, e) in enumerate(zip(prefixes, suffixes, heads, examples)):
-            if prefix:  # left-padded, so every suffix starts at the same column
+        for row, prefix in enumerate(prefixes):
+            if prefix:
                 prefix_ids[row, prefix_width - len(prefix) :] = torch.tensor(prefix)
                 prefix_mask[row, prefix_width - len(prefix) :] = 1
-            suffix_ids[row, : len(suffix)] = torch.tensor(suffix)
-            suffix_mask[row, : len(suffix)] = 1
+        prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+        spoken = [h + e.answer for h, e in zip(heads, examples)]
+        room = [context_limit(model) - len(e.prompt) - len(e.answer) for e in examples]
+        unedited = self._unedited_pass(
+            prefix_ids, prefix_mask, spoken, [len(h) for h in heads], pad_id, continuation_tokens, eos_id, room
+        )
+        self.prefix_kv, self.layer_input, self.routes = unedited.prefix_kv, unedited.layer_input, unedited.routes
+        self.unedited_continuation = unedited.log_probs
+        self.continuations = unedited.continuations
+
+        # The whole answer is fed, then the continuation: from the answer's last token on,
+        # positions predict what follows the answer, and there the edit must not act (else
+        # generation keeps repeating it).
+        suffix_ids, suffix_mask = _right_padded([s + c for s, c in zip(spoken, self.continuations)], pad_id)
+        targets = torch.full(suffix_ids.shape, -100, dtype=torch.long)
+        after_answer = torch.zeros(suffix_ids.shape, dtype=torch.bool)
+        for row, (head, e, tokens) in enumerate(zip(heads, examples, self.continuations)):
             targets[row, len(head) - 1 : len(head) - 1 + len(e.answer)] = torch.tensor(e.answer)
-            after_answer[row, len(head) + len(e.answer) - 1 : len(suffix)] = True
+            after_answer[row, len(head) + len(e.answer) - 1 : len(head) + len(e.answer) + len(tokens)] = True
 
         self.suffix_ids = suffix_ids.to(device)
-        self.attention = torch.cat([prefix_mask, suffix_mask], dim=-1).to(device)
-        self.position_ids = positions_from_mask(suffix_mask, prefix_mask.sum(-1)).to(device)
+        self.attention = torch.cat([prefix_mask, suffix_mask.to(device)], dim=-1)
+        self.position_ids = positions_from_mask(suffix_mask, prefix_mask.sum(-1).cpu()).to(device)
         self.intervene = suffix_mask.bool().to(device)
         # Row of each intervened position, in the order the hooks see them (row-major).
         self.rows = self.intervene.nonzero()[:, 0]
@@ -119,57 +151,111 @@ class CachedBatch:
         self.output_mask = target_mask | self.continuation_mask
         self.is_target = target_mask[self.output_mask]
 
-        in_head = torch.arange(suffix_width) < torch.tensor([len(h) for h in heads]).unsqueeze(1)
-        prompt_mask = torch.cat([prefix_mask.bool(), in_head], dim=-1).to(device)
-        self.prefix_kv, self.layer_input, self.unedited_continuation, self.routes = self._unedited_pass(
-            prefix_ids.to(device), prefix_mask.to(device), prompt_mask
-        )
-
     def _fresh_cache(self) -> DynamicCache:
         if self.prefix_kv is None:
             return DynamicCache(config=self.model.config)
         return DynamicCache(ddp_cache_data=self.prefix_kv, config=self.model.config)
 
     @torch.no_grad()
-    def _unedited_pass(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, prompt_mask: torch.Tensor):
-        """One unedited forward of prefix + suffix gives all that stays fixed while training: the
-        prefix's KV cache, the input of layer L0 at the suffix [batch, suffix, d], the
-        log-probabilities after the answers [n_after, vocab], and the sealed blocks each prompt
-        (`prompt_mask` [batch, prefix + suffix]) opens."""
-        width = prefix_ids.shape[1]
-        layers, captured, handles = self.attachment.decoder_layers, {}, []
+    def _unedited_pass(
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        spoken: list[list[int]],
+        head_lengths: list[int],
+        pad_id: int,
+        continuation_tokens: int,
+        eos_id: int | None,
+        room: list[int],
+    ) -> _Unedited:
+        """One unedited forward of prefix + head + answer, then greedy single-token steps for
+        the continuations, gives all that stays fixed while training: the prefix's KV cache, the
+        input of layer L0 at every suffix position, the continuations, the log-probabilities
+        after each answer and each continuation token, and the sealed blocks each prompt opens."""
+        device, width = prefix_ids.device, prefix_ids.shape[1]
+        layers, inputs, captured, handles = self.attachment.decoder_layers, [], {}, []
 
         def grab_input(module, args, kwargs):
-            captured["input"] = (args[0] if args else kwargs["hidden_states"])[:, width:]
+            inputs.append(args[0] if args else kwargs["hidden_states"])
 
         def grab_routing(module, args, output):
-            captured["routing"] = output[0] if isinstance(output, tuple) else output
+            captured.setdefault("routing", output[0] if isinstance(output, tuple) else output)
 
+        spoken_ids, spoken_mask = _right_padded(spoken, pad_id)
+        spoken_ids, spoken_mask = spoken_ids.to(device), spoken_mask.to(device)
+        lengths = spoken_mask.sum(-1)
+        attention = torch.cat([prefix_mask, spoken_mask], dim=-1)
+        position_ids = torch.cat(
+            [positions_from_mask(prefix_mask), positions_from_mask(spoken_mask, prefix_mask.sum(-1))], dim=1
+        )
+        rows = torch.arange(len(spoken), device=device)
+        last = width + lengths - 1  # each row's last answer column
         routing = self.interventions.router.enabled and self.interventions.sealed_blocks
         cache = DynamicCache(config=self.model.config)
         handles.append(layers[self.first_layer].register_forward_pre_hook(grab_input, with_kwargs=True))
         if routing:
             handles.append(layers[self.interventions.routing_layer].register_forward_hook(grab_routing))
+        said, log_probs = [], []
         try:
             hidden = self.model.base_model(
-                input_ids=torch.cat([prefix_ids, self.suffix_ids], dim=1),
-                attention_mask=self.attention,
-                position_ids=torch.cat([positions_from_mask(prefix_mask), self.position_ids], dim=1),
+                input_ids=torch.cat([prefix_ids, spoken_ids], dim=1),
+                attention_mask=attention,
+                position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-            ).last_hidden_state[:, width:]
+            ).last_hidden_state[rows, last]
+            next_position = position_ids[rows, last] + 1
+            finished = torch.zeros(len(spoken), dtype=torch.bool, device=device)
+            for step in range(continuation_tokens + 1):
+                log_probs.append(torch.log_softmax(final_logits(self.model, hidden).float(), -1))
+                if step == continuation_tokens:
+                    break
+                token = log_probs[-1].argmax(-1)
+                said.append(token)
+                if eos_id is not None:
+                    finished |= token == eos_id
+                if bool(finished.all()):
+                    break
+                # Padding inside the row (after a shorter answer) is masked: the token follows
+                # its own answer, at the position after it.
+                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+                hidden = self.model.base_model(
+                    input_ids=token.unsqueeze(1),
+                    attention_mask=attention,
+                    position_ids=(next_position + step).unsqueeze(1),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state[:, -1]
         finally:
             for handle in handles:
                 handle.remove()
-        continuation = torch.log_softmax(final_logits(self.model, hidden[self.continuation_mask]).float(), -1)
+        said_rows = torch.stack(said, 1).tolist() if said else [[] for _ in spoken]
+        continuations = []
+        for tokens, limit in zip(said_rows, room):
+            tokens = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+            continuations.append(tokens[: max(limit, 0)])
+
+        # The training layout: head + answer + continuation, right-padded (padding stays zero).
+        decoded = torch.cat(inputs[1:], dim=1) if len(inputs) > 1 else inputs[0][:, :0]
+        width_out = max(len(s) + len(c) for s, c in zip(spoken, continuations))
+        layer_input = inputs[0].new_zeros(len(spoken), width_out, inputs[0].shape[-1])
+        for row, (tokens, extra) in enumerate(zip(spoken, continuations)):
+            layer_input[row, : len(tokens)] = inputs[0][row, width : width + len(tokens)]
+            layer_input[row, len(tokens) : len(tokens) + len(extra)] = decoded[row, : len(extra)]
+        # After each answer: the distribution at its last token, then after each continuation token.
+        stacked = torch.stack(log_probs, 1)  # [batch, steps, vocab]
+        after = torch.cat([stacked[row, : len(c) + 1] for row, c in enumerate(continuations)])
+
+        in_head = torch.arange(spoken_ids.shape[1], device=device) < torch.tensor(head_lengths, device=device)[:, None]
+        prompt_mask = torch.cat([prefix_mask.bool(), in_head], dim=-1)
         routes = Routes(open=self.interventions.route(captured["routing"], prompt_mask)) if routing else Routes()
         if not width:
-            return None, captured["input"], continuation, routes
-        total = width + self.suffix_ids.shape[1]
+            return _Unedited(None, layer_input, continuations, after, routes)
+        total = width + spoken_ids.shape[1] + len(inputs) - 1
         if any(layer.keys.shape[-2] != total for layer in cache.layers):
             raise ValueError(f"an edit example of {total} tokens is longer than the model's sliding window")
         prefix_kv = [(layer.keys[..., :width, :], layer.values[..., :width, :]) for layer in cache.layers]
-        return prefix_kv, captured["input"], continuation, routes
+        return _Unedited(prefix_kv, layer_input, continuations, after, routes)
 
     def _run(self, cache: DynamicCache):
         return self.model.base_model(

@@ -15,6 +15,11 @@ for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
     --out $OUT/zsre-single-100-$method
 done
+# ... and again in the other order: the machine's speed drifts between runs.
+for method in reft baft; do
+  $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
+    --out $OUT/ablation/zsre-single-100-$method-second
+done
 # Continual, 100 edits: ZsRE and CounterFact side by side, one thread each.
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 100 \
@@ -68,6 +73,23 @@ single_cf rank4 --set rank=4; single_cf reft --method reft; wait
 single_cf rank8 --set rank=8; single_cf rank12 --set rank=12; wait
 single_cf rank16 --set rank=16; single_cf rank24 --set rank=24; wait
 single_cf lr0.003 --set lr=0.003; wait
+# Tokens kept after the answer and learning rates, 50 single edits, ZsRE and CounterFact side
+# by side (ct4 and lr_a=0.003 ran on code of their time: eb851a4, and an option not kept).
+single50() {  # folder suffix, --set overrides...
+  local name=$1; shift
+  $PY -m baft_core.bench --data $DATA/zsre/zsre_eval_portability_dev.json --format zsre --mode single \
+    --edits 50 --threads 1 --set "$@" --out $OUT/ablation/zsre-single-50-$name &
+  $PY -m baft_core.bench --data $CF_VAL --format counterfact --mode single --edits 50 --threads 1 \
+    --set "$@" --out $OUT/ablation/counterfact-single-50-$name &
+  wait
+}
+single50 ct0 continuation_tokens=0; single50 ct1 continuation_tokens=1; single50 ct2 continuation_tokens=2
+single50 lr0.02 lr=0.02 continuation_tokens=4; single50 lr0.006 lr=0.006 continuation_tokens=4
+# The continuation decoded inside the unedited pass against eb851a4 (from a worktree of it):
+#   (cd ../eb851a4 && python -m baft_core.bench --data $ZSRE --format zsre --mode single --edits 40 \
+#     --threads 1 --out $OUT/ablation/zsre-single-40-unfused) &
+$PY -m baft_core.bench --data $ZSRE --format zsre --mode single --edits 40 --threads 1 \
+  --set continuation_tokens=4 --out $OUT/ablation/zsre-single-40-fused
 # How often the unedited model repeats an answer after itself (the baseline for `rep`), and the
 # output head on 3-D slices against 2-D rows.
 $PY bench/repeat_baseline.py --out $OUT/repeat_baseline.json

@@ -31,8 +31,9 @@ ABLATION = {
         ("ablation/zsre-100-continuation5", "... continuation weight 5"),
         ("ablation/zsre-100-stop1e-4", "rank 4, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
         ("ablation/zsre-100-rank16", "rank 16"),
-        ("zsre-continual-100-baft", "rank 24 (the defaults)"),
-        ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
+        ("ablation/zsre-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
+        ("zsre-continual-100-baft", "... 1 unedited token after it (the defaults)"),
+        ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay, 4 tokens (d6992c4)"),
     ],
     "CounterFact val, 100 continual edits": [
         ("ablation/counterfact-100-block1-gated-unrouted", "a block per edit, gated, cut 0.1 (the defaults before routing)"),
@@ -46,8 +47,9 @@ ABLATION = {
         ("ablation/counterfact-100-continuation5", "... continuation weight 5"),
         ("ablation/counterfact-100-stop1e-4", "rank 4, early stop at loss 1e-4 instead of 0.01 (ran beside the test suite: its s/edit is high)"),
         ("ablation/counterfact-100-rank16", "rank 16"),
-        ("counterfact-continual-100-baft", "rank 24 (the defaults)"),
-        ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
+        ("ablation/counterfact-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
+        ("counterfact-continual-100-baft", "... 1 unedited token after it (the defaults)"),
+        ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay, 4 tokens (d6992c4)"),
     ],
     "ZsRE, 40 single edits, rank 4: the time of an edit before and after one unedited pass per edit and 2-D output-head calls (run side by side, one thread each; `before` from a checkout of d6992c4)": [
         ("ablation/zsre-single-40-before", "d6992c4: continuation decoding through `logits_to_keep=1`, three unedited passes per training batch"),
@@ -62,9 +64,33 @@ ABLATION = {
         ("ablation/counterfact-single-100-lr0.003", "rank 24, learning rate 0.003 instead of 0.01 (fewer steps, far less generality)"),
         ("ablation/counterfact-single-100-reft", "ReFT, rank 12: acts on every input"),
     ],
+    "50 single edits, one thread, ZsRE (dev) and CounterFact val side by side: tokens kept after the answer, learning rates (copied from /tmp/exp/sweep; `eb851a4` ran that commit, the rest this one's code)": [
+        ("ablation/zsre-single-50-ct4-eb851a4", "ZsRE: 4 continuation tokens (eb851a4's defaults; its time ran beside the test suite)"),
+        ("ablation/zsre-single-50-ct2", "ZsRE: 2 tokens"),
+        ("ablation/zsre-single-50-ct1", "ZsRE: 1 token (the default now)"),
+        ("ablation/zsre-single-50-ct0", "ZsRE: none (the KL at the answer's last position only)"),
+        ("ablation/zsre-single-50-lr0.02", "ZsRE: 4 tokens, learning rate 0.02"),
+        ("ablation/zsre-single-50-lr0.006", "ZsRE: 4 tokens, learning rate 0.006"),
+        ("ablation/zsre-single-50-lr-a0.003", "ZsRE: 1 token, A alone at learning rate 0.003 (option not kept)"),
+        ("ablation/counterfact-single-50-ct4-eb851a4", "CounterFact: 4 continuation tokens (eb851a4's defaults; its time ran beside the test suite)"),
+        ("ablation/counterfact-single-50-ct2", "CounterFact: 2 tokens"),
+        ("ablation/counterfact-single-50-ct1", "CounterFact: 1 token (the default now)"),
+        ("ablation/counterfact-single-50-ct0", "CounterFact: none"),
+        ("ablation/counterfact-single-50-lr0.02", "CounterFact: 4 tokens, learning rate 0.02"),
+        ("ablation/counterfact-single-50-lr0.006", "CounterFact: 4 tokens, learning rate 0.006"),
+        ("ablation/counterfact-single-50-lr-a0.003", "CounterFact: 1 token, A alone at learning rate 0.003 (option not kept)"),
+    ],
+    "ZsRE, 40 single edits, 4 continuation tokens: decoding them inside the unedited pass (side by side, one thread each)": [
+        ("ablation/zsre-single-40-unfused", "eb851a4: `generate` for the continuation, then the unedited pass"),
+        ("ablation/zsre-single-40-fused", "this commit: the continuation decoded inside the unedited pass (`--set continuation_tokens=4`)"),
+    ],
     "ZsRE, 100 single edits": [
-        ("zsre-single-100-baft", "rank 24, learning rate 0.01 (the defaults; two threads, alone)"),
+        ("zsre-single-100-baft", "rank 24, 1 continuation token (the defaults; two threads, alone)"),
         ("zsre-single-100-reft", "ReFT, rank 12 (two threads, alone, right after the defaults' run)"),
+        ("ablation/zsre-single-100-reft-second", "ReFT again, run first this time (two threads, alone)"),
+        ("ablation/zsre-single-100-baft-second", "the defaults again, right after the run above"),
+        ("ablation/zsre-single-100-baft-eb851a4", "rank 24, 4 continuation tokens, eb851a4 (two threads, alone, hours earlier)"),
+        ("ablation/zsre-single-100-reft-eb851a4", "ReFT, eb851a4 (right after the run above)"),
         ("ablation/zsre-single-100-rank4", "rank 4, d6992c4 (the defaults then; two threads, alone, earlier in the day)"),
         ("ablation/zsre-single-100-reft-d6992c4", "ReFT, d6992c4 (right after the run above)"),
     ],
@@ -143,6 +169,16 @@ def main() -> None:
                 for r in s["results"]
             )
             + ".",
+        ]
+    unedited = RESULTS / "unedited_pass_speed.json"
+    if unedited.is_file():
+        s = json.loads(unedited.read_text())
+        lines += [
+            "",
+            f"The unedited pass of an edit's training batch against the tokens decoded after the answer "
+            f"(`{s['command']}`), interleaved: "
+            + ", ".join(f"{count} tokens: {ms:.0f} ms" for count, ms in s["unedited_pass_median_ms"].items())
+            + f"; one training step: {s['training_step_median_ms']:.0f} ms.",
         ]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

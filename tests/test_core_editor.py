@@ -177,6 +177,9 @@ def test_bad_inputs(tiny, editor):
         ({"route_margin": 1.5}, "route_margin"),
         ({"route_contexts": "Notes:"}, "route_contexts"),
         ({"continuation_weight": -1.0}, "continuation_weight"),
+        ({"continuation_tokens": -1}, "continuation_tokens"),
+        ({"lr": 0.0}, "lr"),
+        ({"gate_lr": -1e-3}, "gate_lr"),
     ],
 )
 def test_bad_config(tiny, kwargs, message):

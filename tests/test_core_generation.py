@@ -201,20 +201,40 @@ def test_mask_shape_mismatch_raises(editor):
 
 
 def test_continuations_are_the_unedited_greedy_words_and_start_unedited(tiny):
-    """An ungated block is trained on what the unedited model says after the answer; a fresh
-    adapter is the identity, so its continuation log-probabilities equal the unedited ones."""
+    """An ungated block is trained on what the unedited model says after the answer, decoded
+    inside the batch's unedited pass; a fresh adapter is the identity, so its continuation
+    log-probabilities equal the unedited ones; and with a trained adapter the batch's forward
+    equals a full forward over prompt + answer + continuation."""
     torch.manual_seed(0)
-    ed = Editor(tiny.model, tiny.tokenizer, EditConfig(layers=[1, 2, 3], rank=8, continuation_tokens=3), [])
+    ed = Editor(tiny.model, tiny.tokenizer, EditConfig(layers=[1, 2, 3], rank=8), [])
     try:
-        examples = [ed.encode(p, a) for p, a in zip(PROMPTS[:2], ["Paris", "there"])]
-        extended = ed._with_continuations(examples)
-        said = generate(ed.model, ed.tokenizer, [e.prompt + e.answer for e in examples], 3)
+        # answers of different lengths: decoded tokens follow padding inside the shorter rows
+        examples = [ed.encode(p, a) for p, a in zip(PROMPTS[:3], ["Paris", "there, how are you", "made"])]
         eos = ed.tokenizer.eos_token_id
-        for e, tokens in zip(extended, said):
-            assert e.continuation == (tokens[: tokens.index(eos)] if eos in tokens else tokens)
-        batch = CachedBatch(ed.model, ed.attachment, ed.interventions, extended, P, ed.pad_id)
-        step = batch.forward()
-        assert step.continuation.shape[0] == sum(len(e.continuation) + 1 for e in extended)
-        assert torch.allclose(step.continuation, batch.unedited_continuation, atol=1e-4)
+        for count in (3, 0):
+            batch = CachedBatch(ed.model, ed.attachment, ed.interventions, examples, P, ed.pad_id, count, eos)
+            said = generate(ed.model, ed.tokenizer, [e.prompt + e.answer for e in examples], count) if count else []
+            for row, tokens in enumerate(said):
+                assert batch.continuations[row] == (tokens[: tokens.index(eos)] if eos in tokens else tokens)
+            assert any(batch.continuations) == bool(count)
+            step = batch.forward()
+            assert step.continuation.shape[0] == sum(len(c) + 1 for c in batch.continuations)
+            assert torch.allclose(step.continuation, batch.unedited_continuation, atol=1e-4)
+
+        batch = CachedBatch(ed.model, ed.attachment, ed.interventions, examples, P, ed.pad_id, 3, eos)
+        perturb(ed.interventions, seed=2)
+        logits, continuation, _ = batch.forward()
+        fed = [Example(e.prompt, e.answer + c + [ed.pad_id]) for e, c in zip(examples, batch.continuations)]
+        tf = teacher_forced(fed, P, ed.pad_id)
+        with ed.attachment.intervene(tf.intervene):
+            full = ed.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits
+        start = [len(e.prompt) - 1 for e in examples]
+        want_targets = torch.cat([full[r, s : s + len(e.answer)] for r, (s, e) in enumerate(zip(start, examples))])
+        want_after = torch.cat(
+            [full[r, s + len(e.answer) : s + len(e.answer) + len(c) + 1]
+             for r, (s, e, c) in enumerate(zip(start, examples, batch.continuations))]
+        )
+        assert torch.allclose(logits, want_targets, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(continuation, torch.log_softmax(want_after, -1), atol=1e-4, rtol=1e-4)
     finally:
         ed.attachment.detach()
