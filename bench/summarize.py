@@ -33,7 +33,7 @@ ABLATION = {
         ("ablation/zsre-100-rank16", "rank 16"),
         ("ablation/zsre-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("zsre-continual-100-baft", "... 1 unedited token after it (the defaults)"),
-        ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay, 4 tokens (d6992c4)"),
+        ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "CounterFact val, 100 continual edits": [
         ("ablation/counterfact-100-block1-gated-unrouted", "a block per edit, gated, cut 0.1 (the defaults before routing)"),
@@ -49,7 +49,7 @@ ABLATION = {
         ("ablation/counterfact-100-rank16", "rank 16"),
         ("ablation/counterfact-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("counterfact-continual-100-baft", "... 1 unedited token after it (the defaults)"),
-        ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay, 4 tokens (d6992c4)"),
+        ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "ZsRE, 40 single edits, rank 4: the time of an edit before and after one unedited pass per edit and 2-D output-head calls (run side by side, one thread each; `before` from a checkout of d6992c4)": [
         ("ablation/zsre-single-40-before", "d6992c4: continuation decoding through `logits_to_keep=1`, three unedited passes per training batch"),
