@@ -93,6 +93,16 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, attention
 
 
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[row, : len(ids)] = 1
+    return input_ids, attention
+
+
 def positions_from_mask(attention: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids that skip padding; `offset` [batch] adds the length of a cached prefix."""
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)

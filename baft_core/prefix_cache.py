@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attach import Attachment, InterventionSet, final_logits
-from .encoding import Example, context_limit, positions_from_mask
+from .encoding import Example, context_limit, left_padded, positions_from_mask, right_padded
 from .routing import Routes
 
 
@@ -76,16 +76,6 @@ class _Unedited(NamedTuple):
     routes: Routes
 
 
-def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, tokens in enumerate(rows):
-        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, : len(tokens)] = 1
-    return ids, mask
-
-
 class CachedBatch:
     """`continuation_tokens`: also feed, after each answer, up to this many tokens the unedited
     model greedily says after prompt + answer (up to `eos_id`); they are decoded inside the one
@@ -107,18 +97,11 @@ class CachedBatch:
         device = next(model.parameters()).device
         heads = [e.prompt[-positions:] for e in examples]
         prefixes = [e.prompt[: len(e.prompt) - len(h)] for e, h in zip(examples, heads)]
-        batch = len(examples)
         # Left-padded, so every suffix starts at the same column.
-        prefix_width = max(len(p) for p in prefixes)
-        prefix_ids = torch.full((batch, prefix_width), pad_id, dtype=torch.long)
-        prefix_mask = torch.zeros((batch, prefix_width), dtype=torch.long)
-        for row, prefix in enumerate(prefixes):
-            if prefix:
-                prefix_ids[row, prefix_width - len(prefix) :] = torch.tensor(prefix)
-                prefix_mask[row, prefix_width - len(prefix) :] = 1
-        prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+        prefix_ids, prefix_mask = (t.to(device) for t in left_padded(prefixes, pad_id))
         spoken = [h + e.answer for h, e in zip(heads, examples)]
-        room = [context_limit(model) - len(e.prompt) - len(e.answer) for e in examples]
+        limit = context_limit(model)
+        room = [limit - len(e.prompt) - len(e.answer) for e in examples]
         unedited = self._unedited_pass(
             prefix_ids, prefix_mask, spoken, [len(h) for h in heads], pad_id, continuation_tokens, eos_id, room
         )
@@ -129,17 +112,17 @@ class CachedBatch:
         # The whole answer is fed, then the continuation: from the answer's last token on,
         # positions predict what follows the answer, and there the edit must not act (else
         # generation keeps repeating it).
-        suffix_ids, suffix_mask = _right_padded([s + c for s, c in zip(spoken, self.continuations)], pad_id)
+        suffix_ids, suffix_mask = right_padded([s + c for s, c in zip(spoken, self.continuations)], pad_id)
         targets = torch.full(suffix_ids.shape, -100, dtype=torch.long)
         after_answer = torch.zeros(suffix_ids.shape, dtype=torch.bool)
         for row, (head, e, tokens) in enumerate(zip(heads, examples, self.continuations)):
             targets[row, len(head) - 1 : len(head) - 1 + len(e.answer)] = torch.tensor(e.answer)
             after_answer[row, len(head) + len(e.answer) - 1 : len(head) + len(e.answer) + len(tokens)] = True
 
-        self.suffix_ids = suffix_ids.to(device)
-        self.attention = torch.cat([prefix_mask, suffix_mask.to(device)], dim=-1)
-        self.position_ids = positions_from_mask(suffix_mask, prefix_mask.sum(-1).cpu()).to(device)
-        self.intervene = suffix_mask.bool().to(device)
+        self.suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
+        self.attention = torch.cat([prefix_mask, suffix_mask], dim=-1)
+        self.position_ids = positions_from_mask(suffix_mask, prefix_mask.sum(-1))
+        self.intervene = suffix_mask.bool()
         # Row of each intervened position, in the order the hooks see them (row-major).
         self.rows = self.intervene.nonzero()[:, 0]
         self.after_answer = after_answer.to(device)[self.intervene]
@@ -181,7 +164,7 @@ class CachedBatch:
         def grab_routing(module, args, output):
             captured.setdefault("routing", output[0] if isinstance(output, tuple) else output)
 
-        spoken_ids, spoken_mask = _right_padded(spoken, pad_id)
+        spoken_ids, spoken_mask = right_padded(spoken, pad_id)
         spoken_ids, spoken_mask = spoken_ids.to(device), spoken_mask.to(device)
         lengths = spoken_mask.sum(-1)
         attention = torch.cat([prefix_mask, spoken_mask], dim=-1)
