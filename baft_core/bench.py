@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--model", default=BUNDLED, help="'smollm2' or a local HF model directory")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware computes it), float32, bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--edits {args.edits}: the data has only {len(records)} records")
     edits, rest = records[: args.edits], records[args.edits :]
     config = build_config(args)
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     editor = Editor(loaded.model, loaded.tokenizer, config, unrelated_pool(args, edits, rest))
     baseline = metrics.locality_baseline(editor, edits)
     editor.unrelated_features()  # built once, outside the per-edit timings
@@ -174,6 +175,8 @@ def run(args: argparse.Namespace) -> dict:
         "mode": args.mode,
         "edits": len(edits),
         "model": loaded.identity,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "cpu": torch.cpu.get_capabilities().get("cpu_name"),
         "data": [str(p) for p in args.data],
         "unrelated": args.unrelated,
         **metrics.summarize([r["metrics"] for r in rows]),

@@ -31,16 +31,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# CPU features with bf16 arithmetic in hardware (x86 AVX512-BF16 or AMX, ARM BF16).
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """None or "auto": bf16 where the hardware runs it natively (CUDA, CPUs with AVX512-BF16 or
-    AMX), else fp32. Edits are weight-bandwidth bound, so bf16 halves their time on a CPU."""
+    """None or "auto": bf16 on CUDA and on CPUs with bf16 arithmetic in hardware (NATIVE_BF16),
+    else fp32. Without it bf16 is emulated: on an AVX512 Xeon without AVX512-BF16 a training step
+    took 1.4x as long in bf16 as in fp32 (bench/results/dtype_speed.json). oneDNN's own
+    `_is_mkldnn_bf16_supported` says yes on such CPUs, so it cannot decide this."""
     if dtype not in (None, "auto"):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    capabilities = torch.cpu.get_capabilities()
+    return torch.bfloat16 if any(capabilities.get(name) for name in NATIVE_BF16) else torch.float32
 
 
 def bundled_gguf() -> Path:

@@ -130,7 +130,7 @@ def main() -> None:
     lines = [
         "# Benchmark results",
         "",
-        "Bundled SmolLM2-135M-Instruct (bf16 on this CPU, interventions fp32), two CPU cores unless a",
+        "Bundled SmolLM2-135M-Instruct (bf16 unless a summary notes fp32, interventions fp32), two CPU cores unless a",
         "summary says `threads: 1` (runs made side by side). Every run's exact command is in its",
         "`summary.json` and `report.md`; `bench/run.sh` re-runs them all. Regenerate this table with",
         "`.venv/bin/python bench/summarize.py`.",

@@ -14,12 +14,13 @@ def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):
         [
             "--data", str(DATA / "zsre" / "zsre_eval_portability_dev.json"),
             "--format", "zsre", "--mode", "continual", "--edits", "3", "--model", str(tiny_dir),
-            "--unrelated", "builtin", "--set", "max_steps=3", "gate_polish_steps=5", "--out", str(out),
+            "--unrelated", "builtin", "--dtype", "float32", "--set", "max_steps=3", "gate_polish_steps=5", "--out", str(out),
         ]
     )
     summary = bench.run(args)
     assert {p.name for p in out.iterdir()} >= {"summary.json", "edits.jsonl", "report.md", "curve.png", "basis_weights.png"}
-    assert json.loads((out / "summary.json").read_text())["edits"] == 3
+    written = json.loads((out / "summary.json").read_text())
+    assert written["edits"] == 3 and written["dtype"] == "float32" and "cpu" in written
     assert [point["edits"] for point in summary["curve"]] == [1, 3]
     assert summary["sealed_blocks"] == 3 and summary["config"]["block_edits"] == 1
     assert summary["generation_speed_ratio"] > 0

@@ -7,6 +7,7 @@ import torch
 
 from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model
 from baft_core.encoding import context_limit, teacher_forced
+from baft_core.models import resolve_dtype
 from baft_core.prefix_cache import CachedBatch
 
 
@@ -19,6 +20,29 @@ def test_load_model_tiny_identity(tiny, tiny_dir):
     assert tiny.identity.startswith(tiny_dir.name + "@")
     assert load_model(str(tiny_dir), device="cpu", dtype="float32").identity == tiny.identity  # stable
     assert next(tiny.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "features, expected",
+    [
+        ({}, torch.float32),
+        ({"avx512_f": True, "avx512_bw": True, "avx512_bf16": False}, torch.float32),  # bf16 emulated
+        ({"avx512_bf16": True}, torch.bfloat16),
+        ({"amx_bf16": True}, torch.bfloat16),
+        ({"bf16": True}, torch.bfloat16),  # ARM
+    ],
+)
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, features, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
+    assert resolve_dtype(None, torch.device("cpu")) == expected
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16  # an explicit choice stands
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        resolve_dtype("float8", torch.device("cpu"))
 
 
 def test_find_decoder_layers_llama(tiny):
