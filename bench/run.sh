@@ -20,6 +20,19 @@ for method in reft baft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
     --out $OUT/ablation/zsre-single-100-$method-second
 done
+# The same pair in fp32 (what `auto` picks on a CPU without bf16 arithmetic, where they were made),
+# and bf16 against fp32 per step on this CPU.
+for method in baft reft; do
+  $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
+    --dtype float32 --out $OUT/ablation/zsre-single-100-$method-fp32host
+done
+$PY bench/dtype_speed.py --out $OUT/dtype_speed.json
+for data in zsre counterfact; do
+  if [ $data = zsre ]; then files=$ZSRE; else files=$CF_VAL; fi
+  $PY -m baft_core.bench --data $files --format $data --mode continual --edits 100 --threads 1 \
+    --dtype float32 --out $OUT/ablation/$data-continual-100-baft-fp32host &
+done
+wait
 # Continual, 100 edits: ZsRE and CounterFact side by side, one thread each.
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 100 \

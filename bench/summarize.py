@@ -33,6 +33,7 @@ ABLATION = {
         ("ablation/zsre-100-rank16", "rank 16"),
         ("ablation/zsre-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("zsre-continual-100-baft", "... 1 unedited token after it (the defaults)"),
+        ("ablation/zsre-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the CounterFact run)"),
         ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "CounterFact val, 100 continual edits": [
@@ -49,6 +50,7 @@ ABLATION = {
         ("ablation/counterfact-100-rank16", "rank 16"),
         ("ablation/counterfact-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("counterfact-continual-100-baft", "... 1 unedited token after it (the defaults)"),
+        ("ablation/counterfact-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the ZsRE run)"),
         ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "ZsRE, 40 single edits, rank 4: the time of an edit before and after one unedited pass per edit and 2-D output-head calls (run side by side, one thread each; `before` from a checkout of d6992c4)": [
@@ -91,6 +93,8 @@ ABLATION = {
         ("ablation/zsre-single-100-baft-second", "the defaults again, right after the run above"),
         ("ablation/zsre-single-100-baft-eb851a4", "rank 24, 4 continuation tokens, eb851a4 (two threads, alone, hours earlier)"),
         ("ablation/zsre-single-100-reft-eb851a4", "ReFT, eb851a4 (right after the run above)"),
+        ("ablation/zsre-single-100-baft-fp32host", "the defaults on a host without AVX512-BF16, so in fp32 (`dtype_speed.json`; two threads, alone, another day; made under `host-fp32/`, moved)"),
+        ("ablation/zsre-single-100-reft-fp32host", "ReFT on that host, right after the run above"),
         ("ablation/zsre-single-100-rank4", "rank 4, d6992c4 (the defaults then; two threads, alone, earlier in the day)"),
         ("ablation/zsre-single-100-reft-d6992c4", "ReFT, d6992c4 (right after the run above)"),
     ],
@@ -179,6 +183,17 @@ def main() -> None:
             f"(`{s['command']}`), interleaved: "
             + ", ".join(f"{count} tokens: {ms:.0f} ms" for count, ms in s["unedited_pass_median_ms"].items())
             + f"; one training step: {s['training_step_median_ms']:.0f} ms.",
+        ]
+    dtypes = RESULTS / "dtype_speed.json"
+    if dtypes.is_file():
+        s = json.loads(dtypes.read_text())
+        lines += [
+            "",
+            f"bf16 against fp32 on a CPU without bf16 arithmetic ({s['cpu']}, `{s['command']}`), the two "
+            f"models edit by edit: a training step {s['bfloat16']['training_step_median_ms']:.0f} ms vs "
+            f"{s['float32']['training_step_median_ms']:.0f} ms (**{s['bf16_over_fp32_training_step']:.2f}x**), "
+            f"a whole edit {s['bfloat16']['edit_median_s']:.2f} s vs {s['float32']['edit_median_s']:.2f} s "
+            f"(median; {s['bfloat16']['steps_mean']:.1f} vs {s['float32']['steps_mean']:.1f} steps).",
         ]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
