@@ -37,7 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--model", default=BUNDLED, help="'smollm2' or a local HF model directory")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware computes it), float32, bfloat16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bf16 where the hardware computes it, else fp32",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(

@@ -10,6 +10,8 @@ Method = Literal["baft", "reft"]
 # as depth fractions so that any depth gets the same relative placement. Dropping the lowest
 # layer cut a training step from 0.16 s to 0.10 s on SmolLM2 (layers below the first edited one
 # are not recomputed) with equal reliability and locality, on 12 ZsRE edits (no committed table yet).
+# Dropping the next one as well (22, 26) cut an edit to 0.73-0.81x the time, but CounterFact
+# generality to 0.79 over 100 continual edits (bench/results/ablation.md).
 DEFAULT_LAYER_FRACTIONS = (0.56, 0.75, 0.875)
 # Where route keys are read, as a depth fraction (layer 4 of SmolLM2's 30): early enough that a
 # subject's state carries little of the text around it (routing.py).

@@ -33,6 +33,21 @@ for data in zsre counterfact; do
     --dtype float32 --out $OUT/ablation/$data-continual-100-baft-fp32host &
 done
 wait
+for data in zsre counterfact; do
+  if [ $data = zsre ]; then files=$ZSRE; else files=$CF_VAL; fi
+  $PY -m baft_core.bench --data $files --format $data --mode continual --edits 100 --threads 1 \
+    --set 'layers=[22,26]' --out $OUT/ablation/$data-continual-100-layers2 &
+done
+wait
+# Without the lowest edited layer: 30 single edits, each pair side by side.
+for data in zsre counterfact; do
+  if [ $data = zsre ]; then files=$ZSRE; else files=$CF_VAL; fi
+  $PY -m baft_core.bench --data $files --format $data --mode single --edits 30 --threads 1 \
+    --out $OUT/ablation/$data-single-30-layers3 &
+  $PY -m baft_core.bench --data $files --format $data --mode single --edits 30 --threads 1 \
+    --set 'layers=[22,26]' --out $OUT/ablation/$data-single-30-layers2 &
+  wait
+done
 # Continual, 100 edits: ZsRE and CounterFact side by side, one thread each.
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 100 \

@@ -34,6 +34,7 @@ ABLATION = {
         ("ablation/zsre-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("zsre-continual-100-baft", "... 1 unedited token after it (the defaults)"),
         ("ablation/zsre-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the CounterFact run)"),
+        ("ablation/zsre-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the CounterFact run)"),
         ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "CounterFact val, 100 continual edits": [
@@ -51,6 +52,7 @@ ABLATION = {
         ("ablation/counterfact-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("counterfact-continual-100-baft", "... 1 unedited token after it (the defaults)"),
         ("ablation/counterfact-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the ZsRE run)"),
+        ("ablation/counterfact-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the ZsRE run)"),
         ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
     ],
     "ZsRE, 40 single edits, rank 4: the time of an edit before and after one unedited pass per edit and 2-D output-head calls (run side by side, one thread each; `before` from a checkout of d6992c4)": [
@@ -85,6 +87,12 @@ ABLATION = {
     "ZsRE, 40 single edits, 4 continuation tokens: decoding them inside the unedited pass (side by side, one thread each)": [
         ("ablation/zsre-single-40-unfused", "eb851a4: `generate` for the continuation, then the unedited pass"),
         ("ablation/zsre-single-40-fused", "this commit: the continuation decoded inside the unedited pass (`--set continuation_tokens=4`)"),
+    ],
+    "30 single edits, fp32 host, one thread, each pair side by side: without the lowest edited layer (17 of 30), a step backpropagates through 8 layers instead of 13": [
+        ("ablation/zsre-single-30-layers3", "ZsRE: layers 17, 22, 26 (the defaults)"),
+        ("ablation/zsre-single-30-layers2", "ZsRE: layers 22, 26"),
+        ("ablation/counterfact-single-30-layers3", "CounterFact: layers 17, 22, 26 (the defaults)"),
+        ("ablation/counterfact-single-30-layers2", "CounterFact: layers 22, 26"),
     ],
     "ZsRE, 100 single edits": [
         ("zsre-single-100-baft", "rank 24, 1 continuation token (the defaults; two threads, alone)"),
