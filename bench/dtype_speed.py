@@ -26,7 +26,9 @@ DTYPES = ("bfloat16", "float32")
 
 def training_step_seconds(editor: Editor, example) -> float:
     with torch.no_grad():
-        batch = CachedBatch(editor.model, editor.attachment, editor.interventions, [example], 3, editor.pad_id)
+        batch = CachedBatch(
+            editor.model, editor.attachment, editor.interventions, [example], editor.config.prompt_positions, editor.pad_id
+        )
     start = time.perf_counter()
     step = batch.forward()
     target_cross_entropy(step.logits, batch.targets).backward()

@@ -9,6 +9,7 @@ ZSRE="$DATA/zsre/zsre_eval_portability_dev.json $DATA/zsre/zsre_train_1k.json"
 CF_VAL="$DATA/counterfact/counterfact_val.json"
 CF_TRAIN="$DATA/counterfact/counterfact_train.json"
 OUT=bench/results
+val_files() { if [ "$1" = zsre ]; then echo $ZSRE; else echo $CF_VAL; fi; }  # ZsRE or CounterFact val
 
 # Single edits: speed (timed alone, two threads) and quality.
 for method in baft reft; do
@@ -28,23 +29,20 @@ for method in baft reft; do
 done
 $PY bench/dtype_speed.py --out $OUT/dtype_speed.json
 for data in zsre counterfact; do
-  if [ $data = zsre ]; then files=$ZSRE; else files=$CF_VAL; fi
-  $PY -m baft_core.bench --data $files --format $data --mode continual --edits 100 --threads 1 \
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --mode continual --edits 100 --threads 1 \
     --dtype float32 --out $OUT/ablation/$data-continual-100-baft-fp32host &
 done
 wait
 for data in zsre counterfact; do
-  if [ $data = zsre ]; then files=$ZSRE; else files=$CF_VAL; fi
-  $PY -m baft_core.bench --data $files --format $data --mode continual --edits 100 --threads 1 \
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --mode continual --edits 100 --threads 1 \
     --set 'layers=[22,26]' --out $OUT/ablation/$data-continual-100-layers2 &
 done
 wait
 # Without the lowest edited layer: 30 single edits, each pair side by side.
 for data in zsre counterfact; do
-  if [ $data = zsre ]; then files=$ZSRE; else files=$CF_VAL; fi
-  $PY -m baft_core.bench --data $files --format $data --mode single --edits 30 --threads 1 \
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --mode single --edits 30 --threads 1 \
     --out $OUT/ablation/$data-single-30-layers3 &
-  $PY -m baft_core.bench --data $files --format $data --mode single --edits 30 --threads 1 \
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --mode single --edits 30 --threads 1 \
     --set 'layers=[22,26]' --out $OUT/ablation/$data-single-30-layers2 &
   wait
 done

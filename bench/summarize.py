@@ -124,6 +124,57 @@ ABLATION = {
 }
 
 
+def _prefix_cache_sentence(s: dict) -> str:
+    return (
+        f"Cached-prefix training step vs a plain full forward + backward, interleaved in one run "
+        f"(`{s['command']}`): {s['full_step_median_s'] * 1000:.1f} ms vs "
+        f"{s['cached_step_median_s'] * 1000:.1f} ms per step, **{s['speedup']:.2f}x** "
+        f"(layers {s['layers']}, {s['dtype']})."
+    )
+
+
+def _output_head_sentence(s: dict) -> str:
+    return (
+        f"Next-token logits in decoding (`{s['command']}`), the head on a 3-D slice as "
+        "`logits_to_keep=1` does it against 2-D rows, frozen model, interleaved: "
+        + "; ".join(
+            f"batch {r['batch']}: {r['sliced_3d_median_ms']:.1f} ms vs {r['rows_2d_median_ms']:.1f} ms "
+            f"(**{r['speedup']:.1f}x**)"
+            for r in s["results"]
+        )
+        + "."
+    )
+
+
+def _unedited_pass_sentence(s: dict) -> str:
+    return (
+        f"The unedited pass of an edit's training batch against the tokens decoded after the answer "
+        f"(`{s['command']}`), interleaved: "
+        + ", ".join(f"{count} tokens: {ms:.0f} ms" for count, ms in s["unedited_pass_median_ms"].items())
+        + f"; one training step: {s['training_step_median_ms']:.0f} ms."
+    )
+
+
+def _dtype_sentence(s: dict) -> str:
+    bf16, fp32 = s["bfloat16"], s["float32"]
+    hardware = "with" if any(s["cpu_bf16_features"].values()) else "without"
+    return (
+        f"bf16 against fp32 on a CPU {hardware} bf16 arithmetic ({s['cpu']}, `{s['command']}`), the two "
+        f"models edit by edit: a training step {bf16['training_step_median_ms']:.0f} ms vs "
+        f"{fp32['training_step_median_ms']:.0f} ms (**{s['bf16_over_fp32_training_step']:.2f}x**), "
+        f"a whole edit {bf16['edit_median_s']:.2f} s vs {fp32['edit_median_s']:.2f} s "
+        f"(median; {bf16['steps_mean']:.1f} vs {fp32['steps_mean']:.1f} steps)."
+    )
+
+
+SPEED_SENTENCES = {
+    "prefix_cache_speedup.json": _prefix_cache_sentence,
+    "output_head_speed.json": _output_head_sentence,
+    "unedited_pass_speed.json": _unedited_pass_sentence,
+    "dtype_speed.json": _dtype_sentence,
+}
+
+
 def fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -158,51 +209,10 @@ def main() -> None:
         "|" + "---|" * (len(COLUMNS) + 11),
         *rows,
     ]
-    speed = RESULTS / "prefix_cache_speedup.json"
-    if speed.is_file():
-        s = json.loads(speed.read_text())
-        lines += [
-            "",
-            f"Cached-prefix training step vs a plain full forward + backward, interleaved in one run "
-            f"(`{s['command']}`): {s['full_step_median_s'] * 1000:.1f} ms vs "
-            f"{s['cached_step_median_s'] * 1000:.1f} ms per step, **{s['speedup']:.2f}x** "
-            f"(layers {s['layers']}, {s['dtype']}).",
-        ]
-    head = RESULTS / "output_head_speed.json"
-    if head.is_file():
-        s = json.loads(head.read_text())
-        lines += [
-            "",
-            f"Next-token logits in decoding (`{s['command']}`), the head on a 3-D slice as "
-            "`logits_to_keep=1` does it against 2-D rows, frozen model, interleaved: "
-            + "; ".join(
-                f"batch {r['batch']}: {r['sliced_3d_median_ms']:.1f} ms vs {r['rows_2d_median_ms']:.1f} ms "
-                f"(**{r['speedup']:.1f}x**)"
-                for r in s["results"]
-            )
-            + ".",
-        ]
-    unedited = RESULTS / "unedited_pass_speed.json"
-    if unedited.is_file():
-        s = json.loads(unedited.read_text())
-        lines += [
-            "",
-            f"The unedited pass of an edit's training batch against the tokens decoded after the answer "
-            f"(`{s['command']}`), interleaved: "
-            + ", ".join(f"{count} tokens: {ms:.0f} ms" for count, ms in s["unedited_pass_median_ms"].items())
-            + f"; one training step: {s['training_step_median_ms']:.0f} ms.",
-        ]
-    dtypes = RESULTS / "dtype_speed.json"
-    if dtypes.is_file():
-        s = json.loads(dtypes.read_text())
-        lines += [
-            "",
-            f"bf16 against fp32 on a CPU without bf16 arithmetic ({s['cpu']}, `{s['command']}`), the two "
-            f"models edit by edit: a training step {s['bfloat16']['training_step_median_ms']:.0f} ms vs "
-            f"{s['float32']['training_step_median_ms']:.0f} ms (**{s['bf16_over_fp32_training_step']:.2f}x**), "
-            f"a whole edit {s['bfloat16']['edit_median_s']:.2f} s vs {s['float32']['edit_median_s']:.2f} s "
-            f"(median; {s['bfloat16']['steps_mean']:.1f} vs {s['float32']['steps_mean']:.1f} steps).",
-        ]
+    for name, sentence in SPEED_SENTENCES.items():  # one sentence a speed result, when present
+        path = RESULTS / name
+        if path.is_file():
+            lines += ["", sentence(json.loads(path.read_text()))]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     write_ablation()
