@@ -78,15 +78,18 @@ def checkpoints(n: int) -> list[int]:
     return points + [n]
 
 
-def unrelated_pool(args, edited: list[EditRequest], rest: list[EditRequest]) -> list[str] | None:
-    if args.unrelated == "none":
+def unrelated_pool(
+    kind: str, size: int, seed: int, edited: list[EditRequest], rest: list[EditRequest]
+) -> list[str] | None:
+    """The prompts the gates learn to stay closed on (`--unrelated`); None: the built-in pool."""
+    if kind == "none":
         return []
-    if args.unrelated == "builtin":
+    if kind == "builtin":
         return None
     evaluated = {p.prompt for r in edited for p in r.locality}
     pool = [p.prompt for r in rest for p in r.locality if p.prompt not in evaluated]
-    random.Random(args.seed).shuffle(pool)
-    return pool[: args.unrelated_size]
+    random.Random(seed).shuffle(pool)
+    return pool[:size]
 
 
 def generation_speed(editor: Editor, prompts: list[str], tokens: int = 16, rounds: int = 3) -> dict:
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     edits, rest = records[: args.edits], records[args.edits :]
     config = build_config(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    editor = Editor(loaded.model, loaded.tokenizer, config, unrelated_pool(args, edits, rest))
+    unrelated = unrelated_pool(args.unrelated, args.unrelated_size, args.seed, edits, rest)
+    editor = Editor(loaded.model, loaded.tokenizer, config, unrelated)
     baseline = metrics.locality_baseline(editor, edits)
     editor.unrelated_features()  # built once, outside the per-edit timings
 

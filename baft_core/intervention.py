@@ -19,6 +19,15 @@ def standardize(h: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> t
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+@torch.no_grad()
+def statistics(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coordinate mean and standard deviation (floored; 1 from a single row) of ordinary
+    states [n, d], in fp32: the `center` and `scale` that standardisation uses."""
+    hidden = hidden.float()
+    scale = hidden.std(0).clamp_min(1e-3) if len(hidden) > 1 else torch.ones_like(hidden[0])
+    return hidden.mean(0), scale
+
+
 class BasisIntervention(nn.Module):
     def __init__(self, hidden_size: int, rank: int, gated: bool = True, gate_bias: float = -5.6):
         super().__init__()
@@ -69,11 +78,10 @@ class BasisIntervention(nn.Module):
         return self.gate(self.gate_inputs(h))
 
     @torch.no_grad()
-    def calibrate(self, hidden: torch.Tensor) -> None:
-        """Standardise the gate's input with the statistics of ordinary hidden states [n, d]."""
-        hidden = hidden.to(self.gate_center.dtype)
-        self.gate_center.copy_(hidden.mean(0))
-        self.gate_scale.copy_(hidden.std(0).clamp_min(1e-3) if len(hidden) > 1 else torch.ones_like(self.gate_scale))
+    def calibrate(self, center: torch.Tensor, scale: torch.Tensor) -> None:
+        """Standardise the gate's input with the `statistics` of ordinary hidden states."""
+        self.gate_center.copy_(center)
+        self.gate_scale.copy_(scale)
 
     def weights(self, h: torch.Tensor) -> torch.Tensor:
         """w(h) in [0, 1]^r; all ones for ReFT."""

@@ -38,7 +38,8 @@ NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """None or "auto": bf16 on CUDA and on CPUs with bf16 arithmetic in hardware (NATIVE_BF16),
     else fp32. Without it bf16 is emulated: on an AVX512 Xeon without AVX512-BF16 a training step
-    took 1.4x as long in bf16 as in fp32 (bench/results/dtype_speed.json). oneDNN's own
+    took 1.4x as long in bf16 as in fp32 (bench/results/dtype_speed.json); on an EPYC with
+    AVX512-BF16, 0.53x (dtype_speed_bf16host.json). oneDNN's own
     `_is_mkldnn_bf16_supported` says yes on such CPUs, so it cannot decide this."""
     if dtype not in (None, "auto"):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -88,11 +88,10 @@ class Router(nn.Module):
         return self.keys.numel()
 
     @torch.no_grad()
-    def calibrate(self, hidden: torch.Tensor) -> None:
-        """Standardise with the statistics of ordinary routing-layer states [n, d]."""
-        hidden = hidden.float()
-        self.center = hidden.mean(0).to(self.center)
-        self.scale = (hidden.std(0).clamp_min(1e-3) if len(hidden) > 1 else torch.ones_like(hidden[0])).to(self.scale)
+    def calibrate(self, center: torch.Tensor, scale: torch.Tensor) -> None:
+        """Standardise with the `statistics` of ordinary routing-layer states. New tensors, not
+        in-place writes: forks share these buffers."""
+        self.center, self.scale = center.to(self.center), scale.to(self.scale)
 
     def key(self, hidden: torch.Tensor) -> torch.Tensor:
         """Routing-layer states [n, d] as routing compares them: standardised, unit rows."""

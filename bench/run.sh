@@ -22,12 +22,25 @@ for method in reft baft; do
     --out $OUT/ablation/zsre-single-100-$method-second
 done
 # The same pair in fp32 (what `auto` picks on a CPU without bf16 arithmetic, where they were made),
-# and bf16 against fp32 per step on this CPU.
+# and bf16 against fp32 per step on that CPU (made by this script's earlier name, dtype_speed.py,
+# whose gates learned from the built-in unrelated pool).
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
     --dtype float32 --out $OUT/ablation/zsre-single-100-$method-fp32host
 done
-$PY bench/dtype_speed.py --out $OUT/dtype_speed.json
+$PY bench/paired_speed.py --vary dtype --out $OUT/dtype_speed.json
+# On a CPU with bf16 arithmetic (AVX512-BF16): the pair in both orders, then BaFT against ReFT
+# and bf16 against fp32, each edit by edit in one run (what the ratio is read from).
+for method in baft reft; do
+  $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
+    --dtype bfloat16 --out $OUT/ablation/zsre-single-100-$method-bf16host
+done
+for method in reft baft; do
+  $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
+    --dtype bfloat16 --out $OUT/ablation/zsre-single-100-$method-bf16host-second
+done
+$PY bench/paired_speed.py --vary method --edits 100 --out $OUT/method_speed.json
+$PY bench/paired_speed.py --vary dtype --out $OUT/dtype_speed_bf16host.json
 for data in zsre counterfact; do
   $PY -m baft_core.bench --data $(val_files $data) --format $data --mode continual --edits 100 --threads 1 \
     --dtype float32 --out $OUT/ablation/$data-continual-100-baft-fp32host &

@@ -103,6 +103,10 @@ ABLATION = {
         ("ablation/zsre-single-100-reft-eb851a4", "ReFT, eb851a4 (right after the run above)"),
         ("ablation/zsre-single-100-baft-fp32host", "the defaults on a host without AVX512-BF16, so in fp32 (`dtype_speed.json`; two threads, alone, another day; made under `host-fp32/`, moved)"),
         ("ablation/zsre-single-100-reft-fp32host", "ReFT on that host, right after the run above"),
+        ("ablation/zsre-single-100-baft-bf16host", "the defaults on a host with AVX512-BF16, bf16, the unrelated prompts' statistics computed once (two threads, alone, another day)"),
+        ("ablation/zsre-single-100-reft-bf16host", "ReFT on that host, right after the run above"),
+        ("ablation/zsre-single-100-reft-bf16host-second", "ReFT again on that host, run first this time"),
+        ("ablation/zsre-single-100-baft-bf16host-second", "the defaults again, right after the run above"),
         ("ablation/zsre-single-100-rank4", "rank 4, d6992c4 (the defaults then; two threads, alone, earlier in the day)"),
         ("ablation/zsre-single-100-reft-d6992c4", "ReFT, d6992c4 (right after the run above)"),
     ],
@@ -167,11 +171,25 @@ def _dtype_sentence(s: dict) -> str:
     )
 
 
+def _method_sentence(s: dict) -> str:
+    baft, reft = s["baft"], s["reft"]
+    return (
+        f"BaFT against ReFT, {s['edits']} single ZsRE edits alternating edit by edit in one run "
+        f"({s['cpu']}, {baft['dtype']}, `{s['command']}`): a whole edit {baft['edit_median_s']:.3f} s vs "
+        f"{reft['edit_median_s']:.3f} s (median, **{s['baft_over_reft_edit_median']:.2f}x**; "
+        f"{baft['steps_mean']:.2f} vs {reft['steps_mean']:.2f} steps), a training step "
+        f"{baft['training_step_median_ms']:.0f} ms vs {reft['training_step_median_ms']:.0f} ms "
+        f"({s['baft_over_reft_training_step']:.2f}x)."
+    )
+
+
 SPEED_SENTENCES = {
     "prefix_cache_speedup.json": _prefix_cache_sentence,
     "output_head_speed.json": _output_head_sentence,
     "unedited_pass_speed.json": _unedited_pass_sentence,
     "dtype_speed.json": _dtype_sentence,
+    "dtype_speed_bf16host.json": _dtype_sentence,
+    "method_speed.json": _method_sentence,
 }
 
 

@@ -198,3 +198,40 @@ def test_format_3_checkpoints_still_route(tiny_sharp, tmp_path):
         assert ed.generate(prompts, max_new_tokens=6) == expected
     finally:
         ed.attachment.detach()
+
+
+def test_fresh_adapters_are_standardised_with_the_unrelated_prompts(tiny_sharp):
+    """The gates' and the router's statistics come from the unrelated prompts, are computed once
+    for every fresh adapter, and follow a change of prompts; the unrelated route keys behind the
+    key thresholds follow the router's standardisation even when it is written in place."""
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5, route_layer=1, route_contexts=[])
+    layer = ed.layers[0]
+
+    def standardisations():
+        router = ed.interventions.router
+        return ed.interventions[layer].gate_center.clone(), router.center.clone(), router.scale.clone()
+
+    def expected():
+        routing = ed._unrelated_routing_states(1)
+        return ed.unrelated_features()[layer].float().mean(0), routing.mean(0), routing.std(0).clamp_min(1e-3)
+
+    try:
+        ed.edit(EDITS[0])
+        first = standardisations()
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(first, expected()))
+        ed.reset()
+        ed.edit(EDITS[1])
+        assert all(torch.equal(a, b) for a, b in zip(first, standardisations()))
+
+        router = ed.interventions.router
+        router.center.add_(1.0)  # as a loaded state writes its buffers
+        keys = router.key(ed._unrelated_routing_states(1))
+        assert torch.equal(ed._unrelated_routes(ed.interventions), keys)
+
+        ed.set_unrelated_prompts(["Bananas are rich in", "The tallest mountain in Europe is"])
+        ed.reset()
+        ed.edit(EDITS[0])
+        assert not torch.allclose(standardisations()[1], first[1])
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(standardisations(), expected()))
+    finally:
+        ed.attachment.detach()

@@ -1,0 +1,115 @@
+"""Two variants of the editor timed in one run, edit by edit, so that both see the same machine
+load (on a shared two-core host the speed drifts by 15% between back-to-back runs):
+
+- `--vary dtype`: the bundled model in bf16 against fp32, BaFT (the defaults);
+- `--vary method`: BaFT against ReFT (the issue's ratio), in the dtype `auto` picks.
+
+Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
+heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
+bf16 features, which `resolve_dtype` reads.
+
+    .venv/bin/python bench/paired_speed.py --vary method --out bench/results/method_speed.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from baft_core import EditConfig, Editor, load_model
+from baft_core.bench import unrelated_pool
+from baft_core.data import load_edits
+from baft_core.models import NATIVE_BF16, resolve_dtype
+from baft_core.objective import target_cross_entropy
+from baft_core.prefix_cache import CachedBatch
+
+# --vary: the ratio's name, then each variant's name and (dtype, method); the first over the second
+VARIES = {
+    "dtype": ("bf16_over_fp32", {"bfloat16": ("bfloat16", "baft"), "float32": ("float32", "baft")}),
+    "method": ("baft_over_reft", {"baft": ("auto", "baft"), "reft": ("auto", "reft")}),
+}
+
+
+def training_step_seconds(editor: Editor, example) -> float:
+    with torch.no_grad():
+        batch = CachedBatch(
+            editor.model, editor.attachment, editor.interventions, [example], editor.config.prompt_positions, editor.pad_id
+        )
+    start = time.perf_counter()
+    step = batch.forward()
+    target_cross_entropy(step.logits, batch.targets).backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vary", required=True, choices=sorted(VARIES))
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=["../shared/data/zsre/zsre_eval_portability_dev.json", "../shared/data/zsre/zsre_train_1k.json"],
+    )
+    parser.add_argument("--edits", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ratio_name, settings = VARIES[args.vary]
+    names = tuple(settings)
+    warm = 2  # the first edits warm up the kernels
+    records = [r for path in args.data for r in load_edits(path, "zsre", skip_invalid=True)]
+    edited, rest = records[: args.edits + warm], records[args.edits + warm :]
+    unrelated = unrelated_pool("heldout", 200, 0, edited, rest)
+    editors = {}
+    for name in names:
+        dtype, method = settings[name]
+        loaded = load_model(dtype=dtype)
+        editors[name] = Editor(loaded.model, loaded.tokenizer, EditConfig(method=method), unrelated)
+        editors[name].unrelated_features()  # built once, outside the timings
+    edits = {name: [] for name in names}
+    steps = {name: [] for name in names}
+    for index, request in enumerate(edited):
+        order = names if index % 2 == 0 else names[::-1]  # neither variant always runs first
+        for name in order:
+            editor = editors[name]
+            result = editor.edit(request)
+            editor.reset()
+            step = training_step_seconds(editor, editor.encode(request.prompt, request.target))
+            if index >= warm:
+                edits[name].append((result.seconds, result.steps))
+                steps[name].append(step)
+    capabilities = torch.cpu.get_capabilities()
+    summary = {
+        name: {
+            "dtype": str(next(editors[name].model.parameters()).dtype).removeprefix("torch."),
+            "edit_median_s": round(statistics.median(s for s, _ in edits[name]), 3),
+            "steps_mean": round(statistics.mean(n for _, n in edits[name]), 2),
+            "seconds_per_step": round(sum(s for s, _ in edits[name]) / sum(n for _, n in edits[name]), 4),
+            "training_step_median_ms": round(statistics.median(steps[name]) * 1000, 1),
+        }
+        for name in names
+    }
+    first, second = (summary[name] for name in names)
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "vary": args.vary,
+        "edits": args.edits,
+        "threads": args.threads,
+        "cpu": capabilities.get("cpu_name"),
+        "cpu_bf16_features": {name: bool(capabilities.get(name)) for name in NATIVE_BF16},
+        "auto_dtype": str(resolve_dtype(None, torch.device("cpu"))),
+        **summary,
+        f"{ratio_name}_training_step": round(first["training_step_median_ms"] / second["training_step_median_ms"], 2),
+        f"{ratio_name}_edit_median": round(first["edit_median_s"] / second["edit_median_s"], 2),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
