@@ -280,9 +280,9 @@ class Editor:
                 for layer in interventions.layers:
                     interventions[layer].calibrate(*self._statistics(layer, features[layer]))
                 if interventions.router.enabled:
-                    layer = interventions.routing_layer
-                    states = self._unrelated_routing_states(layer)
-                    interventions.router.calibrate(*self._statistics(("route", layer), states))
+                    routing_layer = interventions.routing_layer
+                    states = self._unrelated_routing_states(routing_layer)
+                    interventions.router.calibrate(*self._statistics(("route", routing_layer), states))
         unrelated = None
         if gated and features is not None:
             # Sealed blocks' edits are negatives too: the new block must not fire on them.
