@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
         "mode": args.mode,
         "edits": len(edits),
         "model": loaded.identity,
-        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "cpu": torch.cpu.get_capabilities().get("cpu_name"),
         "data": [str(p) for p in args.data],
         "unrelated": args.unrelated,

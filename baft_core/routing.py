@@ -90,8 +90,9 @@ class Router(nn.Module):
     @torch.no_grad()
     def calibrate(self, center: torch.Tensor, scale: torch.Tensor) -> None:
         """Standardise with the `statistics` of ordinary routing-layer states. New tensors, not
-        in-place writes: forks share these buffers."""
-        self.center, self.scale = center.to(self.center), scale.to(self.scale)
+        in-place writes: forks share these buffers; and copies: the editor keeps the statistics
+        for the next fresh adapter."""
+        self.center, self.scale = center.to(self.center, copy=True), scale.to(self.scale, copy=True)
 
     def key(self, hidden: torch.Tensor) -> torch.Tensor:
         """Routing-layer states [n, d] as routing compares them: standardised, unit rows."""

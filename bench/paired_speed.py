@@ -86,7 +86,7 @@ def main() -> None:
     capabilities = torch.cpu.get_capabilities()
     summary = {
         name: {
-            "dtype": str(next(editors[name].model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(editors[name].model.dtype).removeprefix("torch."),
             "edit_median_s": round(statistics.median(s for s, _ in edits[name]), 3),
             "steps_mean": round(statistics.mean(n for _, n in edits[name]), 2),
             "seconds_per_step": round(sum(s for s, _ in edits[name]) / sum(n for _, n in edits[name]), 4),

@@ -227,6 +227,9 @@ def test_fresh_adapters_are_standardised_with_the_unrelated_prompts(tiny_sharp):
         router.center.add_(1.0)  # as a loaded state writes its buffers
         keys = router.key(ed._unrelated_routing_states(1))
         assert torch.equal(ed._unrelated_routes(ed.interventions), keys)
+        ed.reset()  # that write reached the router only, not the statistics the next adapter gets
+        ed.edit(EDITS[1])
+        assert all(torch.equal(a, b) for a, b in zip(first, standardisations()))
 
         ed.set_unrelated_prompts(["Bananas are rich in", "The tallest mountain in Europe is"])
         ed.reset()
