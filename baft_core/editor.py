@@ -254,7 +254,7 @@ class Editor:
         ]
         if gates:
             groups.append({"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups)
+        optimizer = torch.optim.AdamW(groups, betas=(float(cfg.adam_beta1), 0.999))
         # Keep every R orthonormal after each step, whoever drives this optimizer.
         optimizer.register_step_post_hook(
             lambda *_: [i.orthonormalize() for i in interventions.by_layer.values()]

@@ -2,6 +2,7 @@
 any local Hugging Face model directory. Nothing is downloaded."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -76,6 +77,18 @@ def _dequantised_cache(gguf: Path, cache_root: Path) -> tuple[Path, str]:
     target = cache_root / f"{gguf.stem}-{digest[:16]}"
     if (target / "complete").is_file():
         return target, digest
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # One builder at a time: two processes starting on a fresh machine (the service's web process
+    # and its worker, or parallel benchmarks) once raced here, and the second one's rebuild removed
+    # the directory the first was already loading from.
+    with open(cache_root / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "complete").is_file():
+            _build_cache(gguf, digest, target)
+    return target, digest
+
+
+def _build_cache(gguf: Path, digest: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -88,9 +101,8 @@ def _dequantised_cache(gguf: Path, cache_root: Path) -> tuple[Path, str]:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "complete").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete build left by a killed process
     staging.rename(target)
-    return target, digest
 
 
 def _directory_identity(path: Path) -> str:

@@ -39,7 +39,7 @@ for method in reft baft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
     --dtype bfloat16 --out $OUT/ablation/zsre-single-100-$method-bf16host-second
 done
-$PY bench/paired_speed.py --vary method --edits 100 --out $OUT/method_speed.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed.json
 $PY bench/paired_speed.py --vary dtype --out $OUT/dtype_speed_bf16host.json
 for data in zsre counterfact; do
   $PY -m baft_core.bench --data $(val_files $data) --format $data --mode continual --edits 100 --threads 1 \
@@ -124,6 +124,33 @@ single50() {  # folder suffix, --set overrides...
 }
 single50 ct0 continuation_tokens=0; single50 ct1 continuation_tokens=1; single50 ct2 continuation_tokens=2
 single50 lr0.02 lr=0.02 continuation_tokens=4; single50 lr0.006 lr=0.006 continuation_tokens=4
+# Optimizer settings against the steps an edit takes and generality (ablation.md), one thread,
+# two runs at a time (which two ran together changes their times, not their scores).
+ablate beta0.5 adam_beta1=0.5
+ablate lr0.0085-beta0.5 lr=0.0085 adam_beta1=0.5
+ablate lr0.009-beta0.5 lr=0.009 adam_beta1=0.5
+cf100() {  # folder suffix, bench arguments...
+  local name=$1; shift
+  $PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 \
+    "$@" --out $OUT/ablation/counterfact-100-$name &
+}
+cf100 lr0.00707 --set lr=0.00707; cf100 lr0.00707-beta0.5 --set lr=0.00707 adam_beta1=0.5; wait
+cf100 rank12-beta0.5 --set rank=12 adam_beta1=0.5; cf100 rank16-beta0.5 --set rank=16 adam_beta1=0.5; wait
+cf100 rank32-lr0.0061-beta0.5 --set rank=32 lr=0.0061 adam_beta1=0.5
+$PY -m baft_core.bench --data $ZSRE --format zsre --method reft --mode continual --edits 100 --threads 1 \
+  --set lr=0.0085 adam_beta1=0.5 --out $OUT/ablation/zsre-100-reft-lr0.0085-beta0.5 &
+wait
+cf100 reft-lr0.0085-beta0.5 --method reft --set lr=0.0085 adam_beta1=0.5; wait
+$PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --edits 100 \
+  --out $OUT/ablation/counterfact-100-defaults-2threads  # the defaults, two threads: other numerics
+single40() {  # folder suffix, bench arguments... (ZsRE)
+  local name=$1; shift
+  $PY -m baft_core.bench --data $ZSRE --format zsre --mode single --edits 40 --threads 1 \
+    "$@" --out $OUT/ablation/zsre-single-40-$name &
+}
+single40 defaults; single40 rank12-beta0.5 --set rank=12 adam_beta1=0.5; wait
+single40 rank16-beta0.5 --set rank=16 adam_beta1=0.5; single40 rank32-lr0.0061-beta0.5 --set rank=32 lr=0.0061 adam_beta1=0.5; wait
+single40 lr0.0085-beta0.5 --set lr=0.0085 adam_beta1=0.5; wait
 # The continuation decoded inside the unedited pass against eb851a4 (from a worktree of it):
 #   (cd ../eb851a4 && python -m baft_core.bench --data $ZSRE --format zsre --mode single --edits 40 \
 #     --threads 1 --out $OUT/ablation/zsre-single-40-unfused) &

@@ -180,8 +180,15 @@ def test_bad_inputs(tiny, editor):
         ({"continuation_tokens": -1}, "continuation_tokens"),
         ({"lr": 0.0}, "lr"),
         ({"gate_lr": -1e-3}, "gate_lr"),
+        ({"adam_beta1": 1.0}, "adam_beta1"),
     ],
 )
 def test_bad_config(tiny, kwargs, message):
     with pytest.raises(ValueError, match=message):
         Editor(tiny.model, tiny.tokenizer, EditConfig(**kwargs), unrelated_prompts=[])
+
+
+def test_adam_beta1_reaches_every_group(tiny):
+    editor = Editor(tiny.model, tiny.tokenizer, EditConfig(adam_beta1=0), unrelated_prompts=[])  # an int, as --set gives
+    groups = editor._optimizer(editor.new_interventions()).param_groups
+    assert len(groups) == 3 and all(group["betas"] == (0.0, 0.999) for group in groups)

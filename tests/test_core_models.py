@@ -2,8 +2,13 @@
 non-Llama family so that the cached-prefix training path runs on their layers too."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
+
+from baft_core import models
 
 from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model
 from baft_core.encoding import context_limit, teacher_forced
@@ -20,6 +25,31 @@ def test_load_model_tiny_identity(tiny, tiny_dir):
     assert tiny.identity.startswith(tiny_dir.name + "@")
     assert load_model(str(tiny_dir), device="cpu", dtype="float32").identity == tiny.identity  # stable
     assert next(tiny.model.parameters()).dtype == torch.float32
+
+
+def test_concurrent_cache_builds_run_once_and_keep_the_first(monkeypatch, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights")
+    builds = []
+
+    def slow_build(gguf, digest, target):  # the real build's contract: a complete directory
+        builds.append(target)
+        time.sleep(0.2)  # long enough for the other loader to arrive mid-build
+        target.mkdir()
+        (target / "complete").write_text("{}")
+
+    monkeypatch.setattr(models, "_build_cache", slow_build)
+    results = []
+    loaders = [
+        threading.Thread(target=lambda: results.append(models._dequantised_cache(gguf, tmp_path / "cache")))
+        for _ in range(2)
+    ]
+    for loader in loaders:
+        loader.start()
+    for loader in loaders:
+        loader.join()
+    assert len(builds) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (results[0][0] / "complete").is_file()
 
 
 @pytest.mark.parametrize(
