@@ -98,19 +98,20 @@ def main() -> None:
                 edits[name].append((result.seconds, result.steps))
                 steps[name].append(step)
     capabilities = torch.cpu.get_capabilities()
+    seconds = {name: [s for s, _ in edits[name]] for name in names}
     summary = {
         name: {
             "dtype": str(editors[name].model.dtype).removeprefix("torch."),
-            "edit_median_s": round(statistics.median(s for s, _ in edits[name]), 3),
-            "edit_mean_s": round(statistics.mean(s for s, _ in edits[name]), 3),
+            "edit_median_s": round(statistics.median(seconds[name]), 3),
+            "edit_mean_s": round(statistics.mean(seconds[name]), 3),
             "steps_mean": round(statistics.mean(n for _, n in edits[name]), 2),
-            "seconds_per_step": round(sum(s for s, _ in edits[name]) / sum(n for _, n in edits[name]), 4),
+            "seconds_per_step": round(sum(seconds[name]) / sum(n for _, n in edits[name]), 4),
             "training_step_median_ms": round(statistics.median(steps[name]) * 1000, 1),
         }
         for name in names
     }
     first, second = (summary[name] for name in names)
-    seconds = [[s for s, _ in edits[name]] for name in names]
+    paired = [seconds[name] for name in names]
     result = {
         "command": "python " + " ".join(sys.argv),
         "vary": args.vary,
@@ -122,16 +123,18 @@ def main() -> None:
         **summary,
         f"{ratio_name}_training_step": round(first["training_step_median_ms"] / second["training_step_median_ms"], 2),
         f"{ratio_name}_edit_median": round(first["edit_median_s"] / second["edit_median_s"], 2),
-        f"{ratio_name}_edit_median_95": bootstrap_ratio(*seconds, statistics.median),
+        f"{ratio_name}_edit_median_95": bootstrap_ratio(*paired, statistics.median),
         f"{ratio_name}_edit_mean": round(first["edit_mean_s"] / second["edit_mean_s"], 2),
-        f"{ratio_name}_edit_mean_95": bootstrap_ratio(*seconds, statistics.mean),
+        f"{ratio_name}_edit_mean_95": bootstrap_ratio(*paired, statistics.mean),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     # Each edit's time and steps under both variants, for other statistics than these.
     with open(Path(args.out).with_suffix(".edits.jsonl"), "w") as out:
         for pair in zip(*(edits[name] for name in names)):
-            out.write(json.dumps({f"{name}_{key}": value for name, (s, n) in zip(names, pair)
-                                  for key, value in (("seconds", round(s, 4)), ("steps", n))}) + "\n")
+            row = {}
+            for name, (s, n) in zip(names, pair):
+                row[f"{name}_seconds"], row[f"{name}_steps"] = round(s, 4), n
+            out.write(json.dumps(row) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -8,9 +8,7 @@ import time
 import pytest
 import torch
 
-from baft_core import models
-
-from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model
+from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model, models
 from baft_core.encoding import context_limit, teacher_forced
 from baft_core.models import resolve_dtype
 from baft_core.prefix_cache import CachedBatch
