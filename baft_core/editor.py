@@ -259,6 +259,12 @@ class Editor:
         optimizer.register_step_post_hook(
             lambda *_: [i.orthonormalize() for i in interventions.by_layer.values()]
         )
+        warmup = [float(f) for f in cfg.lr_warmup]
+        if warmup:  # step k runs at warmup[k] times each group's rate
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: warmup[step] if step < len(warmup) else 1.0
+            )
+            optimizer.register_step_post_hook(lambda *_: schedule.step())
         return optimizer
 
     def _train(

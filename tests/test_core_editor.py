@@ -181,6 +181,8 @@ def test_bad_inputs(tiny, editor):
         ({"lr": 0.0}, "lr"),
         ({"gate_lr": -1e-3}, "gate_lr"),
         ({"adam_beta1": 1.0}, "adam_beta1"),
+        ({"lr_warmup": [0.5, 0.0]}, "lr_warmup"),
+        ({"lr_warmup": 0.5}, "lr_warmup"),
     ],
 )
 def test_bad_config(tiny, kwargs, message):
@@ -192,3 +194,15 @@ def test_adam_beta1_reaches_every_group(tiny):
     editor = Editor(tiny.model, tiny.tokenizer, EditConfig(adam_beta1=0), unrelated_prompts=[])  # an int, as --set gives
     groups = editor._optimizer(editor.new_interventions()).param_groups
     assert len(groups) == 3 and all(group["betas"] == (0.0, 0.999) for group in groups)
+
+
+def test_lr_warmup_scales_the_first_steps(tiny):
+    config = EditConfig(lr_warmup=[0.25, 0.5])
+    editor = Editor(tiny.model, tiny.tokenizer, config, unrelated_prompts=[])
+    optimizer = editor._optimizer(editor.new_interventions())
+    rates = []
+    for _ in range(4):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+    full = [config.lr, config.lr, config.gate_lr]
+    assert rates == [[0.25 * r for r in full], [0.5 * r for r in full], full, full]
