@@ -161,8 +161,10 @@ $PY -m baft_core.bench --data $ZSRE --format zsre --mode single --edits 40 --thr
 $PY bench/repeat_baseline.py --out $OUT/repeat_baseline.json
 $PY bench/output_head_speed.py --out $OUT/output_head_speed.json
 # On an Intel Xeon with AMX-BF16 (another host, other rounding): BaFT against ReFT edit by edit,
-# and a learning-rate warm-up (fewer BaFT steps, less CounterFact generality).
-$PY bench/paired_speed.py --vary method --edits 100 --out $OUT/method_speed_amx.json
+# and a learning-rate warm-up (fewer BaFT steps, less CounterFact generality). The 100-edit
+# timing and the CounterFact runs were first written under /tmp/exp and copied here.
+$PY bench/paired_speed.py --vary method --edits 100 --out $OUT/ablation/method_speed_amx-100-first.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_amx.json
 cf100 defaults-amx; cf100 warmup0.3-0.6 --set 'lr_warmup=[0.3,0.6]'; wait
 cf100 warmup1-0.5 --set 'lr_warmup=[1,0.5]'; wait
 single40 warmup1-0.5 --set 'lr_warmup=[1,0.5]'; single40 warmup0.3-0.6 --set 'lr_warmup=[0.3,0.6]'; wait

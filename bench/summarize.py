@@ -117,6 +117,17 @@ ABLATION = {
         ("ablation/zsre-single-40-rank16-beta0.5", "rank 16, beta1 0.5"),
         ("ablation/zsre-single-40-rank12-beta0.5", "rank 12, beta1 0.5"),
     ],
+    "Learning-rate warm-up, one thread, on an Intel Xeon with AMX-BF16 (other rounding than the runs above): fewer BaFT steps, less generality (the CounterFact runs were copied from /tmp/exp/runs, where their commands wrote them; `bench/run.sh` writes them here)": [
+        ("ablation/counterfact-100-defaults-amx", "CounterFact, 100 continual: the defaults on this host"),
+        ("ablation/counterfact-100-warmup0.3-0.6", "`lr_warmup` [0.3, 0.6]: the first step at 0.3x the rate, the second at 0.6x"),
+        ("ablation/counterfact-100-warmup1-0.5", "`lr_warmup` [1, 0.5]: the second step at half the rate"),
+        ("ablation/zsre-single-40-defaults-amx", "ZsRE, 40 single edits: the defaults on this host"),
+        ("ablation/zsre-single-40-warmup0.3-0.6", "`lr_warmup` [0.3, 0.6]"),
+        ("ablation/zsre-single-40-warmup1-0.5", "`lr_warmup` [1, 0.5]"),
+        ("ablation/zsre-single-40-reft-amx", "ReFT (rank 12), its defaults"),
+        ("ablation/zsre-single-40-reft-warmup0.3-0.6", "ReFT, `lr_warmup` [0.3, 0.6]"),
+        ("ablation/zsre-single-40-reft-warmup1-0.5", "ReFT, `lr_warmup` [1, 0.5]"),
+    ],
     "ZsRE, 100 single edits": [
         ("zsre-single-100-baft", "rank 24, 1 continuation token (the defaults; two threads, alone)"),
         ("zsre-single-100-reft", "ReFT, rank 12 (two threads, alone, right after the defaults' run)"),
@@ -216,6 +227,7 @@ SPEED_SENTENCES = {
     "dtype_speed.json": _dtype_sentence,
     "dtype_speed_bf16host.json": _dtype_sentence,
     "method_speed.json": _method_sentence,
+    "method_speed_amx.json": _method_sentence,
 }
 
 
