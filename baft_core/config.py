@@ -159,7 +159,7 @@ class EditConfig:
         if min(self.lr, self.gate_lr) <= 0:
             raise ValueError("lr and gate_lr must be > 0")
         if not isinstance(self.lr_warmup, (list, tuple)) or not all(
-            isinstance(f, (int, float)) and 0 < f <= 1 for f in self.lr_warmup
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in self.lr_warmup
         ):
             raise ValueError("lr_warmup must be a list of factors in (0, 1]")
         if not 0 <= self.adam_beta1 < 1:

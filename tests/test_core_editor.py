@@ -183,6 +183,7 @@ def test_bad_inputs(tiny, editor):
         ({"adam_beta1": 1.0}, "adam_beta1"),
         ({"lr_warmup": [0.5, 0.0]}, "lr_warmup"),
         ({"lr_warmup": 0.5}, "lr_warmup"),
+        ({"lr_warmup": [True]}, "lr_warmup"),
     ],
 )
 def test_bad_config(tiny, kwargs, message):
