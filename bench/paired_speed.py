@@ -11,6 +11,7 @@ bootstrap over the edits (both variants made the same edits), for the median and
 steps are few and whole, so one or two edits more or less move the median.
 
     .venv/bin/python bench/paired_speed.py --vary method --out bench/results/method_speed.json
+    .venv/bin/python bench/paired_speed.py --vary method --set reft:rank=24 --out ...  # ReFT at BaFT's rank
 """
 from __future__ import annotations
 
@@ -70,11 +71,23 @@ def main() -> None:
     )
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], metavar="VARIANT:KEY=VALUE", help="EditConfig overrides of one variant")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ratio_name, settings = VARIES[args.vary]
     names = tuple(settings)
+    overrides = {name: {} for name in names}
+    for item in args.set:
+        name, _, assignment = item.partition(":")
+        key, _, raw = assignment.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: the value is not JSON")
+        if name not in overrides or key not in EditConfig.__dataclass_fields__:
+            parser.error(f"--set {item!r}: expected VARIANT:KEY=VALUE, VARIANT one of {names}, KEY an EditConfig field")
+        overrides[name][key] = value
     warm = 2  # the first edits warm up the kernels
     records = [r for path in args.data for r in load_edits(path, "zsre", skip_invalid=True)]
     edited, rest = records[: args.edits + warm], records[args.edits + warm :]
@@ -83,7 +96,10 @@ def main() -> None:
     for name in names:
         dtype, method = settings[name]
         loaded = load_model(dtype=dtype)
-        editors[name] = Editor(loaded.model, loaded.tokenizer, EditConfig(method=method), unrelated)
+        config = EditConfig(method=method)
+        for key, value in overrides[name].items():
+            setattr(config, key, value)
+        editors[name] = Editor(loaded.model, loaded.tokenizer, config, unrelated)  # validates it
         editors[name].unrelated_features()  # built once, outside the timings
     edits = {name: [] for name in names}
     steps = {name: [] for name in names}
@@ -120,6 +136,7 @@ def main() -> None:
         "cpu": capabilities.get("cpu_name"),
         "cpu_bf16_features": {name: bool(capabilities.get(name)) for name in NATIVE_BF16},
         "auto_dtype": str(resolve_dtype(None, torch.device("cpu"))),
+        "overrides": overrides,
         **summary,
         f"{ratio_name}_training_step": round(first["training_step_median_ms"] / second["training_step_median_ms"], 2),
         f"{ratio_name}_edit_median": round(first["edit_median_s"] / second["edit_median_s"], 2),

@@ -165,6 +165,8 @@ $PY bench/output_head_speed.py --out $OUT/output_head_speed.json
 # timing and the CounterFact runs were first written under /tmp/exp and copied here.
 $PY bench/paired_speed.py --vary method --edits 100 --out $OUT/ablation/method_speed_amx-100-first.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_amx.json
+# ... and against ReFT at BaFT's rank (24): what BaFT's own machinery costs
+$PY bench/paired_speed.py --vary method --edits 200 --set reft:rank=24 --out $OUT/ablation/method_speed_amx-reft-rank24.json
 cf100 defaults-amx; cf100 warmup0.3-0.6 --set 'lr_warmup=[0.3,0.6]'; wait
 cf100 warmup1-0.5 --set 'lr_warmup=[1,0.5]'; wait
 single40 warmup1-0.5 --set 'lr_warmup=[1,0.5]'; single40 warmup0.3-0.6 --set 'lr_warmup=[0.3,0.6]'; wait
