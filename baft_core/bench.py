@@ -58,15 +58,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> EditConfig:
-    config = EditConfig(method=args.method, seed=args.seed)
-    for item in args.set:
+def apply_overrides(config: EditConfig, assignments: list[str]) -> EditConfig:
+    """Sets `KEY=VALUE` items (VALUE in JSON) on `config` and validates it; ValueError naming
+    the item otherwise."""
+    for item in assignments:
         key, _, raw = item.partition("=")
         if key not in EditConfig.__dataclass_fields__:
-            raise SystemExit(f"--set: EditConfig has no field {key!r}")
-        setattr(config, key, json.loads(raw))
+            raise ValueError(f"--set: EditConfig has no field {key!r}")
+        try:
+            setattr(config, key, json.loads(raw))
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {item!r}: the value is not JSON") from None
     config.validate()
     return config
+
+
+def build_config(args: argparse.Namespace) -> EditConfig:
+    try:
+        return apply_overrides(EditConfig(method=args.method, seed=args.seed), args.set)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def checkpoints(n: int) -> list[int]:

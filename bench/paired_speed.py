@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from baft_core import EditConfig, Editor, load_model
-from baft_core.bench import unrelated_pool
+from baft_core.bench import apply_overrides, unrelated_pool
 from baft_core.data import load_edits
 from baft_core.models import NATIVE_BF16, resolve_dtype
 from baft_core.objective import target_cross_entropy
@@ -77,29 +77,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ratio_name, settings = VARIES[args.vary]
     names = tuple(settings)
-    overrides = {name: {} for name in names}
+    assignments = {name: [] for name in names}
     for item in args.set:
         name, _, assignment = item.partition(":")
-        key, _, raw = assignment.partition("=")
+        if name not in assignments:
+            parser.error(f"--set {item!r}: expected VARIANT:KEY=VALUE with VARIANT one of {names}")
+        assignments[name].append(assignment)
+    configs = {}
+    for name in names:  # checked before any model is loaded
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            parser.error(f"--set {item!r}: the value is not JSON")
-        if name not in overrides or key not in EditConfig.__dataclass_fields__:
-            parser.error(f"--set {item!r}: expected VARIANT:KEY=VALUE, VARIANT one of {names}, KEY an EditConfig field")
-        overrides[name][key] = value
+            configs[name] = apply_overrides(EditConfig(method=settings[name][1]), assignments[name])
+        except ValueError as error:
+            parser.error(str(error))
+    keys = {name: [a.partition("=")[0] for a in assignments[name]] for name in names}
+    overrides = {name: {key: getattr(configs[name], key) for key in keys[name]} for name in names}
     warm = 2  # the first edits warm up the kernels
     records = [r for path in args.data for r in load_edits(path, "zsre", skip_invalid=True)]
     edited, rest = records[: args.edits + warm], records[args.edits + warm :]
     unrelated = unrelated_pool("heldout", 200, 0, edited, rest)
     editors = {}
     for name in names:
-        dtype, method = settings[name]
-        loaded = load_model(dtype=dtype)
-        config = EditConfig(method=method)
-        for key, value in overrides[name].items():
-            setattr(config, key, value)
-        editors[name] = Editor(loaded.model, loaded.tokenizer, config, unrelated)  # validates it
+        loaded = load_model(dtype=settings[name][0])
+        editors[name] = Editor(loaded.model, loaded.tokenizer, configs[name], unrelated)
         editors[name].unrelated_features()  # built once, outside the timings
     edits = {name: [] for name in names}
     steps = {name: [] for name in names}

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from baft_core import bench
+import pytest
+
+from baft_core import EditConfig, bench
 
 from conftest import DATA
 
@@ -27,3 +29,17 @@ def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):
     shares = summary["gates_open"]
     assert shares and all(0 <= v <= 1 for per_layer in shares.values() for v in per_layer.values())
     assert len((out / "edits.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "assignments, message",
+    [(["rnk=3"], "no field 'rnk'"), (["rank=3x"], "not JSON"), (["rank=0"], "rank must be"), (["lr_warmup=[2]"], "lr_warmup")],
+)
+def test_bad_overrides_are_named(assignments, message):
+    with pytest.raises(ValueError, match=message):
+        bench.apply_overrides(EditConfig(), assignments)
+
+
+def test_overrides_take_json_values():
+    config = bench.apply_overrides(EditConfig(), ["rank=16", "lr_warmup=[0.5]", "route_margin=null"])
+    assert (config.rank, config.lr_warmup, config.route_margin) == (16, [0.5], None)
