@@ -24,12 +24,13 @@ ROUTE_CONTEXTS = ("The following is true.", "I read this yesterday.", "Here is a
 @dataclass
 class EditConfig:
     method: Method = "baft"  # "reft" is BaFT with every gate fixed at 1
-    # Bases per block and layer. None: 24 for BaFT's block per edit, the paper's 12 for ReFT's
-    # one block holding every edit. On 100 single CounterFact edits generality rose with the rank
-    # (4: 0.57, 8: 0.63, 12: 0.73, 16: 0.82, 24: 0.85) at locality 1.00; the price is ZsRE
-    # portability (0.30 at rank 4, 0.18 at 24), the answer said again more often after itself, and
-    # 6x the stored values per edit (bench/results/ablation.md).
-    rank: int | None = None
+    # Bases per block and layer, the same for both methods: ReFT is BaFT with W = I, so a
+    # comparison of the two measures the gates, not a rank. On 100 single CounterFact edits
+    # generality rose with the rank (4: 0.57, 8: 0.63, 12: 0.73, 16: 0.82, 24: 0.85) at locality
+    # 1.00; the price is ZsRE portability (0.30 at rank 4, 0.18 at 24), the answer said again more
+    # often after itself, and 6x the stored values per edit (bench/results/ablation.md). ReFT ran
+    # at the paper's 12 before; those runs are kept there (`--set rank=12`).
+    rank: int = 24
     layers: list[int] | None = None  # None: DEFAULT_LAYER_FRACTIONS of the model's depth
     prompt_positions: int = 3  # P: last prompt positions that are intervened
 
@@ -116,11 +117,8 @@ class EditConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        gated = self.method == "baft"
-        if self.rank is None:
-            self.rank = 24 if gated else 12
         if self.block_edits is None:
-            self.block_edits = 1 if gated else 0
+            self.block_edits = 1 if self.method == "baft" else 0
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         if self.layers is not None:
@@ -142,8 +140,8 @@ class EditConfig:
     def validate(self) -> None:
         if self.method not in ("baft", "reft"):
             raise ValueError(f"unknown method {self.method!r}: expected 'baft' or 'reft'")
-        if self.rank < 1:
-            raise ValueError("rank must be >= 1")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError("rank must be an integer >= 1")
         if self.prompt_positions < 1:
             raise ValueError("prompt_positions must be >= 1")
         if min(self.block_edits, self.replay_size, self.negative_edits, self.continuation_tokens) < 0:

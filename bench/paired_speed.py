@@ -11,7 +11,7 @@ bootstrap over the edits (both variants made the same edits), for the median and
 steps are few and whole, so one or two edits more or less move the median.
 
     .venv/bin/python bench/paired_speed.py --vary method --out bench/results/method_speed.json
-    .venv/bin/python bench/paired_speed.py --vary method --set reft:rank=24 --out ...  # ReFT at BaFT's rank
+    .venv/bin/python bench/paired_speed.py --vary method --set reft:rank=12 --out ...  # ReFT at the paper's rank
 """
 from __future__ import annotations
 
@@ -117,6 +117,7 @@ def main() -> None:
     summary = {
         name: {
             "dtype": str(editors[name].model.dtype).removeprefix("torch."),
+            "rank": editors[name].config.rank,
             "edit_median_s": round(statistics.median(seconds[name]), 3),
             "edit_mean_s": round(statistics.mean(seconds[name]), 3),
             "steps_mean": round(statistics.mean(n for _, n in edits[name]), 2),

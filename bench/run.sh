@@ -10,36 +10,39 @@ CF_VAL="$DATA/counterfact/counterfact_val.json"
 CF_TRAIN="$DATA/counterfact/counterfact_train.json"
 OUT=bench/results
 val_files() { if [ "$1" = zsre ]; then echo $ZSRE; else echo $CF_VAL; fi; }  # ZsRE or CounterFact val
+# ReFT ran at the paper's rank 12 until it took BaFT's rank 24 (ReFT is BaFT with W = I): the
+# ReFT runs made before get it back here.
+rank12() { if [ "$1" = reft ]; then echo "--set rank=12"; fi; }
 
-# Single edits: speed (timed alone, two threads) and quality.
-for method in baft reft; do
-  $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
-    --out $OUT/zsre-single-100-$method
-done
+# Single edits: speed (timed alone, two threads) and quality; ReFT at rank 12.
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --out $OUT/zsre-single-100-baft
+$PY -m baft_core.bench --data $ZSRE --format zsre --method reft --mode single --edits 100 \
+  --set rank=12 --out $OUT/ablation/zsre-single-100-reft-rank12
 # ... and again in the other order: the machine's speed drifts between runs.
 for method in reft baft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
-    --out $OUT/ablation/zsre-single-100-$method-second
+    $(rank12 $method) --out $OUT/ablation/zsre-single-100-$method-second
 done
 # The same pair in fp32 (what `auto` picks on a CPU without bf16 arithmetic, where they were made),
 # and bf16 against fp32 per step on that CPU (made by this script's earlier name, dtype_speed.py,
 # whose gates learned from the built-in unrelated pool).
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
-    --dtype float32 --out $OUT/ablation/zsre-single-100-$method-fp32host
+    --dtype float32 $(rank12 $method) --out $OUT/ablation/zsre-single-100-$method-fp32host
 done
 $PY bench/paired_speed.py --vary dtype --out $OUT/dtype_speed.json
 # On a CPU with bf16 arithmetic (AVX512-BF16): the pair in both orders, then BaFT against ReFT
 # and bf16 against fp32, each edit by edit in one run (what the ratio is read from).
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
-    --dtype bfloat16 --out $OUT/ablation/zsre-single-100-$method-bf16host
+    --dtype bfloat16 $(rank12 $method) --out $OUT/ablation/zsre-single-100-$method-bf16host
 done
 for method in reft baft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode single --edits 100 \
-    --dtype bfloat16 --out $OUT/ablation/zsre-single-100-$method-bf16host-second
+    --dtype bfloat16 $(rank12 $method) --out $OUT/ablation/zsre-single-100-$method-bf16host-second
 done
-$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed.json
+$PY bench/paired_speed.py --vary method --edits 200 --set reft:rank=12 --out $OUT/ablation/method_speed-reft-rank12.json
 $PY bench/paired_speed.py --vary dtype --out $OUT/dtype_speed_bf16host.json
 for data in zsre counterfact; do
   $PY -m baft_core.bench --data $(val_files $data) --format $data --mode continual --edits 100 --threads 1 \
@@ -59,24 +62,27 @@ for data in zsre counterfact; do
     --set 'layers=[22,26]' --out $OUT/ablation/$data-single-30-layers2 &
   wait
 done
-# Continual, 100 edits: ZsRE and CounterFact side by side, one thread each.
-for method in baft reft; do
-  $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 100 \
-    --threads 1 --out $OUT/zsre-continual-100-$method &
-  $PY -m baft_core.bench --data $CF_VAL --format counterfact --method $method --mode continual --edits 100 \
-    --threads 1 --out $OUT/counterfact-continual-100-$method &
-  wait
+# Continual, 100 edits: ZsRE and CounterFact side by side, one thread each (ReFT at rank 12).
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode continual --edits 100 \
+  --threads 1 --out $OUT/zsre-continual-100-baft &
+$PY -m baft_core.bench --data $CF_VAL --format counterfact --method baft --mode continual --edits 100 \
+  --threads 1 --out $OUT/counterfact-continual-100-baft &
+wait
+for data in zsre counterfact; do
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --method reft --mode continual --edits 100 \
+    --threads 1 --set rank=12 --out $OUT/ablation/$data-continual-100-reft-rank12 &
 done
+wait
 # Batched: 100 edits in batches of 10.
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode batched --edits 100 --batch-size 10 \
   --out $OUT/zsre-batched-100-baft
-# Continual, 1000 edits (issue 4): BaFT (a block per edit) and ReFT (one block), ZsRE and
-# CounterFact, side by side on one thread each.
+# Continual, 1000 edits (issue 4): BaFT (a block per edit) and ReFT (one block of rank 12), ZsRE
+# and CounterFact, side by side on one thread each.
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 1000 \
-    --threads 1 --out $OUT/zsre-continual-1000-$method &
+    --threads 1 $(rank12 $method) --out $OUT/zsre-continual-1000-$method &
   $PY -m baft_core.bench --data $CF_TRAIN --format counterfact --method $method --mode continual \
-    --edits 1000 --threads 1 --out $OUT/counterfact-continual-1000-$method &
+    --edits 1000 --threads 1 $(rank12 $method) --out $OUT/counterfact-continual-1000-$method &
   wait
 done
 # The paper's layout for comparison: one block for all edits, no replay.
@@ -108,7 +114,7 @@ single_cf() {  # folder suffix, bench arguments...
   $PY -m baft_core.bench --data $CF_VAL --format counterfact --mode single --edits 100 --threads 1 \
     "$@" --out $OUT/ablation/counterfact-single-100-$name &
 }
-single_cf rank4 --set rank=4; single_cf reft --method reft; wait
+single_cf rank4 --set rank=4; single_cf reft --method reft --set rank=12; wait
 single_cf rank8 --set rank=8; single_cf rank12 --set rank=12; wait
 single_cf rank16 --set rank=16; single_cf rank24 --set rank=24; wait
 single_cf lr0.003 --set lr=0.003; wait
@@ -138,9 +144,9 @@ cf100 lr0.00707 --set lr=0.00707; cf100 lr0.00707-beta0.5 --set lr=0.00707 adam_
 cf100 rank12-beta0.5 --set rank=12 adam_beta1=0.5; cf100 rank16-beta0.5 --set rank=16 adam_beta1=0.5; wait
 cf100 rank32-lr0.0061-beta0.5 --set rank=32 lr=0.0061 adam_beta1=0.5
 $PY -m baft_core.bench --data $ZSRE --format zsre --method reft --mode continual --edits 100 --threads 1 \
-  --set lr=0.0085 adam_beta1=0.5 --out $OUT/ablation/zsre-100-reft-lr0.0085-beta0.5 &
+  --set rank=12 lr=0.0085 adam_beta1=0.5 --out $OUT/ablation/zsre-100-reft-lr0.0085-beta0.5 &
 wait
-cf100 reft-lr0.0085-beta0.5 --method reft --set lr=0.0085 adam_beta1=0.5; wait
+cf100 reft-lr0.0085-beta0.5 --method reft --set rank=12 lr=0.0085 adam_beta1=0.5; wait
 $PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --edits 100 \
   --out $OUT/ablation/counterfact-100-defaults-2threads  # the defaults, two threads: other numerics
 single40() {  # folder suffix, bench arguments... (ZsRE)
@@ -163,13 +169,23 @@ $PY bench/output_head_speed.py --out $OUT/output_head_speed.json
 # On an Intel Xeon with AMX-BF16 (another host, other rounding): BaFT against ReFT edit by edit,
 # and a learning-rate warm-up (fewer BaFT steps, less CounterFact generality). The 100-edit
 # timing and the CounterFact runs were first written under /tmp/exp and copied here.
-$PY bench/paired_speed.py --vary method --edits 100 --out $OUT/ablation/method_speed_amx-100-first.json
-$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_amx.json
-# ... and against ReFT at BaFT's rank (24): what BaFT's own machinery costs
+$PY bench/paired_speed.py --vary method --edits 100 --set reft:rank=12 --out $OUT/ablation/method_speed_amx-100-first.json
+$PY bench/paired_speed.py --vary method --edits 200 --set reft:rank=12 --out $OUT/ablation/method_speed_amx-reft-rank12.json
+# ... and against ReFT at BaFT's rank (24; its default now): what BaFT's own machinery costs
 $PY bench/paired_speed.py --vary method --edits 200 --set reft:rank=24 --out $OUT/ablation/method_speed_amx-reft-rank24.json
 cf100 defaults-amx; cf100 warmup0.3-0.6 --set 'lr_warmup=[0.3,0.6]'; wait
 cf100 warmup1-0.5 --set 'lr_warmup=[1,0.5]'; wait
 single40 warmup1-0.5 --set 'lr_warmup=[1,0.5]'; single40 warmup0.3-0.6 --set 'lr_warmup=[0.3,0.6]'; wait
-single40 reft-amx --method reft; single40 reft-warmup1-0.5 --method reft --set 'lr_warmup=[1,0.5]'; wait
-single40 defaults-amx; single40 reft-warmup0.3-0.6 --method reft --set 'lr_warmup=[0.3,0.6]'; wait
+single40 reft-amx --method reft --set rank=12; single40 reft-warmup1-0.5 --method reft --set rank=12 'lr_warmup=[1,0.5]'; wait
+single40 defaults-amx; single40 reft-warmup0.3-0.6 --method reft --set rank=12 'lr_warmup=[0.3,0.6]'; wait
+# On an AMD EPYC with AVX2 only (fp32): BaFT against ReFT at the same rank (24, ReFT's default
+# since it became BaFT with W = I in everything but the gates), edit by edit, then ReFT's runs.
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed.json
+for data in zsre counterfact; do
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --method reft --mode continual --edits 100 \
+    --threads 1 --out $OUT/$data-continual-100-reft &
+done
+wait
+$PY -m baft_core.bench --data $ZSRE --format zsre --method reft --mode single --edits 100 \
+  --out $OUT/zsre-single-100-reft
 $PY bench/summarize.py

@@ -6,6 +6,7 @@ runs (bench/results/ablation/ and the main runs it names) into bench/results/abl
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,7 +36,8 @@ ABLATION = {
         ("zsre-continual-100-baft", "... 1 unedited token after it (the defaults)"),
         ("ablation/zsre-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the CounterFact run)"),
         ("ablation/zsre-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the CounterFact run)"),
-        ("zsre-continual-100-reft", "ReFT, one block of rank 12, no replay"),
+        ("ablation/zsre-continual-100-reft-rank12", "ReFT, one block of rank 12 (its default then), no replay"),
+        ("zsre-continual-100-reft", "ReFT, one block of rank 24 (BaFT's rank, its default now), no replay; fp32, AVX2-only host"),
     ],
     "CounterFact val, 100 continual edits": [
         ("ablation/counterfact-100-block1-gated-unrouted", "a block per edit, gated, cut 0.1 (the defaults before routing)"),
@@ -53,7 +55,8 @@ ABLATION = {
         ("counterfact-continual-100-baft", "... 1 unedited token after it (the defaults)"),
         ("ablation/counterfact-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the ZsRE run)"),
-        ("counterfact-continual-100-reft", "ReFT, one block of rank 12, no replay"),
+        ("ablation/counterfact-continual-100-reft-rank12", "ReFT, one block of rank 12 (its default then), no replay"),
+        ("counterfact-continual-100-reft", "ReFT, one block of rank 24 (BaFT's rank, its default now), no replay; fp32, AVX2-only host"),
     ],
     "ZsRE, 40 single edits, rank 4: the time of an edit before and after one unedited pass per edit and 2-D output-head calls (run side by side, one thread each; `before` from a checkout of d6992c4)": [
         ("ablation/zsre-single-40-before", "d6992c4: continuation decoding through `logits_to_keep=1`, three unedited passes per training batch"),
@@ -130,8 +133,8 @@ ABLATION = {
     ],
     "ZsRE, 100 single edits": [
         ("zsre-single-100-baft", "rank 24, 1 continuation token (the defaults; two threads, alone)"),
-        ("zsre-single-100-reft", "ReFT, rank 12 (two threads, alone, right after the defaults' run)"),
-        ("ablation/zsre-single-100-reft-second", "ReFT again, run first this time (two threads, alone)"),
+        ("ablation/zsre-single-100-reft-rank12", "ReFT, rank 12, its default then (two threads, alone, right after the defaults' run)"),
+        ("ablation/zsre-single-100-reft-second", "ReFT (rank 12) again, run first this time (two threads, alone)"),
         ("ablation/zsre-single-100-baft-second", "the defaults again, right after the run above"),
         ("ablation/zsre-single-100-baft-eb851a4", "rank 24, 4 continuation tokens, eb851a4 (two threads, alone, hours earlier)"),
         ("ablation/zsre-single-100-reft-eb851a4", "ReFT, eb851a4 (right after the run above)"),
@@ -143,6 +146,7 @@ ABLATION = {
         ("ablation/zsre-single-100-baft-bf16host-second", "the defaults again, right after the run above"),
         ("ablation/zsre-single-100-rank4", "rank 4, d6992c4 (the defaults then; two threads, alone, earlier in the day)"),
         ("ablation/zsre-single-100-reft-d6992c4", "ReFT, d6992c4 (right after the run above)"),
+        ("zsre-single-100-reft", "ReFT at BaFT's rank 24, its default now (fp32, an AMD EPYC with AVX2 only; two threads, alone)"),
     ],
     "1000 continual edits (ZsRE both files; CounterFact train)": [
         ("zsre-continual-1000-baft-oneblock", "ZsRE: one block for all edits (the paper's layout), rank 12, no replay"),
@@ -205,10 +209,10 @@ def _dtype_sentence(s: dict) -> str:
     )
 
 
-def _method_sentence(s: dict) -> str:
+def _method_sentence(s: dict, reft_rank: str) -> str:
     baft, reft = s["baft"], s["reft"]
     return (
-        f"BaFT against ReFT, {s['edits']} single ZsRE edits alternating edit by edit in one run "
+        f"BaFT against ReFT {reft_rank}, {s['edits']} single ZsRE edits alternating edit by edit in one run "
         f"({s['cpu']}, {baft['dtype']}, `{s['command']}`): a whole edit {baft['edit_median_s']:.3f} s vs "
         f"{reft['edit_median_s']:.3f} s (median, **{s['baft_over_reft_edit_median']:.2f}x**, 95% interval "
         f"{s['baft_over_reft_edit_median_95'][0]:.2f}-{s['baft_over_reft_edit_median_95'][1]:.2f}; "
@@ -226,8 +230,10 @@ SPEED_SENTENCES = {
     "unedited_pass_speed.json": _unedited_pass_sentence,
     "dtype_speed.json": _dtype_sentence,
     "dtype_speed_bf16host.json": _dtype_sentence,
-    "method_speed.json": _method_sentence,
-    "method_speed_amx.json": _method_sentence,
+    "method_speed.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default)"),
+    "ablation/method_speed_amx-reft-rank24.json": partial(_method_sentence, reft_rank="at BaFT's rank 24"),
+    "ablation/method_speed-reft-rank12.json": partial(_method_sentence, reft_rank="at the paper's rank 12 (its default then)"),
+    "ablation/method_speed_amx-reft-rank12.json": partial(_method_sentence, reft_rank="at the paper's rank 12 (its default then)"),
 }
 
 
@@ -256,6 +262,10 @@ def main() -> None:
         "",
         "Folders named `*-oneblock` were made with the earlier defaults: one block of rank 12 for all",
         "edits (and, in the 100-edit runs, replay of 32 earlier edits).",
+        "",
+        "ReFT ran at the paper's rank 12 until it took BaFT's rank 24 (ReFT is BaFT with W = I). Its",
+        "main runs from before were moved to `ablation/*-reft-rank12*` (the 1000-edit ones stay, at",
+        "rank 12), and their commands name the paths they were written to.",
         "",
         "`blocks`: edits per block (0: one block for all edits, the paper's layout); `threads`: 1",
         "where two runs shared the two cores, so their times are not comparable with 2-thread runs.",
@@ -316,6 +326,8 @@ def write_ablation() -> None:
         "are the defaults of commit 27b5801 (their commands wrote to the main folders then); the `rank4`",
         "runs are the defaults of commit d6992c4, moved here when the default rank became 24 (their",
         "commands name the main folders they were written to; `--set rank=4` repeats them now).",
+        "ReFT ran at the paper's rank 12 until it took BaFT's rank 24 (ReFT is BaFT with W = I); its",
+        "runs from before say so in the `rank` column, and `bench/run.sh` repeats them with `--set rank=12`.",
         "`rep`: the answer comes again in the 16 greedy tokens after it (runs before the metric: -).",
         "`routing`: rephrases that open their own edit's block / locality prompts that open any block.",
     ]
@@ -332,8 +344,8 @@ def write_ablation() -> None:
             "",
             f"## {title}",
             "",
-            "| run | lever | " + " | ".join(COLUMNS) + " | routing | steps | s/edit | threads |",
-            "|" + "---|" * (len(COLUMNS) + 6),
+            "| run | lever | " + " | ".join(COLUMNS) + " | routing | steps | s/edit | rank | threads |",
+            "|" + "---|" * (len(COLUMNS) + 7),
         ]
         for folder, lever in runs:
             path = RESULTS / folder / "summary.json"
@@ -348,7 +360,8 @@ def write_ablation() -> None:
             )
             lines.append(
                 f"| [{folder}]({folder}/report.md) | {lever} | " + " | ".join(fmt(s.get(c)) for c in COLUMNS)
-                + f" | {routed} | {s['steps_mean']:.2f} | {s['sec_per_edit_median']:.3f} | {s['threads']} |"
+                + f" | {routed} | {s['steps_mean']:.2f} | {s['sec_per_edit_median']:.3f} | {s['config']['rank']} "
+                f"| {s['threads']} |"
             )
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 

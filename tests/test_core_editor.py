@@ -171,6 +171,8 @@ def test_bad_inputs(tiny, editor):
     [
         ({"method": "lora"}, "unknown method"),
         ({"rank": 0}, "rank"),
+        ({"rank": None}, "rank"),
+        ({"rank": 2.5}, "rank"),
         ({"alpha": 0.1, "beta": 0.05}, "alpha"),
         ({"layers": [7]}, "out of range"),
         ({"route_layer": 3, "layers": [1, 2]}, "route_layer"),
@@ -207,3 +209,9 @@ def test_lr_warmup_scales_the_first_steps(tiny):
         optimizer.step()
     full = [config.lr, config.lr, config.gate_lr]
     assert rates == [[0.25 * r for r in full], [0.5 * r for r in full], full, full]
+
+
+def test_reft_defaults_differ_from_baft_only_in_the_gates():
+    # ReFT is BaFT with W = I: same rank, layers and optimiser; its ungated edits share one block.
+    baft, reft = EditConfig().to_dict(), EditConfig(method="reft").to_dict()
+    assert {key for key in baft if baft[key] != reft[key]} == {"method", "block_edits"}
