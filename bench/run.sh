@@ -188,4 +188,19 @@ done
 wait
 $PY -m baft_core.bench --data $ZSRE --format zsre --method reft --mode single --edits 100 \
   --out $OUT/zsre-single-100-reft
+# On an AMD EPYC with AVX512-BF16: fp16 weights with fp32 arithmetic (FBGEMM), `auto` on
+# x86 since, against fp32 and bf16, against fp32 with every kernel library capped at AVX2, and
+# BaFT against ReFT on them, each edit by edit; then the default runs on fp16 weights.
+$PY bench/paired_speed.py --vary weights --edits 200 --out $OUT/weights_speed.json
+$PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/weights_speed_vs_bf16.json
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+  $PY bench/paired_speed.py --vary weights --edits 200 --out $OUT/ablation/weights_speed-avx2-isa.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_fp16weights.json
+for data in zsre counterfact; do
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
+    --threads 1 --dtype fp16-weights --out $OUT/ablation/$data-continual-100-baft-fp16weights &
+done
+wait
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --dtype fp16-weights --out $OUT/ablation/zsre-single-100-baft-fp16weights
 $PY bench/summarize.py

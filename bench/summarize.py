@@ -35,6 +35,7 @@ ABLATION = {
         ("ablation/zsre-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("zsre-continual-100-baft", "... 1 unedited token after it (the defaults)"),
         ("ablation/zsre-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the CounterFact run)"),
+        ("ablation/zsre-continual-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC, beside the CounterFact run)"),
         ("ablation/zsre-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the CounterFact run)"),
         ("ablation/zsre-continual-100-reft-rank12", "ReFT, one block of rank 12 (its default then), no replay"),
         ("zsre-continual-100-reft", "ReFT, one block of rank 24 (BaFT's rank, its default now), no replay; fp32, AVX2-only host"),
@@ -54,6 +55,7 @@ ABLATION = {
         ("ablation/counterfact-100-rank24-ct4", "rank 24, KL over the answer's last position and 4 unedited tokens after it (the defaults until eb851a4)"),
         ("counterfact-continual-100-baft", "... 1 unedited token after it (the defaults)"),
         ("ablation/counterfact-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the ZsRE run)"),
+        ("ablation/counterfact-continual-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC, beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-reft-rank12", "ReFT, one block of rank 12 (its default then), no replay"),
         ("counterfact-continual-100-reft", "ReFT, one block of rank 24 (BaFT's rank, its default now), no replay; fp32, AVX2-only host"),
@@ -147,6 +149,7 @@ ABLATION = {
         ("ablation/zsre-single-100-rank4", "rank 4, d6992c4 (the defaults then; two threads, alone, earlier in the day)"),
         ("ablation/zsre-single-100-reft-d6992c4", "ReFT, d6992c4 (right after the run above)"),
         ("zsre-single-100-reft", "ReFT at BaFT's rank 24, its default now (fp32, an AMD EPYC with AVX2 only; two threads, alone)"),
+        ("ablation/zsre-single-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC with AVX512-BF16, two threads, alone)"),
     ],
     "1000 continual edits (ZsRE both files; CounterFact train)": [
         ("zsre-continual-1000-baft-oneblock", "ZsRE: one block for all edits (the paper's layout), rank 12, no replay"),
@@ -209,6 +212,22 @@ def _dtype_sentence(s: dict) -> str:
     )
 
 
+def _weights_sentence(s: dict) -> str:
+    ours, (other_name, other) = s["fp16-weights"], next((k, v) for k, v in s.items() if k in ("float32", "bfloat16"))
+    ratio = f"fp16_weights_over_{'fp32' if other_name == 'float32' else 'bf16'}"
+    caps = f", kernels capped by {', '.join(f'{k}={v}' for k, v in s['isa_limits'].items())}" if s.get("isa_limits") else ""
+    return (
+        f"fp16 weights with fp32 arithmetic (FBGEMM) against {other_name}, {s['edits']} single ZsRE edits "
+        f"alternating edit by edit in one run ({s['cpu']}{caps}, `{s['command']}`): a whole edit "
+        f"{ours['edit_median_s']:.3f} s vs {other['edit_median_s']:.3f} s (median, **{s[ratio + '_edit_median']:.2f}x**, "
+        f"95% interval {s[ratio + '_edit_median_95'][0]:.2f}-{s[ratio + '_edit_median_95'][1]:.2f}; "
+        f"{ours['steps_mean']:.2f} vs {other['steps_mean']:.2f} steps), the mean **{s[ratio + '_edit_mean']:.2f}x** "
+        f"({s[ratio + '_edit_mean_95'][0]:.2f}-{s[ratio + '_edit_mean_95'][1]:.2f}), a training step "
+        f"{ours['training_step_median_ms']:.0f} ms vs {other['training_step_median_ms']:.0f} ms "
+        f"({s[ratio + '_training_step']:.2f}x)."
+    )
+
+
 def _method_sentence(s: dict, reft_rank: str) -> str:
     baft, reft = s["baft"], s["reft"]
     return (
@@ -230,7 +249,11 @@ SPEED_SENTENCES = {
     "unedited_pass_speed.json": _unedited_pass_sentence,
     "dtype_speed.json": _dtype_sentence,
     "dtype_speed_bf16host.json": _dtype_sentence,
-    "method_speed.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default)"),
+    "weights_speed.json": _weights_sentence,
+    "weights_speed_vs_bf16.json": _weights_sentence,
+    "ablation/weights_speed-avx2-isa.json": _weights_sentence,
+    "method_speed_fp16weights.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default), on fp16 weights (`auto` on x86 now)"),
+    "method_speed.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default), fp32 (`auto` then on that host)"),
     "ablation/method_speed_amx-reft-rank24.json": partial(_method_sentence, reft_rank="at BaFT's rank 24"),
     "ablation/method_speed-reft-rank12.json": partial(_method_sentence, reft_rank="at the paper's rank 12 (its default then)"),
     "ablation/method_speed_amx-reft-rank12.json": partial(_method_sentence, reft_rank="at the paper's rank 12 (its default then)"),
@@ -255,13 +278,17 @@ def main() -> None:
     lines = [
         "# Benchmark results",
         "",
-        "Bundled SmolLM2-135M-Instruct (bf16 unless a summary notes fp32, interventions fp32), two CPU cores unless a",
+        "Bundled SmolLM2-135M-Instruct (bf16 unless a summary notes fp32 or fp16-weights, interventions fp32), two CPU cores unless a",
         "summary says `threads: 1` (runs made side by side). Every run's exact command is in its",
         "`summary.json` and `report.md`; `bench/run.sh` re-runs them all. Regenerate this table with",
         "`.venv/bin/python bench/summarize.py`.",
         "",
         "Folders named `*-oneblock` were made with the earlier defaults: one block of rank 12 for all",
         "edits (and, in the 100-edit runs, replay of 32 earlier edits).",
+        "",
+        "`auto` runs x86 CPUs on fp16 weights with fp32 arithmetic (`fp16-weights`) since that was",
+        "measured faster than bf16 and fp32; the main runs were made before, in bf16 (fp32 where noted),",
+        "and their `ablation/*-fp16weights` twins on fp16 weights.",
         "",
         "ReFT ran at the paper's rank 12 until it took BaFT's rank 24 (ReFT is BaFT with W = I). Its",
         "main runs from before were moved to `ablation/*-reft-rank12*` (the 1000-edit ones stay, at",
@@ -326,6 +353,10 @@ def write_ablation() -> None:
         "are the defaults of commit 27b5801 (their commands wrote to the main folders then); the `rank4`",
         "runs are the defaults of commit d6992c4, moved here when the default rank became 24 (their",
         "commands name the main folders they were written to; `--set rank=4` repeats them now).",
+        "`auto` runs x86 CPUs on fp16 weights with fp32 arithmetic (`fp16-weights`) since that was",
+        "measured faster than bf16 and fp32; the main runs were made before, in bf16 (fp32 where noted),",
+        "and their `ablation/*-fp16weights` twins on fp16 weights.",
+        "",
         "ReFT ran at the paper's rank 12 until it took BaFT's rank 24 (ReFT is BaFT with W = I); its",
         "runs from before say so in the `rank` column, and `bench/run.sh` repeats them with `--set rank=12`.",
         "`rep`: the answer comes again in the 16 greedy tokens after it (runs before the metric: -).",

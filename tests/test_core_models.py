@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model, models
+from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, fp16_weights, load_model, models
 from baft_core.encoding import context_limit, teacher_forced
-from baft_core.models import resolve_dtype
+from baft_core.models import resolve_precision
 from baft_core.prefix_cache import CachedBatch
 
 
@@ -53,24 +53,26 @@ def test_concurrent_cache_builds_run_once_and_keep_the_first(monkeypatch, tmp_pa
 @pytest.mark.parametrize(
     "features, expected",
     [
-        ({}, torch.float32),
-        ({"avx512_f": True, "avx512_bw": True, "avx512_bf16": False}, torch.float32),  # bf16 emulated
-        ({"avx512_bf16": True}, torch.bfloat16),
-        ({"amx_bf16": True}, torch.bfloat16),
-        ({"bf16": True}, torch.bfloat16),  # ARM
+        ({}, "float32"),
+        ({"avx512_f": True, "avx512_bw": True, "avx512_bf16": False}, "float32"),  # bf16 emulated
+        ({"avx512_bf16": True}, "bfloat16"),
+        ({"amx_bf16": True}, "bfloat16"),
+        ({"bf16": True}, "bfloat16"),  # ARM
     ],
 )
 def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, features, expected):
+    """Without FBGEMM (an ARM CPU, say); where it runs, see test_core_fp16_weights.py."""
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
-    assert resolve_dtype(None, torch.device("cpu")) == expected
-    assert resolve_dtype("auto", torch.device("cpu")) == expected
-    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16  # an explicit choice stands
-    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(fp16_weights, "supported", lambda: False)
+    assert resolve_precision(None, torch.device("cpu")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("float16", torch.device("cpu")) == "float16"  # an explicit choice stands
+    assert resolve_precision(None, torch.device("cuda")) == "bfloat16"
 
 
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
-        resolve_dtype("float8", torch.device("cpu"))
+        resolve_precision("float8", torch.device("cpu"))
 
 
 def test_find_decoder_layers_llama(tiny):
