@@ -130,9 +130,13 @@ class CachedBatch:
         self.targets = targets.to(device)[target_mask]
         self.continuation_mask = after_answer.to(device)  # [batch, suffix]
         # Targets and continuations go through the output head together: one pass over its
-        # (vocab x d) weight per step, not two. `is_target` splits the rows again.
-        self.output_mask = target_mask | self.continuation_mask
-        self.is_target = target_mask[self.output_mask]
+        # (vocab x d) weight per step, not two. Target rows first, so that a slice splits the
+        # logits again: its gradient is a concatenation, where a boolean mask's zero-filled a
+        # (rows x vocab) tensor for each part and scattered into it.
+        flat_targets = target_mask.flatten().nonzero()[:, 0]
+        flat_continuations = (self.continuation_mask & ~target_mask).flatten().nonzero()[:, 0]
+        self.output_rows = torch.cat([flat_targets, flat_continuations])
+        self.head_split = [len(flat_targets), len(flat_continuations)]
 
     def _fresh_cache(self) -> DynamicCache:
         if self.prefix_kv is None:
@@ -266,6 +270,6 @@ class CachedBatch:
             self.intervene, record=True, interventions=self.interventions, routes=self.routes
         ) as record:
             hidden = self._run(self._fresh_cache()).last_hidden_state
-        logits = final_logits(self.model, hidden[self.output_mask])
-        continuation = torch.log_softmax(logits[~self.is_target].float(), -1)
-        return Step(logits[self.is_target], continuation, dict(record))
+        logits = final_logits(self.model, hidden.flatten(0, 1)[self.output_rows])
+        targets, continuation = logits.split(self.head_split)
+        return Step(targets, torch.log_softmax(continuation.float(), -1), dict(record))
