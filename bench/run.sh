@@ -203,4 +203,15 @@ done
 wait
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
   --dtype fp16-weights --out $OUT/ablation/zsre-single-100-baft-fp16weights
+# ... and on `auto` (fp16 weights there): rank 32 against the defaults' 24, and a second seed.
+$PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 \
+  --set rank=32 --out $OUT/ablation/counterfact-continual-100-rank32-fp16weights &
+$PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 \
+  --set rank=32 --seed 1 --out $OUT/ablation/counterfact-continual-100-rank32-seed1-fp16weights
+wait
+$PY -m baft_core.bench --data $ZSRE --format zsre --mode continual --edits 100 --threads 1 \
+  --set rank=32 --out $OUT/ablation/zsre-continual-100-rank32-fp16weights &
+$PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 \
+  --seed 1 --out $OUT/ablation/counterfact-continual-100-seed1-fp16weights
+wait
 $PY bench/summarize.py
