@@ -77,7 +77,15 @@ wait
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode batched --edits 100 --batch-size 10 \
   --out $OUT/zsre-batched-100-baft
 # Continual, 1000 edits (issue 4): BaFT (a block per edit) and ReFT (one block of rank 12), ZsRE
-# and CounterFact, side by side on one thread each.
+# and CounterFact, side by side on one thread each. The BaFT pair was made again on fp16 weights
+# (`auto` on x86 since) with today's defaults; the earlier pair, in bf16 with 4 tokens kept after
+# the answer, was moved to ablation/*-continual-1000-baft-ct4 (its commands name the old paths):
+for data in zsre counterfact; do
+  files=$ZSRE; [ $data = counterfact ] && files=$CF_TRAIN
+  $PY -m baft_core.bench --data $files --format $data --method baft --mode continual --edits 1000 \
+    --threads 1 --dtype bfloat16 --set continuation_tokens=4 --out $OUT/ablation/$data-continual-1000-baft-ct4 &
+done
+wait
 for method in baft reft; do
   $PY -m baft_core.bench --data $ZSRE --format zsre --method $method --mode continual --edits 1000 \
     --threads 1 $(rank12 $method) --out $OUT/zsre-continual-1000-$method &
