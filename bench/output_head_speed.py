@@ -59,7 +59,7 @@ def main() -> None:
     result = {
         "command": "python bench/output_head_speed.py " + " ".join(sys.argv[1:]),
         "model": loaded.identity,
-        "dtype": str(dtype),
+        "dtype": loaded.precision,
         "threads": args.threads,
         "results": rows,
     }

@@ -65,7 +65,7 @@ def main() -> None:
     result = {
         "command": "python bench/prefix_cache_speed.py " + " ".join(sys.argv[1:]),
         "model": loaded.identity,
-        "dtype": str(next(loaded.model.parameters()).dtype),
+        "dtype": loaded.precision,
         "layers": editor.layers,
         "edits": len(requests),
         "full_step_median_s": full,

@@ -54,7 +54,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "edits": args.edits,
         "threads": args.threads,
-        "dtype": str(loaded.model.dtype),
+        "dtype": loaded.precision,
         "unedited_pass_median_ms": {
             str(count): round(statistics.median(values[warm]) * 1000, 1) for count, values in seconds.items()
         },
