@@ -70,6 +70,7 @@ class Runtime:
         s = self.settings
         loaded = load_model(s.model, device=s.device, dtype=s.dtype, cache_dir=s.models_dir)
         self.identity = loaded.identity
+        log.info("model %s loaded (%s)", loaded.identity, loaded.precision)
         self.reader = Editor(loaded.model, loaded.tokenizer, self.edit_config(), unrelated_prompts=[])
         if self.train:
             self.trainer = Editor(loaded.model, loaded.tokenizer, self.edit_config())
