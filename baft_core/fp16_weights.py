@@ -1,5 +1,5 @@
-"""Frozen linear layers with fp16 weights and fp32 arithmetic, through FBGEMM, for CPUs without
-bf16 in hardware.
+"""Frozen linear layers with fp16 weights and fp32 arithmetic, through FBGEMM: what `auto` runs on
+x86 CPUs, faster there than fp32 and than bf16 (bench/results/weights_speed*.json).
 
 An edit's training step multiplies about ten rows by every frozen weight above the first edited
 layer, forward and backward, so on a CPU it waits on reading the weights, not on arithmetic.
