@@ -204,6 +204,7 @@ $PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/weights_spe
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
   $PY bench/paired_speed.py --vary weights --edits 200 --out $OUT/ablation/weights_speed-avx2-isa.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_fp16weights.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed_fp16weights-second.json
 for data in zsre counterfact; do
   $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
     --threads 1 --dtype fp16-weights --out $OUT/ablation/$data-continual-100-baft-fp16weights &

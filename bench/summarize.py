@@ -259,6 +259,7 @@ SPEED_SENTENCES = {
     "weights_speed_vs_bf16.json": _weights_sentence,
     "ablation/weights_speed-avx2-isa.json": _weights_sentence,
     "method_speed_fp16weights.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default), on fp16 weights (`auto` on x86 now)"),
+    "ablation/method_speed_fp16weights-second.json": partial(_method_sentence, reft_rank="at BaFT's rank 24, on fp16 weights, a second run"),
     "method_speed.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default), fp32 (`auto` then on that host)"),
     "ablation/method_speed_amx-reft-rank24.json": partial(_method_sentence, reft_rank="at BaFT's rank 24"),
     "ablation/method_speed-reft-rank12.json": partial(_method_sentence, reft_rank="at the paper's rank 12 (its default then)"),
