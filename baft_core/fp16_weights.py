@@ -44,8 +44,7 @@ class _PackedProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        linear = ctx.linear
-        return torch.fbgemm_linear_fp16_weight_fp32_activation(grad.contiguous(), linear.packed_t, linear.no_bias_t), None
+        return torch.fbgemm_linear_fp16_weight_fp32_activation(grad.contiguous(), ctx.linear.packed_t, None), None
 
 
 class Fp16Linear(nn.Module):
@@ -53,14 +52,12 @@ class Fp16Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach()  # fp32: pack_linears takes no other
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # Opaque packed matrices, not tensors that could be moved or saved: plain attributes.
         self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight)
         self.packed_t = torch.fbgemm_pack_gemm_matrix_fp16(weight.t().contiguous())
-        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(self.out_features)
-        self.bias = bias
-        self.no_bias_t = torch.zeros(self.in_features)
+        self.bias = linear.bias.detach() if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:

@@ -218,34 +218,21 @@ def _dtype_sentence(s: dict) -> str:
     )
 
 
-def _weights_sentence(s: dict) -> str:
-    ours, (other_name, other) = s["fp16-weights"], next((k, v) for k, v in s.items() if k in ("float32", "bfloat16"))
-    ratio = f"fp16_weights_over_{'fp32' if other_name == 'float32' else 'bf16'}"
-    caps = f", kernels capped by {', '.join(f'{k}={v}' for k, v in s['isa_limits'].items())}" if s.get("isa_limits") else ""
+def _paired_sentence(s: dict, title: str) -> str:
+    """One `bench/paired_speed.py` result: its two variants (the first over the second)."""
+    first, second = (v for v in s.values() if isinstance(v, dict) and "edit_median_s" in v)
+    ratio = next(k for k in s if k.endswith("_edit_median_95")).removesuffix("_edit_median_95")
+    caps = "".join(f", {k}={v}" for k, v in s.get("isa_limits", {}).items())
     return (
-        f"fp16 weights with fp32 arithmetic (FBGEMM) against {other_name}, {s['edits']} single ZsRE edits "
-        f"alternating edit by edit in one run ({s['cpu']}{caps}, `{s['command']}`): a whole edit "
-        f"{ours['edit_median_s']:.3f} s vs {other['edit_median_s']:.3f} s (median, **{s[ratio + '_edit_median']:.2f}x**, "
-        f"95% interval {s[ratio + '_edit_median_95'][0]:.2f}-{s[ratio + '_edit_median_95'][1]:.2f}; "
-        f"{ours['steps_mean']:.2f} vs {other['steps_mean']:.2f} steps), the mean **{s[ratio + '_edit_mean']:.2f}x** "
-        f"({s[ratio + '_edit_mean_95'][0]:.2f}-{s[ratio + '_edit_mean_95'][1]:.2f}), a training step "
-        f"{ours['training_step_median_ms']:.0f} ms vs {other['training_step_median_ms']:.0f} ms "
+        f"{title}, {s['edits']} single ZsRE edits alternating edit by edit in one run "
+        f"({s['cpu']}, {first['dtype']}{caps}, `{s['command']}`): a whole edit {first['edit_median_s']:.3f} s vs "
+        f"{second['edit_median_s']:.3f} s (median, **{s[ratio + '_edit_median']:.2f}x**, 95% interval "
+        f"{s[ratio + '_edit_median_95'][0]:.2f}-{s[ratio + '_edit_median_95'][1]:.2f}; "
+        f"{first['steps_mean']:.2f} vs {second['steps_mean']:.2f} steps), the mean "
+        f"{first['edit_mean_s']:.3f} s vs {second['edit_mean_s']:.3f} s (**{s[ratio + '_edit_mean']:.2f}x**, "
+        f"{s[ratio + '_edit_mean_95'][0]:.2f}-{s[ratio + '_edit_mean_95'][1]:.2f}), a training step "
+        f"{first['training_step_median_ms']:.0f} ms vs {second['training_step_median_ms']:.0f} ms "
         f"({s[ratio + '_training_step']:.2f}x)."
-    )
-
-
-def _method_sentence(s: dict, reft_rank: str) -> str:
-    baft, reft = s["baft"], s["reft"]
-    return (
-        f"BaFT against ReFT {reft_rank}, {s['edits']} single ZsRE edits alternating edit by edit in one run "
-        f"({s['cpu']}, {baft['dtype']}, `{s['command']}`): a whole edit {baft['edit_median_s']:.3f} s vs "
-        f"{reft['edit_median_s']:.3f} s (median, **{s['baft_over_reft_edit_median']:.2f}x**, 95% interval "
-        f"{s['baft_over_reft_edit_median_95'][0]:.2f}-{s['baft_over_reft_edit_median_95'][1]:.2f}; "
-        f"{baft['steps_mean']:.2f} vs {reft['steps_mean']:.2f} steps), the mean "
-        f"{baft['edit_mean_s']:.3f} s vs {reft['edit_mean_s']:.3f} s (**{s['baft_over_reft_edit_mean']:.2f}x**, "
-        f"{s['baft_over_reft_edit_mean_95'][0]:.2f}-{s['baft_over_reft_edit_mean_95'][1]:.2f}), a training step "
-        f"{baft['training_step_median_ms']:.0f} ms vs {reft['training_step_median_ms']:.0f} ms "
-        f"({s['baft_over_reft_training_step']:.2f}x)."
     )
 
 
@@ -255,15 +242,15 @@ SPEED_SENTENCES = {
     "unedited_pass_speed.json": _unedited_pass_sentence,
     "dtype_speed.json": _dtype_sentence,
     "dtype_speed_bf16host.json": _dtype_sentence,
-    "weights_speed.json": _weights_sentence,
-    "weights_speed_vs_bf16.json": _weights_sentence,
-    "ablation/weights_speed-avx2-isa.json": _weights_sentence,
-    "method_speed_fp16weights.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default), on fp16 weights (`auto` on x86 now)"),
-    "ablation/method_speed_fp16weights-second.json": partial(_method_sentence, reft_rank="at BaFT's rank 24, on fp16 weights, a second run"),
-    "method_speed.json": partial(_method_sentence, reft_rank="at BaFT's rank 24 (its default), fp32 (`auto` then on that host)"),
-    "ablation/method_speed_amx-reft-rank24.json": partial(_method_sentence, reft_rank="at BaFT's rank 24"),
-    "ablation/method_speed-reft-rank12.json": partial(_method_sentence, reft_rank="at the paper's rank 12 (its default then)"),
-    "ablation/method_speed_amx-reft-rank12.json": partial(_method_sentence, reft_rank="at the paper's rank 12 (its default then)"),
+    "weights_speed.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against fp32"),
+    "weights_speed_vs_bf16.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against bf16"),
+    "ablation/weights_speed-avx2-isa.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against fp32, kernels capped at AVX2"),
+    "method_speed_fp16weights.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24 (its default), on fp16 weights (`auto` on x86 now)"),
+    "ablation/method_speed_fp16weights-second.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24, on fp16 weights, a second run"),
+    "method_speed.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24 (its default), fp32 (`auto` then on that host)"),
+    "ablation/method_speed_amx-reft-rank24.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24"),
+    "ablation/method_speed-reft-rank12.json": partial(_paired_sentence, title="BaFT against ReFT at the paper's rank 12 (its default then)"),
+    "ablation/method_speed_amx-reft-rank12.json": partial(_paired_sentence, title="BaFT against ReFT at the paper's rank 12 (its default then)"),
 }
 
 
