@@ -64,9 +64,7 @@ class InterventionSet(nn.Module):
             raise ValueError(f"routing layer {routing_layer} is above the first edited layer {min(layers)}")
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         self.layers = list(layers)
-        self.by_layer = nn.ModuleDict(
-            {str(layer): BasisIntervention(hidden_size, rank, gated) for layer in self.layers}
-        )
+        self.by_layer = nn.ModuleDict(self._fresh_blocks())
         self.sealed = nn.ModuleDict(
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates) for layer in self.layers}
         )
@@ -77,6 +75,15 @@ class InterventionSet(nn.Module):
         self.register_buffer("edit_count", torch.zeros((), dtype=torch.long))
         # sha256 of each sealed block as stored by checkpoint.py, filled as blocks are saved.
         self.segment_ids: list[str] = []
+
+    def _fresh_blocks(self) -> dict[str, BasisIntervention]:
+        """A new trainable block per layer: every layer's bases drawn before any gate (see
+        `BasisIntervention.add_gates`)."""
+        blocks = {str(layer): BasisIntervention(self.hidden_size, self.rank, gated=False) for layer in self.layers}
+        if self.gated:
+            for block in blocks.values():
+                block.add_gates()
+        return blocks
 
     def __getitem__(self, layer: int) -> BasisIntervention:
         return self.by_layer[str(layer)]
@@ -121,10 +128,11 @@ class InterventionSet(nn.Module):
         """Freeze the trainable block into the sealed bases and start a fresh one, standardising
         its gate input like the others."""
         self.router.seal(self.sealed_blocks)
+        fresh_blocks = self._fresh_blocks()
         for layer in self.layers:
             block = self[layer]
             self.sealed[str(layer)].append(block)
-            fresh = BasisIntervention(self.hidden_size, self.rank, self.gated).to(block.rotation.weight.device)
+            fresh = fresh_blocks[str(layer)].to(block.rotation.weight.device)
             fresh.gate_center.copy_(block.gate_center)
             fresh.gate_scale.copy_(block.gate_scale)
             self.by_layer[str(layer)] = fresh

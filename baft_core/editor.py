@@ -184,18 +184,18 @@ class Editor:
         """The unedited routing-layer states [k, d] the requests' route keys are made of: at the
         subject of each prompt, alone and after each of `route_contexts` (a context that would
         overflow the model's context is left out); and the request of each [k]."""
-        prompts, positions, owners = [], [], []
+        prompts, owners = [], []
         for j, request in enumerate(requests):
             for context in ["", *self.config.route_contexts]:
                 text = f"{context} {request.prompt}" if context else request.prompt
                 ids = encode_prompt(self.tokenizer, text)
                 if len(ids) <= self.context:
-                    prompts.append(ids)
-                    positions.append(subject_token(self.tokenizer, text, request.subject))
+                    # Attention is causal: what follows the subject cannot change its state, so
+                    # it is not computed (a sixth to a quarter of the tokens on ZsRE and CounterFact).
+                    prompts.append(ids[: subject_token(self.tokenizer, text, request.subject) + 1])
                     owners.append(j)
         hidden, _ = self.routing_layer_output(prompts)
-        columns = [hidden.shape[1] - len(p) + k for p, k in zip(prompts, positions)]
-        return hidden[torch.arange(len(prompts)), torch.tensor(columns)].float(), torch.tensor(owners)
+        return hidden[:, -1].float(), torch.tensor(owners)  # left-padded: each subject is last
 
     @torch.no_grad()
     def routing_layer_output(

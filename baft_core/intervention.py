@@ -33,7 +33,7 @@ class BasisIntervention(nn.Module):
         super().__init__()
         if rank > hidden_size:
             raise ValueError(f"rank {rank} exceeds hidden size {hidden_size}")
-        self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
+        self.hidden_size, self.rank = hidden_size, rank
         # When False, the edit loss does not train the gates (only the locality margins do).
         self.gate_follows_edit = True
         # Gates below this act as exactly 0, as in a sealed block (set while fitting before sealing).
@@ -45,18 +45,27 @@ class BasisIntervention(nn.Module):
             # A = R and b = 0 make a fresh intervention the identity, whatever the gates say.
             self.source.weight.copy_(self.rotation.weight)
             self.source.bias.zero_()
+        self.gated = False
         if gated:
-            # The gate reads h standardised per coordinate (statistics of ordinary inputs, set
-            # by `calibrate`) and scaled to unit RMS: residual norms reach the thousands, with a
-            # large component shared by all tokens, and a logistic regression on raw h
-            # saturates in a few steps and cannot tell inputs apart. The bias starts every
-            # basis closed (below the locality margin alpha = 0.01).
-            self.gate = nn.Linear(hidden_size, rank)
-            # Small random weights break the symmetry between bases without opening any gate.
-            nn.init.normal_(self.gate.weight, std=0.3 * hidden_size**-0.5)
-            nn.init.constant_(self.gate.bias, gate_bias)
-            self.register_buffer("gate_center", torch.zeros(hidden_size))
-            self.register_buffer("gate_scale", torch.ones(hidden_size))
+            self.add_gates(gate_bias)
+
+    def add_gates(self, gate_bias: float = -5.6) -> None:
+        """Gives every basis its gate (W(h)). Separate from the constructor so that a set of
+        blocks can draw all its bases first: then BaFT and ReFT with one seed start from the same
+        R, A and b, and a comparison of the two measures the gates, not two random draws."""
+        hidden_size = self.hidden_size
+        # The gate reads h standardised per coordinate (statistics of ordinary inputs, set
+        # by `calibrate`) and scaled to unit RMS: residual norms reach the thousands, with a
+        # large component shared by all tokens, and a logistic regression on raw h
+        # saturates in a few steps and cannot tell inputs apart. The bias starts every
+        # basis closed (below the locality margin alpha = 0.01).
+        self.gate = nn.Linear(hidden_size, self.rank)
+        # Small random weights break the symmetry between bases without opening any gate.
+        nn.init.normal_(self.gate.weight, std=0.3 * hidden_size**-0.5)
+        nn.init.constant_(self.gate.bias, gate_bias)
+        self.register_buffer("gate_center", torch.zeros(hidden_size))
+        self.register_buffer("gate_scale", torch.ones(hidden_size))
+        self.gated = True
 
     @property
     def R(self) -> torch.Tensor:

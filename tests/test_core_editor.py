@@ -88,24 +88,29 @@ def test_single_edit_learns_the_target(tiny_sharp, method):
         ed.attachment.detach()
 
 
-def test_continual_edit_publishes_a_new_adapter(editor):
-    first = EditRequest("The mother tongue of Danielle Darrieux is", "Japanese")
-    second = EditRequest("What is the product made by UniFirst?", "unmanned aircraft")
-    editor.edit(first)
-    published = editor.interventions
-    snapshot = {k: v.clone() for k, v in published.state_dict().items()}
-    generations = editor.generate([first.prompt], 4)
+def test_continual_edit_publishes_a_new_adapter(tiny_sharp):
+    # Gated training on the random tiny model takes 20-40 steps an edit, by the draw of R.
+    editor = make_editor(tiny_sharp, max_steps=40)
+    try:
+        first = EditRequest("The mother tongue of Danielle Darrieux is", "Japanese")
+        second = EditRequest("What is the product made by UniFirst?", "unmanned aircraft")
+        editor.edit(first)
+        published = editor.interventions
+        snapshot = {k: v.clone() for k, v in published.state_dict().items()}
+        generations = editor.generate([first.prompt], 4)
 
-    editor.edit(second)
-    assert editor.interventions is not published
-    assert len(editor.history) == 2
-    # the old object is untouched (copy, train, publish)
-    for key, value in published.state_dict().items():
-        assert torch.equal(value, snapshot[key]), key
-    assert editor.generate([first.prompt], 4, interventions=published) == generations
-    # the new one differs and learned the second edit
-    assert any(not torch.equal(v, editor.interventions.state_dict()[k]) for k, v in snapshot.items())
-    assert first_loss(editor, second) < 0.5
+        editor.edit(second)
+        assert editor.interventions is not published
+        assert len(editor.history) == 2
+        # the old object is untouched (copy, train, publish)
+        for key, value in published.state_dict().items():
+            assert torch.equal(value, snapshot[key]), key
+        assert editor.generate([first.prompt], 4, interventions=published) == generations
+        # the new one differs and learned the second edit
+        assert any(not torch.equal(v, editor.interventions.state_dict()[k]) for k, v in snapshot.items())
+        assert first_loss(editor, second) < 0.5
+    finally:
+        editor.attachment.detach()
 
 
 def test_edit_batch(editor):

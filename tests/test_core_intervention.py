@@ -187,3 +187,22 @@ def test_intervention_set_layers_and_buffers():
     assert interventions.num_parameters() == 2 * per_layer
     with pytest.raises(KeyError):
         interventions[2]
+
+
+def test_baft_and_reft_with_one_seed_start_from_the_same_bases():
+    """Gates are drawn after every layer's bases, here and for the fresh block after a seal, so a
+    BaFT/ReFT comparison is not also a comparison of two random draws of R."""
+    layers = [1, 3, 5]
+
+    def drawn(gated: bool) -> InterventionSet:
+        torch.manual_seed(0)
+        return InterventionSet(D, layers, RANK, gated=gated, route_threshold=0.5, sealed_gates=False)
+
+    baft, reft = drawn(True), drawn(False)
+    torch.manual_seed(0)
+    baft.seal()  # the fresh block is drawn like a new set
+    for layer in layers:
+        assert torch.equal(baft[layer].R, reft[layer].R)
+        assert torch.equal(baft[layer].source.weight, reft[layer].source.weight)
+        assert baft[layer].gated and not hasattr(reft[layer], "gate")
+    assert torch.equal(baft.sealed["1"].rotation, drawn(True)[1].R)

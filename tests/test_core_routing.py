@@ -29,6 +29,27 @@ def test_subject_token_is_the_subjects_last_token(tiny):
     assert subject_token(tokenizer, "Norway is a country", "Norway") == 1
 
 
+def test_route_states_are_the_subjects_state_in_the_whole_prompt(tiny_sharp):
+    """Route keys are computed on each prompt cut after its subject: the state there is the one
+    the whole prompt has (causal attention), whatever else is in the batch."""
+    ed = make_editor(tiny_sharp, block_edits=1)
+    try:
+        states, owners = ed._route_states(EDITS)
+        contexts = ["", *ed.config.route_contexts]
+        assert owners.tolist() == [0] * len(contexts) + [1] * len(contexts)
+        row = 0
+        for request in EDITS:
+            for context in contexts:
+                text = f"{context} {request.prompt}" if context else request.prompt
+                ids = encode_prompt(tiny_sharp.tokenizer, text)
+                hidden, _ = ed.routing_layer_output([ids])
+                whole = hidden[0, subject_token(tiny_sharp.tokenizer, text, request.subject)]
+                torch.testing.assert_close(states[row], whole.float(), atol=1e-4, rtol=1e-4)
+                row += 1
+    finally:
+        ed.attachment.detach()
+
+
 def test_router_opens_blocks_within_the_threshold():
     router = Router(4, threshold=0.8, layer=0)
     router.add_pending(torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([0]))
