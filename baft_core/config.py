@@ -114,6 +114,7 @@ class EditConfig:
     # too. Without it, 100 ZsRE edits kept rel 0.96 instead of 1.00 (bench/results/ablation.md).
     route_neighbours: int = 8
 
+    # Each fresh adapter's random draw: its bases (the same for BaFT and ReFT), then its gates.
     seed: int = 0
 
     def __post_init__(self) -> None:

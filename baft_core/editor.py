@@ -24,7 +24,7 @@ from .encoding import (
 from .generation import generate
 from .intervention import statistics
 from .objective import continuation_drift, load_balance, locality_margin, target_cross_entropy
-from .prefix_cache import CachedBatch, layer_output
+from .prefix_cache import CachedBatch, SharedPrefixes, layer_output
 from .routing import routable, subject_token
 from .unrelated import default_unrelated_prompts
 
@@ -71,6 +71,8 @@ class Editor:
         # routing-layer states under one standardisation (layer, center, scale, keys).
         self._unrelated_statistics: dict = {}
         self._unrelated_keys: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (routing layer, the route contexts' KV up to it): see `_route_contexts`.
+        self._route_context_cache: tuple[int, SharedPrefixes] | None = None
         # (history index, {layer: hidden states}) of a sample of earlier edits; None: rebuild
         # from the history when needed (after a state was loaded).
         self._edit_features: list[tuple[int, dict[int, torch.Tensor]]] | None = []
@@ -184,18 +186,38 @@ class Editor:
         """The unedited routing-layer states [k, d] the requests' route keys are made of: at the
         subject of each prompt, alone and after each of `route_contexts` (a context that would
         overflow the model's context is left out); and the request of each [k]."""
-        prompts, owners = [], []
+        contexts = self._route_contexts() if self.config.route_contexts else None
+        states, owners = [], []
         for j, request in enumerate(requests):
+            cuts = []
             for context in ["", *self.config.route_contexts]:
                 text = f"{context} {request.prompt}" if context else request.prompt
                 ids = encode_prompt(self.tokenizer, text)
                 if len(ids) <= self.context:
                     # Attention is causal: what follows the subject cannot change its state, so
                     # it is not computed (a sixth to a quarter of the tokens on ZsRE and CounterFact).
-                    prompts.append(ids[: subject_token(self.tokenizer, text, request.subject) + 1])
-                    owners.append(j)
-        hidden, _ = self.routing_layer_output(prompts)
-        return hidden[:, -1].float(), torch.tensor(owners)  # left-padded: each subject is last
+                    cuts.append(ids[: subject_token(self.tokenizer, text, request.subject) + 1])
+            suffix = None
+            if contexts is not None and len(cuts) == len(contexts.prefixes) + 1:
+                suffix = _shared_suffix(cuts[1:], contexts.prefixes)
+            with self.lock:
+                if suffix is None:  # the contexts' tokens change at the seam: each prompt whole
+                    hidden, _ = self.routing_layer_output(cuts)
+                    states.append(hidden[:, -1])  # left-padded: each subject is last
+                else:  # the contexts' KV is cached: only the prompts' own tokens are computed
+                    states += [self.routing_layer_output([cuts[0]])[0][:, -1], contexts.last_states(suffix)]
+            owners += [j] * len(cuts)
+        return torch.cat(states).float(), torch.tensor(owners)
+
+    def _route_contexts(self) -> SharedPrefixes:
+        """The route contexts' unedited KV up to the routing layer, computed once per layer."""
+        layer = self.interventions.routing_layer
+        if self._route_context_cache is None or self._route_context_cache[0] != layer:
+            prefixes = [encode_prompt(self.tokenizer, c) for c in self.config.route_contexts]
+            with self.lock:
+                shared = SharedPrefixes(self.model, self.attachment.decoder_layers[layer], prefixes, self.pad_id)
+            self._route_context_cache = (layer, shared)
+        return self._route_context_cache[1]
 
     @torch.no_grad()
     def routing_layer_output(
@@ -607,3 +629,12 @@ class Editor:
             **sampling,
         )
         return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+
+
+def _shared_suffix(prompts: list[list[int]], prefixes: list[list[int]]) -> list[int] | None:
+    """The tokens every prompt has after its prefix, when each prompt is its prefix followed by
+    one and the same non-empty suffix (else None: a tokenizer may merge tokens across the seam)."""
+    suffixes = [p[len(q) :] for p, q in zip(prompts, prefixes) if p[: len(q)] == q]
+    if len(suffixes) != len(prefixes) or not suffixes[0] or any(s != suffixes[0] for s in suffixes):
+        return None
+    return suffixes[0]

@@ -38,8 +38,17 @@ class _Replay(nn.Module):
 
 
 @torch.no_grad()
-def layer_output(model, layer: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """The unedited output [batch, seq, d] of one decoder layer; the layers above are not run."""
+def layer_output(
+    model,
+    layer: nn.Module,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    cache: DynamicCache | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The unedited output [batch, seq, d] of one decoder layer; the layers above are not run.
+    With `cache`, the KV of earlier tokens (which `attention` then covers too) is read from it and
+    that of `input_ids` added to it, up to `layer`."""
     captured = {}
 
     def grab(module, args, output):
@@ -48,13 +57,43 @@ def layer_output(model, layer: nn.Module, input_ids: torch.Tensor, attention: to
 
     handle = layer.register_forward_hook(grab)
     try:
-        position_ids = positions_from_mask(attention)
-        model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
+        position_ids = positions_from_mask(attention) if position_ids is None else position_ids
+        model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
     except _Captured:
         pass
     finally:
         handle.remove()
     return captured["h"]
+
+
+class SharedPrefixes:
+    """Fixed token sequences that many inputs start with (the route contexts): their unedited KV
+    up to one layer, computed once, so that an input after each of them costs its own tokens only."""
+
+    def __init__(self, model, layer: nn.Module, prefixes: list[list[int]], pad_id: int):
+        self.model, self.layer, self.prefixes = model, layer, prefixes
+        device = next(model.parameters()).device
+        ids, self.mask = (t.to(device) for t in left_padded(prefixes, pad_id))
+        cache = DynamicCache(config=model.config)
+        layer_output(model, layer, ids, self.mask, cache)
+        self.kv = [(done.keys, done.values) for done in cache.layers if done.is_initialized]
+
+    @torch.no_grad()
+    def last_states(self, suffix: list[int]) -> torch.Tensor:
+        """The layer's output [prefixes, d] at the last token of `suffix` put after each prefix."""
+        count, device = len(self.prefixes), self.mask.device
+        ids = torch.tensor([suffix] * count, device=device)
+        attention = torch.cat([self.mask, torch.ones_like(ids)], dim=-1)
+        positions = self.mask.sum(-1, keepdim=True) + torch.arange(len(suffix), device=device)
+        # A fresh cache over the stored tensors: the forward appends to its own copies.
+        cache = DynamicCache(ddp_cache_data=self.kv, config=self.model.config)
+        return layer_output(self.model, self.layer, ids, attention, cache, positions)[:, -1]
 
 
 class Step(NamedTuple):

@@ -2,11 +2,14 @@
 decision held through decoding, and route keys in checkpoints."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from baft_core import EditRequest
+from baft_core.editor import _shared_suffix
 from baft_core.encoding import encode_prompt, teacher_forced
 from baft_core.generation import generate
+from baft_core.prefix_cache import SharedPrefixes
 from baft_core.routing import Router, Routes, subject_token
 
 from test_core_editor import make_editor
@@ -29,12 +32,24 @@ def test_subject_token_is_the_subjects_last_token(tiny):
     assert subject_token(tokenizer, "Norway is a country", "Norway") == 1
 
 
-def test_route_states_are_the_subjects_state_in_the_whole_prompt(tiny_sharp):
-    """Route keys are computed on each prompt cut after its subject: the state there is the one
-    the whole prompt has (causal attention), whatever else is in the batch."""
-    ed = make_editor(tiny_sharp, block_edits=1)
+@pytest.mark.parametrize("route_contexts", [None, ["Notes:\n", "Here:"]])
+def test_route_states_are_the_subjects_state_in_the_whole_prompt(tiny_sharp, route_contexts, monkeypatch):
+    """Route keys are computed on each prompt cut after its subject, and after a context from the
+    contexts' cached KV; where the tokens at the seam differ between contexts (a trailing newline)
+    each prompt is computed whole. Either way the state is the one the whole prompt has."""
+    cached_calls = []
+    last_states = SharedPrefixes.last_states
+
+    def counted(self, suffix):
+        cached_calls.append(suffix)
+        return last_states(self, suffix)
+
+    monkeypatch.setattr(SharedPrefixes, "last_states", counted)
+    overrides = {} if route_contexts is None else {"route_contexts": route_contexts}
+    ed = make_editor(tiny_sharp, block_edits=1, **overrides)
     try:
         states, owners = ed._route_states(EDITS)
+        assert len(cached_calls) == (len(EDITS) if route_contexts is None else 0)
         contexts = ["", *ed.config.route_contexts]
         assert owners.tolist() == [0] * len(contexts) + [1] * len(contexts)
         row = 0
@@ -48,6 +63,14 @@ def test_route_states_are_the_subjects_state_in_the_whole_prompt(tiny_sharp):
                 row += 1
     finally:
         ed.attachment.detach()
+
+
+def test_a_shared_suffix_needs_every_prompt_to_be_its_prefix_then_the_same_tokens():
+    prefixes = [[1, 2], [3]]
+    assert _shared_suffix([[1, 2, 7, 8], [3, 7, 8]], prefixes) == [7, 8]
+    assert _shared_suffix([[1, 9, 7, 8], [3, 7, 8]], prefixes) is None  # tokens merged at the seam
+    assert _shared_suffix([[1, 2, 7, 8], [3, 7, 9]], prefixes) is None
+    assert _shared_suffix([[1, 2], [3]], prefixes) is None  # nothing after the prefixes
 
 
 def test_router_opens_blocks_within_the_threshold():
