@@ -47,6 +47,10 @@ class Worker:
     # ----- lifecycle -----
     def run(self) -> None:
         self.resume()
+        try:  # before any edit waits on it; else the first edit computes it itself
+            self.rt.trainer.prepare()
+        except Exception:
+            log.exception("could not prepare the editor; the first edit will")
         while not self.stop.is_set():
             try:
                 self.step()

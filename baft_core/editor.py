@@ -525,6 +525,20 @@ class Editor:
                     self._edit_features[slot] = (index, features)
 
     # ----- unrelated inputs the gates must stay closed on -----
+    def prepare(self) -> None:
+        """Computes now what the first edit would otherwise compute once (about 9 s for the
+        default 100 unrelated prompts on two CPU cores): the unrelated prompts' states and their
+        statistics at the edited and routing layers, and the route contexts' KV."""
+        router = self.interventions.router
+        if (self.config.method == "baft" or router.enabled) and self.unrelated_prompts:
+            features = self.unrelated_features()
+            for layer in self.layers:
+                self._statistics(layer, features[layer])
+            if router.enabled:
+                self._statistics(("route", router.layer), self._unrelated_routing_states(router.layer))
+        if router.enabled and self.config.route_contexts:
+            self._route_contexts()
+
     def set_unrelated_prompts(self, prompts: list[str]) -> None:
         self.unrelated_prompts = list(prompts)
         self._unrelated_features = None

@@ -282,3 +282,26 @@ def test_fresh_adapters_are_standardised_with_the_unrelated_prompts(tiny_sharp):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(standardisations(), expected()))
     finally:
         ed.attachment.detach()
+
+
+def test_prepare_leaves_the_first_edit_nothing_to_compute_once(tiny_sharp, monkeypatch):
+    """After `prepare` (the service's worker calls it at start) the first edit reuses the
+    unrelated prompts' states and statistics and the route contexts' KV, and decodes nothing."""
+    import baft_core.editor as editor_module
+
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5, route_layer=1)
+    try:
+        ed.prepare()
+        prepared = (ed._unrelated_features, ed._unrelated_states, ed._route_context_cache, dict(ed._unrelated_statistics))
+        assert all(prepared) and ed._unrelated_states[0] == 1 and ("route", 1) in prepared[3]
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the unrelated prompts were decoded again")
+
+        monkeypatch.setattr(editor_module, "generate", refuse)
+        assert ed.edit(EDITS[0]).steps >= 1
+        after = (ed._unrelated_features, ed._unrelated_states, ed._route_context_cache, ed._unrelated_statistics)
+        assert all(a is b for a, b in zip(prepared[:3], after[:3]))
+        assert all(after[3][key] is value for key, value in prepared[3].items())
+    finally:
+        ed.attachment.detach()
