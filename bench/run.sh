@@ -244,4 +244,5 @@ $PY -m baft_core.bench --data $CF_TRAIN --format counterfact --method baft --mod
 wait
 # The route contexts' KV computed once (prefix_cache.SharedPrefixes): BaFT against ReFT again.
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_shared_contexts.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed_shared_contexts-second.json
 $PY bench/summarize.py

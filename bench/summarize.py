@@ -251,6 +251,7 @@ SPEED_SENTENCES = {
     "weights_speed_vs_bf16.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against bf16"),
     "ablation/weights_speed-avx2-isa.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against fp32, kernels capped at AVX2"),
     "method_speed_shared_contexts.json": partial(_paired_sentence, title="BaFT against ReFT at rank 24, on fp16 weights, the same R, A, b, the route contexts' KV computed once (the defaults)"),
+    "ablation/method_speed_shared_contexts-second.json": partial(_paired_sentence, title="BaFT against ReFT, the defaults, a second run"),
     "method_speed_same_bases.json": partial(_paired_sentence, title="BaFT against ReFT at rank 24, on fp16 weights, both starting from the same R, A, b"),
     "ablation/weights_speed-slower-epyc.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against fp32, a slower instance of the AVX512-BF16 EPYC"),
     "method_speed_fp16weights.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24 (its default), on fp16 weights, BaFT's bases drawn after some gates"),
