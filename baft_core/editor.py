@@ -25,8 +25,11 @@ from .generation import generate
 from .intervention import statistics
 from .objective import continuation_drift, load_balance, locality_margin, target_cross_entropy
 from .prefix_cache import CachedBatch, SharedPrefixes, layer_output
-from .routing import routable, subject_token
+from .routing import Router, routable, subject_token
 from .unrelated import default_unrelated_prompts
+
+
+Statistics = tuple[torch.Tensor, torch.Tensor]  # per-coordinate center and scale (`intervention.statistics`)
 
 
 @dataclass
@@ -305,12 +308,11 @@ class Editor:
         if (gated or interventions.router.enabled) and self.unrelated_prompts:
             features = self.unrelated_features()
             if not interventions.calibrated:  # the gates' and the routes' standardisation
+                by_layer, routes = self._standardisations(interventions.router)
                 for layer in interventions.layers:
-                    interventions[layer].calibrate(*self._statistics(layer, features[layer]))
-                if interventions.router.enabled:
-                    routing_layer = interventions.routing_layer
-                    states = self._unrelated_routing_states(routing_layer)
-                    interventions.router.calibrate(*self._statistics(("route", routing_layer), states))
+                    interventions[layer].calibrate(*by_layer[layer])
+                if routes is not None:
+                    interventions.router.calibrate(*routes)
         unrelated = None
         if gated and features is not None:
             # Sealed blocks' edits are negatives too: the new block must not fire on them.
@@ -531,13 +533,18 @@ class Editor:
         statistics at the edited and routing layers, and the route contexts' KV."""
         router = self.interventions.router
         if (self.config.method == "baft" or router.enabled) and self.unrelated_prompts:
-            features = self.unrelated_features()
-            for layer in self.layers:
-                self._statistics(layer, features[layer])
-            if router.enabled:
-                self._statistics(("route", router.layer), self._unrelated_routing_states(router.layer))
+            self._standardisations(router)
         if router.enabled and self.config.route_contexts:
             self._route_contexts()
+
+    def _standardisations(self, router: Router) -> tuple[dict[int, Statistics], Statistics | None]:
+        """The unrelated prompts' statistics at each edited layer, and at the router's layer where
+        it routes (else None): what a fresh adapter's gates and router are calibrated with."""
+        features = self.unrelated_features()
+        by_layer = {layer: self._statistics(layer, features[layer]) for layer in self.layers}
+        if not router.enabled:
+            return by_layer, None
+        return by_layer, self._statistics(("route", router.layer), self._unrelated_routing_states(router.layer))
 
     def set_unrelated_prompts(self, prompts: list[str]) -> None:
         self.unrelated_prompts = list(prompts)
@@ -561,7 +568,7 @@ class Editor:
             self._unrelated_states = (layer, torch.cat(parts))
         return self._unrelated_states[1]
 
-    def _statistics(self, key, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _statistics(self, key, states: torch.Tensor) -> Statistics:
         """The standardisation of the unrelated prompts' `states` at an edited layer (key: the
         layer) or the routing layer (key: ("route", layer)), computed once: every fresh adapter
         is calibrated with the same (a single edit on a fresh adapter spent 9 ms on it)."""

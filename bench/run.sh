@@ -225,24 +225,13 @@ $PY -m baft_core.bench --data $CF_VAL --format counterfact --mode continual --ed
 wait
 # Every layer's bases drawn before any gate, so that BaFT starts from ReFT's R, A, b (with the old
 # order BaFT's and ReFT's steps differed by the draw: BaFT's mean was higher on seed 0 and lower on
-# seeds 1 and 2). The BaFT main runs again, into the main folders; the runs they replaced were
-# moved to ablation/*-baft-bf16 (100 continual, 100 single) and ablation/*-1000-baft-fp16weights,
-# and their commands name the main folders. Then both paired timings on that (slower) host.
-$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode continual --edits 100 \
-  --threads 1 --out $OUT/zsre-continual-100-baft &
-$PY -m baft_core.bench --data $CF_VAL --format counterfact --method baft --mode continual --edits 100 \
-  --threads 1 --out $OUT/counterfact-continual-100-baft &
-wait
-$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
-  --out $OUT/zsre-single-100-baft
+# seeds 1 and 2). The BaFT main runs (100 continual, 100 single, 1000 continual) were made again
+# by their commands above, into the main folders; the runs they replaced were moved to
+# ablation/*-baft-bf16 and ablation/*-1000-baft-fp16weights, and their commands name the main
+# folders. Then the paired timings on that (slower) host; the next two were made before the route
+# contexts' KV was computed once (prefix_cache.SharedPrefixes), the last two after.
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_same_bases.json
 $PY bench/paired_speed.py --vary weights --edits 200 --out $OUT/ablation/weights_speed-slower-epyc.json
-$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 \
-  --threads 1 --out $OUT/zsre-continual-1000-baft &
-$PY -m baft_core.bench --data $CF_TRAIN --format counterfact --method baft --mode continual \
-  --edits 1000 --threads 1 --out $OUT/counterfact-continual-1000-baft &
-wait
-# The route contexts' KV computed once (prefix_cache.SharedPrefixes): BaFT against ReFT again.
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_shared_contexts.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed_shared_contexts-second.json
 $PY bench/summarize.py

@@ -241,25 +241,29 @@ def _paired_sentence(s: dict, title: str) -> str:
     )
 
 
+# Each `bench/paired_speed.py` result (when present) and what its two variants are.
+PAIRED_TITLES = {
+    "weights_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32",
+    "weights_speed_vs_bf16.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16",
+    "ablation/weights_speed-avx2-isa.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, kernels capped at AVX2",
+    "method_speed_shared_contexts.json": "BaFT against ReFT at rank 24, on fp16 weights, the same R, A, b, the route contexts' KV computed once (the defaults)",
+    "ablation/method_speed_shared_contexts-second.json": "BaFT against ReFT, the defaults, a second run",
+    "method_speed_same_bases.json": "BaFT against ReFT at rank 24, on fp16 weights, both starting from the same R, A, b",
+    "ablation/weights_speed-slower-epyc.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, a slower instance of the AVX512-BF16 EPYC",
+    "method_speed_fp16weights.json": "BaFT against ReFT at BaFT's rank 24 (its default), on fp16 weights, BaFT's bases drawn after some gates",
+    "ablation/method_speed_fp16weights-second.json": "BaFT against ReFT at BaFT's rank 24, on fp16 weights, a second run",
+    "method_speed.json": "BaFT against ReFT at BaFT's rank 24 (its default), fp32 (`auto` then on that host)",
+    "ablation/method_speed_amx-reft-rank24.json": "BaFT against ReFT at BaFT's rank 24",
+    "ablation/method_speed-reft-rank12.json": "BaFT against ReFT at the paper's rank 12 (its default then)",
+    "ablation/method_speed_amx-reft-rank12.json": "BaFT against ReFT at the paper's rank 12 (its default then)",
+}
 SPEED_SENTENCES = {
     "prefix_cache_speedup.json": _prefix_cache_sentence,
     "output_head_speed.json": _output_head_sentence,
     "unedited_pass_speed.json": _unedited_pass_sentence,
     "dtype_speed.json": _dtype_sentence,
     "dtype_speed_bf16host.json": _dtype_sentence,
-    "weights_speed.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against fp32"),
-    "weights_speed_vs_bf16.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against bf16"),
-    "ablation/weights_speed-avx2-isa.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against fp32, kernels capped at AVX2"),
-    "method_speed_shared_contexts.json": partial(_paired_sentence, title="BaFT against ReFT at rank 24, on fp16 weights, the same R, A, b, the route contexts' KV computed once (the defaults)"),
-    "ablation/method_speed_shared_contexts-second.json": partial(_paired_sentence, title="BaFT against ReFT, the defaults, a second run"),
-    "method_speed_same_bases.json": partial(_paired_sentence, title="BaFT against ReFT at rank 24, on fp16 weights, both starting from the same R, A, b"),
-    "ablation/weights_speed-slower-epyc.json": partial(_paired_sentence, title="fp16 weights with fp32 arithmetic (FBGEMM) against fp32, a slower instance of the AVX512-BF16 EPYC"),
-    "method_speed_fp16weights.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24 (its default), on fp16 weights, BaFT's bases drawn after some gates"),
-    "ablation/method_speed_fp16weights-second.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24, on fp16 weights, a second run"),
-    "method_speed.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24 (its default), fp32 (`auto` then on that host)"),
-    "ablation/method_speed_amx-reft-rank24.json": partial(_paired_sentence, title="BaFT against ReFT at BaFT's rank 24"),
-    "ablation/method_speed-reft-rank12.json": partial(_paired_sentence, title="BaFT against ReFT at the paper's rank 12 (its default then)"),
-    "ablation/method_speed_amx-reft-rank12.json": partial(_paired_sentence, title="BaFT against ReFT at the paper's rank 12 (its default then)"),
+    **{name: partial(_paired_sentence, title=title) for name, title in PAIRED_TITLES.items()},
 }
 
 
