@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
-from baft_core import EditConfig, Editor
+from baft_core import EditConfig, Editor, load_model
 from baft_core.encoding import Example, encode_prompt, teacher_forced
-from baft_core.generation import generate, stream
+from baft_core.generation import _next_tokens, generate, stream
 from baft_core.metrics import answer_argmax
-from baft_core.prefix_cache import CachedBatch
+from baft_core.prefix_cache import CachedBatch, training_attention
 
 P = 3
 PROMPTS = [
@@ -238,3 +239,42 @@ def test_continuations_are_the_unedited_greedy_words_and_start_unedited(tiny):
         assert torch.allclose(continuation, torch.log_softmax(want_after, -1), atol=1e-4, rtol=1e-4)
     finally:
         ed.attachment.detach()
+
+
+def test_training_steps_take_the_math_attention_kernel_on_bf16_cpus(tiny_dir):
+    """On a CPU with bf16 activations the step runs torch's math attention (cheaper backward on
+    a few tokens); it computes the same step as flash attention, up to bf16 rounding."""
+    assert training_attention(torch.bfloat16, torch.device("cpu")) == SDPBackend.MATH
+    assert training_attention(torch.float32, torch.device("cpu")) is None
+    assert training_attention(torch.bfloat16, torch.device("cuda")) is None
+    loaded = load_model(str(tiny_dir), device="cpu", dtype="bfloat16")
+    torch.manual_seed(0)
+    ed = Editor(loaded.model, loaded.tokenizer, EditConfig(layers=[1, 3], rank=8, prompt_positions=P), [])
+    perturb(ed.interventions)
+    examples = [ed.encode(p, a) for p, a in zip(PROMPTS, ["Paris", "there, how are you", "made clocks"])]
+    batch = CachedBatch(ed.model, ed.attachment, ed.interventions, examples, P, ed.pad_id)
+    assert batch.attention_kernel == SDPBackend.MATH
+    steps = {}
+    for kernel in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        batch.attention_kernel = kernel
+        logits = batch.forward().logits
+        ce = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
+        steps[kernel] = (logits.float(), torch.autograd.grad(ce, list(ed.interventions.parameters()), allow_unused=True))
+    (math_logits, math_grads), (flash_logits, flash_grads) = steps.values()
+    assert torch.allclose(math_logits, flash_logits, atol=0.05, rtol=0.05)
+    for math_grad, flash_grad in zip(math_grads, flash_grads):
+        if math_grad is not None:
+            assert torch.allclose(math_grad, flash_grad, atol=0.05 * flash_grad.abs().max().item() + 1e-6)
+    ed.attachment.detach()
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-30, 0.5])
+def test_nucleus_sampling_keeps_the_top_token_however_small_top_p(top_p):
+    """top_p below float32's range compares as 0 against the probabilities: the top token must
+    still be kept, not an all-zero distribution (a 500 the API fuzzing found)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        token = _next_tokens(logits, 1.0, top_p, generator)
+        if top_p < 0.1:
+            assert token.tolist() == [1, 0]
