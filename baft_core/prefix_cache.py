@@ -8,16 +8,27 @@ each answer. Each optimisation step then runs layers L0.. on the suffix alone.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from .attach import Attachment, InterventionSet, final_logits
 from .encoding import Example, context_limit, left_padded, positions_from_mask, right_padded
 from .routing import Routes
+
+
+def training_attention(dtype: torch.dtype, device: torch.device) -> SDPBackend | None:
+    """The attention kernel for training steps, None for torch's own choice. On a CPU with bf16
+    (or fp16) activations: the math kernel, whose backward on these few-token batches is cheaper
+    than flash attention's (a training step 0.94x as long); in fp32 flash is the faster
+    (bench/results/attention_kernel_speed.json)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return SDPBackend.MATH
+    return None
 
 
 class _Captured(Exception):
@@ -145,6 +156,7 @@ class CachedBatch:
             prefix_ids, prefix_mask, spoken, [len(h) for h in heads], pad_id, continuation_tokens, eos_id, room
         )
         self.prefix_kv, self.layer_input, self.routes = unedited.prefix_kv, unedited.layer_input, unedited.routes
+        self.attention_kernel = training_attention(self.layer_input.dtype, device)
         self.unedited_continuation = unedited.log_probs
         self.continuations = unedited.continuations
 
@@ -305,7 +317,8 @@ class CachedBatch:
                 layers[i] = original
 
     def forward(self) -> Step:
-        with self._skip_lower_layers(), self.attachment.intervene(
+        kernel = nullcontext() if self.attention_kernel is None else sdpa_kernel(self.attention_kernel)
+        with kernel, self._skip_lower_layers(), self.attachment.intervene(
             self.intervene, record=True, interventions=self.interventions, routes=self.routes
         ) as record:
             hidden = self._run(self._fresh_cache()).last_hidden_state

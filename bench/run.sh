@@ -234,4 +234,19 @@ $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_same
 $PY bench/paired_speed.py --vary weights --edits 200 --out $OUT/ablation/weights_speed-slower-epyc.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_shared_contexts.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed_shared_contexts-second.json
+# On an Intel Xeon with AMX-BF16: the frozen products kernel by kernel, then packed bf16 against fp16
+# weights (before training steps took the math attention kernel), the attention kernels, BaFT
+# against ReFT on the defaults there (the first of the two was made before the math kernel, into
+# the main file, and moved to ablation/), and the 100 continual edits on both datasets there.
+$PY bench/packed_products.py --out $OUT/packed_products.json
+$PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/amx_bf16_speed.json
+$PY bench/attention_kernel_speed.py --out $OUT/attention_kernel_speed.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_amx_packed.json
+for data in zsre counterfact; do
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
+    --threads 1 --out $OUT/ablation/$data-continual-100-baft-amx-packed &
+done
+wait
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --out $OUT/ablation/zsre-single-100-baft-amx-packed
 $PY bench/summarize.py

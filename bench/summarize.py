@@ -38,6 +38,7 @@ ABLATION = {
         ("ablation/zsre-continual-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC, beside the CounterFact run)"),
         ("zsre-continual-100-baft", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults; a slower AMD EPYC, beside the CounterFact run)"),
         ("ablation/zsre-continual-100-rank32-fp16weights", "fp16 weights: rank 32 (beside a CounterFact run)"),
+        ("ablation/zsre-continual-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; beside the CounterFact run)"),
         ("ablation/zsre-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the CounterFact run)"),
         ("ablation/zsre-continual-100-reft-rank12", "ReFT, one block of rank 12 (its default then), no replay"),
         ("zsre-continual-100-reft", "ReFT, one block of rank 24 (BaFT's rank, its default now), no replay; fp32, AVX2-only host"),
@@ -59,6 +60,7 @@ ABLATION = {
         ("ablation/counterfact-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC, beside the ZsRE run)"),
         ("counterfact-continual-100-baft", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults; a slower AMD EPYC, beside the ZsRE run)"),
+        ("ablation/counterfact-continual-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-seed1-fp16weights", "fp16 weights: the defaults, seed 1 (the interventions' random initialisation and the unrelated pool's draw)"),
         ("ablation/counterfact-continual-100-rank32-fp16weights", "fp16 weights: rank 32"),
         ("ablation/counterfact-continual-100-rank32-seed1-fp16weights", "fp16 weights: rank 32, seed 1"),
@@ -141,6 +143,7 @@ ABLATION = {
     ],
     "ZsRE, 100 single edits": [
         ("ablation/zsre-single-100-baft-bf16", "rank 24, 1 continuation token, bf16 (the defaults until fp16 weights; two threads, alone; moved from the main folder)"),
+        ("ablation/zsre-single-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; two threads, alone)"),
         ("ablation/zsre-single-100-reft-rank12", "ReFT, rank 12, its default then (two threads, alone, right after the defaults' run)"),
         ("ablation/zsre-single-100-reft-second", "ReFT (rank 12) again, run first this time (two threads, alone)"),
         ("ablation/zsre-single-100-baft-second", "the defaults again, right after the run above"),
@@ -243,6 +246,9 @@ def _paired_sentence(s: dict, title: str) -> str:
 
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
+    "method_speed_amx_packed.json": "BaFT against ReFT at rank 24, the defaults on a Xeon with AMX-BF16 (bf16 packed for oneDNN, math attention in training steps)",
+    "ablation/method_speed_amx_packed-flash.json": "BaFT against ReFT, bf16 packed, before training steps took the math attention kernel",
+    "amx_bf16_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16 packed for oneDNN, a Xeon with AMX-BF16 (flash attention then)",
     "weights_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32",
     "weights_speed_vs_bf16.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16",
     "ablation/weights_speed-avx2-isa.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, kernels capped at AVX2",
@@ -270,7 +276,8 @@ SPEED_SENTENCES = {
 # Which precision and which draw of the bases the runs were made with (both result pages).
 PRECISION_NOTE = (
     "`auto` runs x86 CPUs on fp16 weights with fp32 arithmetic (`fp16-weights`) since that was",
-    "measured faster than bf16 and fp32. The BaFT main runs (100 and 1000 continual, 100 single)",
+    "measured faster than bf16 and fp32, except CPUs with AMX-BF16, which run bf16 packed for oneDNN",
+    "(`ablation/*-amx-packed`). The BaFT main runs (100 and 1000 continual, 100 single)",
     "are on fp16 weights with every layer's bases drawn before the gates (BaFT starts from ReFT's",
     "R, A, b); the runs they replaced were moved to `ablation/*-bf16` (bf16, fp32 where noted) and",
     "`ablation/*-1000-baft-fp16weights`, and `ablation/*-fp16weights` holds the fp16 runs of the old draw.",

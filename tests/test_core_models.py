@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, fp16_weights, load_model, models
+from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model, models, packed_linears
 from baft_core.encoding import context_limit, teacher_forced
 from baft_core.models import resolve_precision
 from baft_core.prefix_cache import CachedBatch
@@ -61,9 +61,9 @@ def test_concurrent_cache_builds_run_once_and_keep_the_first(monkeypatch, tmp_pa
     ],
 )
 def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, features, expected):
-    """Without FBGEMM (an ARM CPU, say); where it runs, see test_core_fp16_weights.py."""
+    """Without FBGEMM (an ARM CPU, say); where it runs, see test_core_packed_linears.py."""
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
-    monkeypatch.setattr(fp16_weights, "supported", lambda: False)
+    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: False)
     assert resolve_precision(None, torch.device("cpu")) == expected
     assert resolve_precision("auto", torch.device("cpu")) == expected
     assert resolve_precision("float16", torch.device("cpu")) == "float16"  # an explicit choice stands

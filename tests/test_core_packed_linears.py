@@ -1,0 +1,166 @@
+"""Frozen linear layers packed for few-row products: fp16 weights with fp32 arithmetic (FBGEMM)
+and bf16 weights in oneDNN's layout. The products are those of the rounded weights, gradients
+reach the input and only the input, and `auto` picks each where it is the faster."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from baft_core import EditConfig, EditRequest, Editor, load_model
+from baft_core import packed_linears
+from baft_core.models import FP16_WEIGHTS, load_dtype, resolve_precision
+from baft_core.packed_linears import Bf16Linear, Fp16Linear, pack_linears
+from test_core_editor import UNRELATED
+
+needs_fbgemm = pytest.mark.skipif(not packed_linears.fp16_supported(), reason="FBGEMM does not run on this CPU")
+needs_onednn = pytest.mark.skipif(not packed_linears.bf16_supported(), reason="oneDNN does not multiply bf16 here")
+# (kind, precision, the dtype of its inputs, what its weights are rounded to, tolerance)
+KINDS = [
+    pytest.param(Fp16Linear, FP16_WEIGHTS, torch.float32, torch.float16, 1e-5, marks=needs_fbgemm, id="fp16"),
+    pytest.param(Bf16Linear, "bfloat16", torch.bfloat16, torch.bfloat16, 2e-2, marks=needs_onednn, id="bf16"),
+]
+
+
+def _rounded(linear: nn.Linear, weights: torch.dtype, dtype: torch.dtype) -> nn.Linear:
+    """The same fp32 layer with its weight rounded to `weights` and its bias to the model's
+    `dtype`, and back."""
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        copy.weight.copy_(linear.weight.to(weights).float())
+        if linear.bias is not None:
+            copy.bias.copy_(linear.bias.to(dtype).float())
+    return copy
+
+
+@pytest.mark.parametrize("kind, precision, dtype, weights, tolerance", KINDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_products_are_those_of_the_rounded_weights(kind, precision, dtype, weights, tolerance, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=bias)
+    reference, packed = _rounded(linear, weights, dtype), kind(linear.to(dtype))
+    x = torch.randn(3, 7, 96).to(dtype).requires_grad_(True)
+    x_ref = x.detach().float().requires_grad_(True)
+    y, y_ref = packed(x), reference(x_ref)
+    assert y.shape == (3, 7, 40) and y.dtype == dtype
+    assert torch.allclose(y.float(), y_ref, atol=tolerance, rtol=tolerance)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad.float())
+    assert x.grad.dtype == dtype
+    assert torch.allclose(x.grad.float(), x_ref.grad, atol=tolerance, rtol=tolerance)
+    assert not list(packed.parameters())  # nothing in it trains or is saved
+    assert not packed.state_dict()
+
+
+@needs_fbgemm
+def test_fp16_products_differ_from_the_fp32_weights_by_rounding_only():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    x = torch.randn(5, 96)
+    assert 1e-5 < (linear(x) - Fp16Linear(linear)(x)).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("kind, precision, dtype, weights, tolerance", KINDS)
+def test_refuses_other_dtypes(kind, precision, dtype, weights, tolerance):
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    packed = kind(nn.Linear(8, 4).to(dtype))
+    with pytest.raises(TypeError, match=f"takes {dtype} inputs, got {other}"):
+        packed(torch.randn(2, 8, dtype=other))
+    with pytest.raises(TypeError, match=f"packs {dtype} weights, got {other}"):
+        kind(nn.Linear(8, 4).to(other))
+
+
+@pytest.mark.parametrize("kind, precision, dtype, weights, tolerance", KINDS)
+def test_packed_model_matches_its_rounded_self(tiny_dir, kind, precision, dtype, weights, tolerance):
+    """Every linear layer, the tied output head included, is packed; the embedding table is not."""
+    fp32 = load_model(str(tiny_dir), device="cpu", dtype="float32")
+    packed = load_model(str(tiny_dir), device="cpu", dtype=precision)
+    assert packed.precision == precision and fp32.precision == "float32"
+    linears = [m for m in fp32.model.modules() if type(m) is nn.Linear]
+    assert sum(isinstance(m, kind) for m in packed.model.modules()) == len(linears) == 4 * 7 + 1
+    assert not any(type(m) is nn.Linear for m in packed.model.modules())
+    assert packed.model.get_input_embeddings().weight.dtype == dtype
+    ids = fp32.tokenizer(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
+    if dtype == torch.float32:
+        # The reference: the fp32 model with each linear weight rounded to fp16, its tied
+        # embedding table untied first and left as it was.
+        embedding = fp32.model.get_input_embeddings()
+        table = embedding.weight.detach().clone()
+        with torch.no_grad():
+            for module in linears:
+                module.weight.copy_(module.weight.to(weights).float())
+        embedding.weight = nn.Parameter(table)
+        reference, atol = fp32.model, 1e-4
+    else:  # the same bf16 model unpacked: one arithmetic in another weight layout
+        reference, atol = load_model(str(tiny_dir), device="cpu", dtype="float32").model.to(dtype), 0.05
+    with torch.no_grad():
+        expected = reference(**ids).logits.float()
+        got = packed.model(**ids).logits.float()
+    assert torch.allclose(got, expected, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("kind, precision, dtype, weights, tolerance", KINDS)
+def test_an_edit_trains_through_packed_layers_as_through_plain_ones(
+    tiny_sharp_dir, monkeypatch, kind, precision, dtype, weights, tolerance
+):
+    """The tiny model with range in its logits, edited as in test_core_editor.py: the same edit
+    through packed layers and through plain ones (fp32 for fp16 weights, as rounding differs; the
+    same bf16 weights unpacked) ends at nearly the same loss and says the target."""
+    request = EditRequest("The mother tongue of Danielle Darrieux is", "Japanese")
+    config = EditConfig(max_steps=20, rank=8, lr=0.05, layers=[1, 2, 3], block_edits=0)
+    plain, allowed = ("float32", 0.05) if kind is Fp16Linear else ("bfloat16", 1e-3)
+    losses = {}
+    for name, packs in (("plain", False), ("packed", True)):
+        monkeypatch.setattr(packed_linears, "bf16_supported", lambda: packs)
+        loaded = load_model(str(tiny_sharp_dir), device="cpu", dtype=precision if packs else plain)
+        assert any(isinstance(m, kind) for m in loaded.model.modules()) == packs
+        torch.manual_seed(0)
+        editor = Editor(loaded.model, loaded.tokenizer, config, unrelated_prompts=UNRELATED)
+        losses[name] = editor.edit(request).losses["ce"]
+        assert editor.generate([request.prompt], 3)[0].strip().startswith("Japanese")
+    assert losses["packed"] < 0.5 and abs(losses["packed"] - losses["plain"]) < allowed, losses
+
+
+def test_pack_linears_leaves_other_dtypes_alone():
+    model = nn.Sequential(nn.Linear(8, 8).bfloat16(), nn.Linear(8, 8))
+    if packed_linears.fp16_supported():
+        assert pack_linears(model, Fp16Linear) == 1
+        assert type(model[0]) is nn.Linear and isinstance(model[1], Fp16Linear)
+    if packed_linears.bf16_supported():
+        assert pack_linears(model, Bf16Linear) == 1
+        assert isinstance(model[0], Bf16Linear)
+
+
+@pytest.mark.parametrize(
+    "features, fbgemm, expected",
+    [
+        ({}, True, FP16_WEIGHTS),  # AVX2: fp32 arithmetic on fp16 weights
+        ({"avx512_bf16": True}, True, FP16_WEIGHTS),  # faster than bf16 there too (weights_speed_vs_bf16.json)
+        ({"avx512_bf16": True, "amx_bf16": True}, True, "bfloat16"),  # AMX: bf16 (amx_bf16_speed.json)
+        ({}, False, "float32"),  # no FBGEMM (an ARM CPU without bf16, say)
+        ({"bf16": True}, False, "bfloat16"),  # ARM with BF16
+    ],
+)
+def test_auto_picks_the_faster_packing(monkeypatch, features, fbgemm, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
+    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: fbgemm)
+    monkeypatch.setattr(packed_linears, "bf16_supported", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert load_dtype(expected) == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
+    assert resolve_precision(None, torch.device("cuda")) == "bfloat16"
+
+
+def test_auto_on_amx_without_onednn_falls_back_to_fp16_weights(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: True)
+    monkeypatch.setattr(packed_linears, "bf16_supported", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == FP16_WEIGHTS
+
+
+def test_fp16_weights_needs_fbgemm_on_a_cpu(monkeypatch):
+    with pytest.raises(ValueError, match="needs a CPU that FBGEMM supports"):
+        resolve_precision(FP16_WEIGHTS, torch.device("cuda"))
+    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: False)
+    with pytest.raises(ValueError, match="needs a CPU that FBGEMM supports"):
+        resolve_precision(FP16_WEIGHTS, torch.device("cpu"))
