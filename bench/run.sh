@@ -242,6 +242,7 @@ $PY bench/packed_products.py --out $OUT/packed_products.json
 $PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/amx_bf16_speed.json
 $PY bench/attention_kernel_speed.py --out $OUT/attention_kernel_speed.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_amx_packed.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed_amx_packed-second.json
 for data in zsre counterfact; do
   $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
     --threads 1 --out $OUT/ablation/$data-continual-100-baft-amx-packed &
