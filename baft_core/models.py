@@ -49,9 +49,10 @@ def resolve_precision(dtype: str | None, device: torch.device) -> str:
     bf16 where the CPU computes it in hardware (NATIVE_BF16); else fp32.
 
     On an Intel Xeon with AMX-BF16 the median edit took 0.70x as long in (packed) bf16 as on fp16
-    weights, whose FBGEMM kernel is slow there (bench/results/amx_bf16_speed.json). On an AMD EPYC with AVX512-BF16 but no AMX, fp16 weights
-    took 0.47x as long as fp32 and 0.91x as long as bf16 (then unpacked; weights_speed*.json),
-    with fp32 activations and 3 more significand bits than bf16. Where bf16 is not in hardware it
+    weights, whose FBGEMM kernel is slow there (bench/results/amx_bf16_speed.json). On an AMD
+    EPYC with AVX512-BF16 but no AMX, fp16 weights took 0.47x as long as fp32 and 0.91x as long
+    as bf16 (then unpacked; weights_speed*.json), with fp32 activations and 3 more significand
+    bits than bf16. Where bf16 is not in hardware it
     is emulated: a training step took 1.4x as long as in fp32 on an AVX512 Xeon without
     AVX512-BF16 (dtype_speed.json), and oneDNN's own `_is_mkldnn_bf16_supported` says yes on such
     CPUs, so it cannot decide this."""

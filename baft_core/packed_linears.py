@@ -86,8 +86,8 @@ class _PackedLinear(nn.Module):
         if weight.dtype != self.dtype:
             raise TypeError(f"{type(self).__name__} packs {self.dtype} weights, got {weight.dtype}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = type(self).pack(weight)
-        self.packed_t = type(self).pack(weight.t().contiguous())
+        self.packed = self.pack(weight)
+        self.packed_t = self.pack(weight.t().contiguous())
         self.bias = linear.bias.detach() if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

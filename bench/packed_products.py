@@ -9,6 +9,7 @@ from memory, not from a cache still warm with the same weight. Kernels interleav
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -47,11 +48,11 @@ def main() -> None:
     for linear in plain:
         linear.requires_grad_(False)
     kernels = {"float32": (plain, torch.float32)}
-    kernels["bfloat16"] = ([_to(m, torch.bfloat16) for m in plain], torch.bfloat16)
+    kernels["bfloat16"] = ([copy.deepcopy(m).bfloat16() for m in plain], torch.bfloat16)
     if fp16_supported():
         kernels["fp16-weights (FBGEMM)"] = ([Fp16Linear(m) for m in plain], torch.float32)
     if bf16_supported():
-        kernels["bfloat16 packed (oneDNN)"] = ([Bf16Linear(_to(m, torch.bfloat16)) for m in plain], torch.bfloat16)
+        kernels["bfloat16 packed (oneDNN)"] = ([Bf16Linear(copy.deepcopy(m).bfloat16()) for m in plain], torch.bfloat16)
     capabilities = torch.cpu.get_capabilities()
     results = []
     for rows in args.rows:
@@ -79,15 +80,6 @@ def main() -> None:
         "results": results,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _to(linear: nn.Linear, dtype: torch.dtype) -> nn.Linear:
-    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=dtype)
-    with torch.no_grad():
-        copy.weight.copy_(linear.weight)
-        if linear.bias is not None:
-            copy.bias.copy_(linear.bias)
-    return copy.requires_grad_(False)
 
 
 if __name__ == "__main__":
