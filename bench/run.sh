@@ -240,6 +240,7 @@ $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_s
 # the main file, and moved to ablation/), and the 100 continual edits on both datasets there.
 $PY bench/packed_products.py --out $OUT/packed_products.json
 $PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/amx_bf16_speed.json
+$PY bench/paired_speed.py --vary weights --edits 100 --out $OUT/ablation/weights_speed-amx-xeon.json
 $PY bench/attention_kernel_speed.py --out $OUT/attention_kernel_speed.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_amx_packed.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed_amx_packed-second.json

@@ -248,6 +248,7 @@ def _paired_sentence(s: dict, title: str) -> str:
 PAIRED_TITLES = {
     "method_speed_amx_packed.json": "BaFT against ReFT at rank 24, the defaults on a Xeon with AMX-BF16 (bf16 packed for oneDNN, math attention in training steps)",
     "ablation/method_speed_amx_packed-second.json": "BaFT against ReFT, the defaults on that Xeon, a second run",
+    "ablation/weights_speed-amx-xeon.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, a Xeon with AMX-BF16",
     "ablation/method_speed_amx_packed-flash.json": "BaFT against ReFT, bf16 packed, before training steps took the math attention kernel",
     "amx_bf16_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16 packed for oneDNN, a Xeon with AMX-BF16 (flash attention then)",
     "weights_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32",
