@@ -1,7 +1,7 @@
 """The frozen products of a training step, kernel against kernel: every linear weight of the
 bundled model's edited span (the first edited layer up, and the output head) multiplied by a
 few rows, forward (x W^T) and backward (g W), as fp32, plain bf16, fp16 weights in FBGEMM's
-packing and bf16 in oneDNN's. The weights are walked in turn, as a step does, so that they come
+packing, bf16 in oneDNN's and (a candidate, not in the library) fp32 in oneDNN's. The weights are walked in turn, as a step does, so that they come
 from memory, not from a cache still warm with the same weight. Kernels interleaved, in one run.
 
     .venv/bin/python bench/packed_products.py --out bench/results/packed_products.json
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,6 +22,13 @@ from torch import nn
 
 from baft_core import EditConfig, find_decoder_layers, load_model
 from baft_core.packed_linears import Bf16Linear, Fp16Linear, bf16_supported, fp16_supported
+from paired_speed import ISA_LIMITS  # instruction-set caps, recorded with the result
+
+
+class Fp32OneDnnLinear(Bf16Linear):
+    """A candidate kind for CPUs without bf16 arithmetic: fp32 weights in oneDNN's layout."""
+
+    dtype, kernel = torch.float32, "oneDNN fp32"
 
 
 def walk_seconds(linears: list[nn.Module], rows: int, dtype: torch.dtype) -> float:
@@ -53,6 +61,7 @@ def main() -> None:
         kernels["fp16-weights (FBGEMM)"] = ([Fp16Linear(m) for m in plain], torch.float32)
     if bf16_supported():
         kernels["bfloat16 packed (oneDNN)"] = ([Bf16Linear(copy.deepcopy(m).bfloat16()) for m in plain], torch.bfloat16)
+        kernels["float32 packed (oneDNN)"] = ([Fp32OneDnnLinear(m) for m in plain], torch.float32)
     capabilities = torch.cpu.get_capabilities()
     results = []
     for rows in args.rows:
@@ -76,6 +85,7 @@ def main() -> None:
         "threads": args.threads,
         "cpu": capabilities.get("cpu_name"),
         "cpu_features": {k: bool(capabilities.get(k)) for k in ("avx2", "avx512_bf16", "amx_bf16")},
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
         "weights": f"the {len(plain)} linear weights of layers {first}-{len(layers) - 1} and the output head",
         "results": results,
     }

@@ -239,6 +239,11 @@ $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_s
 # against ReFT on the defaults there (the first of the two was made before the math kernel, into
 # the main file, and moved to ablation/), and the 100 continual edits on both datasets there.
 $PY bench/packed_products.py --out $OUT/packed_products.json
+# ... again with a candidate kind, fp32 in oneDNN's layout (the first run had none), and with every
+# kernel library capped at AVX2 (oneDNN then refuses bf16, so only fp32 and FBGEMM are timed).
+$PY bench/packed_products.py --out $OUT/ablation/packed_products-fp32-onednn.json
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+  $PY bench/packed_products.py --out $OUT/ablation/packed_products-avx2-isa.json
 $PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/amx_bf16_speed.json
 $PY bench/paired_speed.py --vary weights --edits 100 --out $OUT/ablation/weights_speed-amx-xeon.json
 $PY bench/attention_kernel_speed.py --out $OUT/attention_kernel_speed.json
