@@ -1,8 +1,9 @@
 """The frozen products of a training step, kernel against kernel: every linear weight of the
 bundled model's edited span (the first edited layer up, and the output head) multiplied by a
 few rows, forward (x W^T) and backward (g W), as fp32, plain bf16, fp16 weights in FBGEMM's
-packing, bf16 in oneDNN's and (a candidate, not in the library) fp32 in oneDNN's. The weights are walked in turn, as a step does, so that they come
-from memory, not from a cache still warm with the same weight. Kernels interleaved, in one run.
+packing, bf16 in oneDNN's and (a candidate, not in the library) fp32 in oneDNN's. The weights
+are walked in turn, as a step does, so that they come from memory, not from a cache still warm
+with the same weight. Kernels interleaved, in one run.
 
     .venv/bin/python bench/packed_products.py --out bench/results/packed_products.json
 """
