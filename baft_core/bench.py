@@ -21,7 +21,8 @@ from . import metrics
 from .config import EditConfig
 from .data import EditRequest, load_edits
 from .editor import Editor
-from .models import BUNDLED, FP16_WEIGHTS, PRECISIONS, load_model
+from .models import BUNDLED, load_model
+from .precision import PRECISIONS
 from .report import plot_basis_weights, plot_curve, write_report
 
 METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
@@ -41,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         default="auto",
         choices=PRECISIONS,
-        help=f"auto: bf16 (packed for oneDNN) on CPUs with AMX-BF16, else {FP16_WEIGHTS} (fp32 arithmetic on fp16 "
-        "weights) where FBGEMM runs, else bf16 where the CPU computes it, else fp32; bf16 on CUDA",
+        help="auto: bf16 on CUDA; on a CPU the fastest of fp32, bf16 and fp16-weights (fp32 arithmetic on fp16 "
+        "weights), as measured once on this host (baft_core/precision.py)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

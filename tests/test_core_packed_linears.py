@@ -1,6 +1,6 @@
 """Frozen linear layers packed for few-row products: fp16 weights with fp32 arithmetic (FBGEMM)
 and bf16 weights in oneDNN's layout. The products are those of the rounded weights, gradients
-reach the input and only the input, and `auto` picks each where it is the faster."""
+reach the input and only the input. Which one `auto` takes: test_core_precision.py."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 
 from baft_core import EditConfig, EditRequest, Editor, load_model
 from baft_core import packed_linears
-from baft_core.models import FP16_WEIGHTS, load_dtype, resolve_precision
+from baft_core.precision import FP16_WEIGHTS
 from baft_core.packed_linears import Bf16Linear, Fp16Linear, pack_linears
 from test_core_editor import UNRELATED
 
@@ -130,37 +130,3 @@ def test_pack_linears_leaves_other_dtypes_alone():
     if packed_linears.bf16_supported():
         assert pack_linears(model, Bf16Linear) == 1
         assert isinstance(model[0], Bf16Linear)
-
-
-@pytest.mark.parametrize(
-    "features, fbgemm, expected",
-    [
-        ({}, True, FP16_WEIGHTS),  # AVX2: fp32 arithmetic on fp16 weights
-        ({"avx512_bf16": True}, True, FP16_WEIGHTS),  # faster than bf16 there too (weights_speed_vs_bf16.json)
-        ({"avx512_bf16": True, "amx_bf16": True}, True, "bfloat16"),  # AMX: bf16 (amx_bf16_speed.json)
-        ({}, False, "float32"),  # no FBGEMM (an ARM CPU without bf16, say)
-        ({"bf16": True}, False, "bfloat16"),  # ARM with BF16
-    ],
-)
-def test_auto_picks_the_faster_packing(monkeypatch, features, fbgemm, expected):
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
-    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: fbgemm)
-    monkeypatch.setattr(packed_linears, "bf16_supported", lambda: True)
-    assert resolve_precision("auto", torch.device("cpu")) == expected
-    assert load_dtype(expected) == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
-    assert resolve_precision(None, torch.device("cuda")) == "bfloat16"
-
-
-def test_auto_on_amx_without_onednn_falls_back_to_fp16_weights(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
-    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: True)
-    monkeypatch.setattr(packed_linears, "bf16_supported", lambda: False)
-    assert resolve_precision("auto", torch.device("cpu")) == FP16_WEIGHTS
-
-
-def test_fp16_weights_needs_fbgemm_on_a_cpu(monkeypatch):
-    with pytest.raises(ValueError, match="needs a CPU that FBGEMM supports"):
-        resolve_precision(FP16_WEIGHTS, torch.device("cuda"))
-    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: False)
-    with pytest.raises(ValueError, match="needs a CPU that FBGEMM supports"):
-        resolve_precision(FP16_WEIGHTS, torch.device("cpu"))

@@ -1,0 +1,192 @@
+"""The number format the frozen model runs in: the caller's choice, bf16 on CUDA, and on a CPU
+whichever candidate runs a training step fastest on this host, measured once and remembered.
+
+`auto` used to read a table of CPU features, and new kinds of host kept proving it wrong:
+packed bf16 beat fp16 weights on an Intel Xeon with AMX (an edit 1.43x as long on fp16
+weights, bench/results/amx_bf16_speed.json), which the table then learned, and on an AMD EPYC
+with AVX512-BF16, where it still chose fp16 weights (1.11x,
+ablation/weights_bf16_speed-epyc-avx512bf16.json); FBGEMM's fp16 weights halved an fp32 edit on
+the EPYCs and gained nothing on the Xeon. So `auto`
+times the real thing: a few decoder layers and the output head of the model's own architecture,
+randomly initialised (speed does not depend on the values), each candidate packed as
+`load_model` packs it, running a training step's forward and backward on a few rows. Every
+operation counts, not only the products: bf16 that a CPU emulates is slow in all of them. It
+takes two to four seconds, once per host, model shape, torch version, thread count and
+instruction-set cap; the timings and the choice stay in a JSON file beside the model cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.attention import sdpa_kernel
+
+from . import packed_linears
+from .prefix_cache import training_attention
+
+# fp32 model whose frozen linear layers hold fp16 weights, multiplied by FBGEMM (packed_linears.py)
+FP16_WEIGHTS = "fp16-weights"
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", FP16_WEIGHTS)
+
+# The kernel libraries' instruction-set caps (FBGEMM's, ATen's, MKL's, oneDNN's): set, they run
+# this CPU's kernels as a smaller CPU's would, and so change what is fastest.
+ISA_LIMITS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+PROBE_ROWS = 10  # a training step's tokens: the last prompt positions and a short target
+PROBE_MAX_LAYERS = 4  # with the output head: enough weights that they stream from memory, as in a step
+PROBE_MAX_LAYER_BYTES = 1 << 30  # fewer layers where they would hold more than this (in fp32)
+PROBE_REPEATS = 15  # rounds, each a few tens of ms
+PROBE_PRUNE = 2.0  # a candidate this many times the fastest after one round is out
+
+
+def cpu_candidates() -> list[str]:
+    """The precisions this CPU can run the frozen model in (fp16 arithmetic on a CPU is not one)."""
+    candidates = ["float32", "bfloat16"]
+    if packed_linears.fp16_supported():
+        candidates.append(FP16_WEIGHTS)
+    return candidates
+
+
+def load_dtype(precision: str) -> torch.dtype:
+    """The dtype the model is loaded in: fp32 under FP16_WEIGHTS, which packs its layers after."""
+    return torch.float32 if precision == FP16_WEIGHTS else getattr(torch, precision)
+
+
+def pack_frozen(model: nn.Module, precision: str, device: torch.device) -> None:
+    """Pack a loaded model's frozen linear layers for the precision's CPU kernel, if it has one."""
+    if precision == FP16_WEIGHTS:
+        packed_linears.pack_linears(model, packed_linears.Fp16Linear)
+    elif precision == "bfloat16" and device.type == "cpu" and packed_linears.bf16_supported():
+        packed_linears.pack_linears(model, packed_linears.Bf16Linear)
+
+
+def resolve_precision(dtype: str | None, device: torch.device, config=None, cache_dir: str | Path | None = None) -> str:
+    """`dtype` if given; else (None or "auto") bf16 on CUDA and, on a CPU, the fastest candidate
+    for a model of `config` on this host, measured once and kept under `cache_dir`."""
+    if dtype not in (None, "auto"):
+        if dtype not in PRECISIONS:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(PRECISIONS)}")
+        if dtype == FP16_WEIGHTS and (device.type != "cpu" or not packed_linears.fp16_supported()):
+            raise ValueError(f"dtype {FP16_WEIGHTS} needs a CPU that FBGEMM supports (x86 with AVX2)")
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16"
+    if config is None or cache_dir is None:
+        raise ValueError("choosing a CPU precision measures the model: pass its config and a cache directory")
+    return measured_choice(config, Path(cache_dir))["choice"]
+
+
+def measured_choice(config, cache_dir: Path) -> dict:
+    """The record of this host's measurement for `config` ({"key", "seconds", "choice"}): read
+    from `cache_dir`, or measured now and written there. One process measures at a time, so that
+    two starting together (the service's web process and worker) neither measure twice nor slow
+    each other's measurement."""
+    model = json.loads(config.to_json_string(use_diff=False))
+    model.pop("_name_or_path", None)  # the same model elsewhere runs as fast
+    key = {
+        "cpu": _cpu_name(),
+        "features": sorted(name for name, present in torch.cpu.get_capabilities().items() if present is True),
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "candidates": cpu_candidates(),
+        "model": model,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir / f"precision-{digest}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return json.loads(path.read_text())
+        seconds = measure_candidates(config, key["candidates"])
+        record = {"key": key, "seconds": seconds, "choice": min(seconds, key=seconds.get)}
+        staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        staging.write_text(json.dumps(record, indent=1, default=str))
+        staging.rename(path)
+    return record
+
+
+def measure_candidates(config, candidates: list[str], repeats: int = PROBE_REPEATS) -> dict[str, float]:
+    """Seconds of a probe step per candidate, the fastest of `repeats` rounds: a neighbour's load
+    on a shared machine only ever adds time, and comes in bursts that a median of few rounds can
+    sit in. The candidates alternate within each round, so that such a burst falls on all alike.
+    One far behind after the first round runs no more (bf16 that a CPU emulates took 19x as long
+    as fp16 weights, bench/results/precision_probe*.json)."""
+    reference = probe_model(config)
+    probes = {name: _prepared(reference, name) for name in candidates}
+    times = {name: [] for name in candidates}
+    running = list(candidates)
+    for repeat in range(repeats + 1):
+        for name in running if repeat % 2 == 0 else running[::-1]:
+            seconds = probe_step_seconds(probes[name], load_dtype(name))
+            if repeat:  # the first round warms up
+                times[name].append(seconds)
+        if repeat == 1:
+            fastest = min(times[name][0] for name in running)
+            running = [name for name in running if times[name][0] <= PROBE_PRUNE * fastest]
+    return {name: round(min(values), 6) for name, values in times.items()}
+
+
+def probe_model(config) -> nn.Module:
+    """The model of `config` cut to a few decoder layers, randomly initialised, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    layers = probe_layers(config)
+    cut = copy.deepcopy(config)
+    cut.num_hidden_layers = layers
+    if isinstance(getattr(cut, "layer_types", None), list):  # per-layer attention kinds (Gemma, Qwen2)
+        cut.layer_types = cut.layer_types[:layers]
+    model = AutoModelForCausalLM.from_config(cut, dtype=torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def probe_layers(config) -> int:
+    """PROBE_MAX_LAYERS, or fewer where they would hold over PROBE_MAX_LAYER_BYTES (one at least)."""
+    layer_bytes = 4 * _layer_parameters(config)
+    return max(1, min(PROBE_MAX_LAYERS, config.num_hidden_layers, PROBE_MAX_LAYER_BYTES // layer_bytes))
+
+
+def probe_step_seconds(model: nn.Module, dtype: torch.dtype) -> float:
+    """One training step's worth of work: PROBE_ROWS positions forward through every layer and
+    the head, and the gradient back to the input, as the editor's steps run (attention kernel
+    included)."""
+    hidden = torch.randn(1, PROBE_ROWS, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    kernel = training_attention(dtype, torch.device("cpu"))
+    start = time.perf_counter()
+    with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
+        logits = model(inputs_embeds=hidden, use_cache=False).logits
+        logits.float().logsumexp(-1).sum().backward()
+    return time.perf_counter() - start
+
+
+def _prepared(reference: nn.Module, precision: str) -> nn.Module:
+    model = copy.deepcopy(reference).to(load_dtype(precision))
+    pack_frozen(model, precision, torch.device("cpu"))
+    return model
+
+
+def _layer_parameters(config) -> int:
+    """Roughly a decoder layer's weights: attention (4 d^2) and a gated MLP (3 d x intermediate)."""
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return 4 * hidden * hidden + 3 * hidden * intermediate
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
