@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         default="auto",
         choices=PRECISIONS,
-        help="auto: bf16 on CUDA; on a CPU the fastest of fp32, bf16 and fp16-weights (fp32 arithmetic on fp16 "
-        "weights), as measured once on this host (baft_core/precision.py)",
+        help="auto: bf16 on CUDA; on a CPU the fastest of fp32, bf16, fp16-weights (fp32 arithmetic on fp16 "
+        "weights) and fp32-packed, as measured once on this host (baft_core/precision.py)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

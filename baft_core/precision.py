@@ -6,13 +6,13 @@ packed bf16 beat fp16 weights on an Intel Xeon with AMX (an edit 1.43x as long o
 weights, bench/results/amx_bf16_speed.json), which the table then learned, and on an AMD EPYC
 with AVX512-BF16, where it still chose fp16 weights (1.11x,
 ablation/weights_bf16_speed-epyc-avx512bf16.json); FBGEMM's fp16 weights halved an fp32 edit on
-the EPYCs and gained nothing on the Xeon. So `auto`
-times the real thing: a few decoder layers and the output head of the model's own architecture,
-randomly initialised (speed does not depend on the values), each candidate packed as
-`load_model` packs it, running a training step's forward and backward on a few rows. Every
-operation counts, not only the products: bf16 that a CPU emulates is slow in all of them. It
-takes two to four seconds, once per host, model shape, torch version, thread count and
-instruction-set cap; the timings and the choice stay in a JSON file beside the model cache.
+the EPYCs and gained nothing on the Xeon. So `auto` times the real thing: the decoder layers a
+step runs and the output head, in the model's own architecture, randomly initialised (speed
+does not depend on the values), each candidate packed as `load_model` packs it, running a
+training step's forward and backward on a few rows. Every operation counts, not only the
+products: bf16 that a CPU emulates is slow in all of them. It takes four to six seconds, once
+per host, model shape, torch version, thread count and instruction-set cap; the timings and the
+choice stay in a JSON file beside the model cache.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import copy
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -31,40 +32,48 @@ from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from . import packed_linears
+from .config import EditConfig
 from .prefix_cache import training_attention
 
-# fp32 model whose frozen linear layers hold fp16 weights, multiplied by FBGEMM (packed_linears.py)
+# fp32 models whose frozen linear layers are packed (packed_linears.py): holding fp16 weights,
+# multiplied by FBGEMM, or fp32 weights in oneDNN's layout
 FP16_WEIGHTS = "fp16-weights"
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", FP16_WEIGHTS)
+FP32_PACKED = "fp32-packed"
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", FP16_WEIGHTS, FP32_PACKED)
+# what each needs on a CPU (looked up when asked), and the error naming it
+_NEEDS = {
+    FP16_WEIGHTS: (lambda: packed_linears.fp16_supported(), "a CPU that FBGEMM supports (x86 with AVX2)"),
+    FP32_PACKED: (lambda: packed_linears.fp32_supported(), "a CPU and a torch build with oneDNN"),
+}
 
 # The kernel libraries' instruction-set caps (FBGEMM's, ATen's, MKL's, oneDNN's): set, they run
 # this CPU's kernels as a smaller CPU's would, and so change what is fastest.
 ISA_LIMITS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
+log = logging.getLogger(__name__)
+
 PROBE_ROWS = 10  # a training step's tokens: the last prompt positions and a short target
-PROBE_MAX_LAYERS = 4  # with the output head: enough weights that they stream from memory, as in a step
-PROBE_MAX_LAYER_BYTES = 1 << 30  # fewer layers where they would hold more than this (in fp32)
-PROBE_REPEATS = 15  # rounds, each a few tens of ms
+PROBE_MAX_LAYER_BYTES = 1 << 30  # fewer layers than a step runs where they would hold more (in fp32)
+PROBE_REPEATS = 15  # rounds of every candidate, each round 0.1-0.2 s on SmolLM2
 PROBE_PRUNE = 2.0  # a candidate this many times the fastest after one round is out
 
 
 def cpu_candidates() -> list[str]:
     """The precisions this CPU can run the frozen model in (fp16 arithmetic on a CPU is not one)."""
-    candidates = ["float32", "bfloat16"]
-    if packed_linears.fp16_supported():
-        candidates.append(FP16_WEIGHTS)
-    return candidates
+    return ["float32", "bfloat16"] + [name for name, (supported, _) in _NEEDS.items() if supported()]
 
 
 def load_dtype(precision: str) -> torch.dtype:
-    """The dtype the model is loaded in: fp32 under FP16_WEIGHTS, which packs its layers after."""
-    return torch.float32 if precision == FP16_WEIGHTS else getattr(torch, precision)
+    """The dtype the model is loaded in: fp32 under the packed fp32 precisions, packed after."""
+    return torch.float32 if precision in _NEEDS else getattr(torch, precision)
 
 
 def pack_frozen(model: nn.Module, precision: str, device: torch.device) -> None:
     """Pack a loaded model's frozen linear layers for the precision's CPU kernel, if it has one."""
     if precision == FP16_WEIGHTS:
         packed_linears.pack_linears(model, packed_linears.Fp16Linear)
+    elif precision == FP32_PACKED:
+        packed_linears.pack_linears(model, packed_linears.Fp32Linear)
     elif precision == "bfloat16" and device.type == "cpu" and packed_linears.bf16_supported():
         packed_linears.pack_linears(model, packed_linears.Bf16Linear)
 
@@ -75,8 +84,10 @@ def resolve_precision(dtype: str | None, device: torch.device, config=None, cach
     if dtype not in (None, "auto"):
         if dtype not in PRECISIONS:
             raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(PRECISIONS)}")
-        if dtype == FP16_WEIGHTS and (device.type != "cpu" or not packed_linears.fp16_supported()):
-            raise ValueError(f"dtype {FP16_WEIGHTS} needs a CPU that FBGEMM supports (x86 with AVX2)")
+        if dtype in _NEEDS:
+            supported, what = _NEEDS[dtype]
+            if device.type != "cpu" or not supported():
+                raise ValueError(f"dtype {dtype} needs {what}")
         return dtype
     if device.type == "cuda":
         return "bfloat16"
@@ -99,6 +110,7 @@ def measured_choice(config, cache_dir: Path) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "candidates": cpu_candidates(),
+        "probe": {"layers": probe_layers(config), "rows": PROBE_ROWS, "repeats": PROBE_REPEATS},
         "model": model,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -110,7 +122,11 @@ def measured_choice(config, cache_dir: Path) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():
             return json.loads(path.read_text())
-        seconds = measure_candidates(config, key["candidates"])
+        try:
+            seconds = measure_candidates(config, key["candidates"])
+        except Exception as error:  # the probe only picks a speed: a model it cannot cut still runs
+            log.warning("timing the precisions failed (%r): running float32, not remembered; DTYPE chooses", error)
+            return {"key": key, "seconds": {}, "choice": "float32", "error": repr(error)}
         record = {"key": key, "seconds": seconds, "choice": min(seconds, key=seconds.get)}
         staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
         staging.write_text(json.dumps(record, indent=1, default=str))
@@ -140,7 +156,7 @@ def measure_candidates(config, candidates: list[str], repeats: int = PROBE_REPEA
 
 
 def probe_model(config) -> nn.Module:
-    """The model of `config` cut to a few decoder layers, randomly initialised, in fp32."""
+    """The model of `config` cut to `probe_layers` decoder layers, randomly initialised, in fp32."""
     from transformers import AutoModelForCausalLM
 
     layers = probe_layers(config)
@@ -153,9 +169,14 @@ def probe_model(config) -> nn.Module:
 
 
 def probe_layers(config) -> int:
-    """PROBE_MAX_LAYERS, or fewer where they would hold over PROBE_MAX_LAYER_BYTES (one at least)."""
+    """As many decoder layers as a training step runs with the default edited layers (from the
+    first edited one up: 13 of SmolLM2's 30), so that the output head weighs in the probe as in a
+    step; fewer where they would hold over PROBE_MAX_LAYER_BYTES (one at least). With 4 layers
+    the probe ranked fp32 in oneDNN's layout ahead of fp16 weights where whole edits put it 1.11x
+    behind; with 13 its step took as long as a real one (29 ms on fp16 weights)."""
+    span = config.num_hidden_layers - EditConfig().resolved_layers(config.num_hidden_layers)[0]
     layer_bytes = 4 * _layer_parameters(config)
-    return max(1, min(PROBE_MAX_LAYERS, config.num_hidden_layers, PROBE_MAX_LAYER_BYTES // layer_bytes))
+    return max(1, min(span, PROBE_MAX_LAYER_BYTES // layer_bytes))
 
 
 def probe_step_seconds(model: nn.Module, dtype: torch.dtype) -> float:

@@ -1,7 +1,7 @@
 """The frozen products of a training step, kernel against kernel: every linear weight of the
 bundled model's edited span (the first edited layer up, and the output head) multiplied by a
 few rows, forward (x W^T) and backward (g W), as fp32, plain bf16, fp16 weights in FBGEMM's
-packing, bf16 in oneDNN's and (a candidate, not in the library) fp32 in oneDNN's. The weights
+packing, and bf16 and fp32 in oneDNN's. The weights
 are walked in turn, as a step does, so that they come from memory, not from a cache still warm
 with the same weight. Kernels interleaved, in one run.
 
@@ -22,14 +22,8 @@ import torch
 from torch import nn
 
 from baft_core import EditConfig, find_decoder_layers, load_model
-from baft_core.packed_linears import Bf16Linear, Fp16Linear, bf16_supported, fp16_supported
+from baft_core.packed_linears import Bf16Linear, Fp16Linear, Fp32Linear, bf16_supported, fp16_supported, fp32_supported
 from baft_core.precision import ISA_LIMITS
-
-
-class Fp32OneDnnLinear(Bf16Linear):
-    """A candidate kind for CPUs without bf16 arithmetic: fp32 weights in oneDNN's layout."""
-
-    dtype, kernel = torch.float32, "oneDNN fp32"
 
 
 def walk_seconds(linears: list[nn.Module], rows: int, dtype: torch.dtype) -> float:
@@ -62,7 +56,8 @@ def main() -> None:
         kernels["fp16-weights (FBGEMM)"] = ([Fp16Linear(m) for m in plain], torch.float32)
     if bf16_supported():
         kernels["bfloat16 packed (oneDNN)"] = ([Bf16Linear(copy.deepcopy(m).bfloat16()) for m in plain], torch.bfloat16)
-        kernels["float32 packed (oneDNN)"] = ([Fp32OneDnnLinear(m) for m in plain], torch.float32)
+    if fp32_supported():
+        kernels["float32 packed (oneDNN)"] = ([Fp32Linear(m) for m in plain], torch.float32)
     capabilities = torch.cpu.get_capabilities()
     results = []
     for rows in args.rows:

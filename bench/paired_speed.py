@@ -4,7 +4,8 @@ load (on a shared two-core host the speed drifts by 15% between back-to-back run
 - `--vary dtype`: the bundled model in bf16 against fp32, BaFT (the defaults);
 - `--vary method`: BaFT against ReFT (the issue's ratio), in the dtype `auto` picks;
 - `--vary weights`: fp32 arithmetic on fp16 weights (FBGEMM) against plain fp32, BaFT;
-- `--vary weights-bf16`: the same against bf16 (on a CPU with bf16 arithmetic: is `auto` right?).
+- `--vary weights-bf16`: the same against bf16 (on a CPU with bf16 arithmetic: is `auto` right?);
+- `--vary packed-fp32`: fp32 weights packed for oneDNN against fp16 weights (FBGEMM).
 
 Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
@@ -43,6 +44,7 @@ VARIES = {
     "method": ("baft_over_reft", {"baft": ("auto", "baft"), "reft": ("auto", "reft")}),
     "weights": ("fp16_weights_over_fp32", {"fp16-weights": ("fp16-weights", "baft"), "float32": ("float32", "baft")}),
     "weights-bf16": ("fp16_weights_over_bf16", {"fp16-weights": ("fp16-weights", "baft"), "bfloat16": ("bfloat16", "baft")}),
+    "packed-fp32": ("fp32_packed_over_fp16_weights", {"fp32-packed": ("fp32-packed", "baft"), "fp16-weights": ("fp16-weights", "baft")}),
 }
 
 

@@ -258,18 +258,29 @@ $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --
   --out $OUT/ablation/zsre-single-100-baft-amx-packed
 # On an AMD EPYC with AVX512-BF16 (no AMX): the frozen products kernel by kernel; packed bf16
 # against fp16 weights (made at b1d72be, when `auto` read a feature table and chose fp16 weights
-# there), and again with oneDNN capped below AVX512-BF16 (bf16 emulated). Then `auto`'s probe
-# (baft_core/precision.py) uncapped and under the caps, BaFT against ReFT with `auto` measured,
-# and the quality runs on those defaults.
+# there), and again with oneDNN capped below AVX512-BF16 (bf16 emulated). Then `auto` measured
+# (baft_core/precision.py), and the quality runs on those defaults.
 $PY bench/packed_products.py --out $OUT/ablation/packed_products-epyc-avx512bf16.json
 $PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/ablation/weights_bf16_speed-epyc-avx512bf16.json
 ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI \
   $PY bench/paired_speed.py --vary weights-bf16 --edits 100 --out $OUT/ablation/weights_bf16_speed-epyc-onednn-no-bf16.json
+# BaFT against ReFT with the probe of four layers and the head (it chose bf16 there, as the final
+# probe of a step's 13 layers does).
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_measured_auto.json
+# fp32 packed for oneDNN (`fp32-packed`) against fp16 weights, where the four-layer probe put it
+# ahead, and under the AVX2 caps; then the final probe uncapped and under the caps.
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI \
+  $PY bench/paired_speed.py --vary packed-fp32 --edits 100 --out $OUT/ablation/packed_fp32_speed-epyc-onednn-no-bf16.json
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+  $PY bench/paired_speed.py --vary packed-fp32 --edits 100 --out $OUT/ablation/packed_fp32_speed-avx2-isa.json
 $PY bench/precision_probe.py --out $OUT/precision_probe.json
 ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI $PY bench/precision_probe.py --out $OUT/ablation/precision_probe-onednn-no-bf16.json
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
   $PY bench/precision_probe.py --out $OUT/ablation/precision_probe-avx2-isa.json
-$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_measured_auto.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed_measured_auto-second.json
+# The quality runs on bf16 packed, chosen by the four-layer probe also at one thread; the final
+# probe takes fp16 weights at one thread there (29.9 against 30.8 ms), so add --dtype bfloat16
+# to these two to get the same runs.
 for data in zsre counterfact; do
   $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
     --threads 1 --out $OUT/ablation/$data-continual-100-baft-epyc-packed &

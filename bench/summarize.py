@@ -246,9 +246,12 @@ def _paired_sentence(s: dict, title: str) -> str:
 
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
-    "method_speed_measured_auto.json": "BaFT against ReFT at rank 24, the defaults with `auto` measured (bf16 packed for oneDNN on an EPYC with AVX512-BF16)",
+    "method_speed_measured_auto.json": "BaFT against ReFT at rank 24, the defaults with `auto` measured (bf16 packed for oneDNN on an EPYC with AVX512-BF16; the four-layer probe then)",
+    "ablation/method_speed_measured_auto-second.json": "BaFT against ReFT, the defaults with `auto` measured by the final probe (bf16 on that EPYC)",
     "ablation/weights_bf16_speed-epyc-avx512bf16.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16 packed for oneDNN, an EPYC with AVX512-BF16 (where `auto` then took fp16 weights)",
     "ablation/weights_bf16_speed-epyc-onednn-no-bf16.json": "fp16 weights (FBGEMM) against bf16 packed for oneDNN, that EPYC with oneDNN capped below AVX512-BF16 (bf16 emulated there)",
+    "ablation/packed_fp32_speed-epyc-onednn-no-bf16.json": "fp32 packed for oneDNN against fp16 weights (FBGEMM), that EPYC with oneDNN capped below AVX512-BF16",
+    "ablation/packed_fp32_speed-avx2-isa.json": "fp32 packed for oneDNN against fp16 weights (FBGEMM), that EPYC with every library capped at AVX2",
     "method_speed_amx_packed.json": "BaFT against ReFT at rank 24, the defaults on a Xeon with AMX-BF16 (bf16 packed for oneDNN, math attention in training steps)",
     "ablation/method_speed_amx_packed-second.json": "BaFT against ReFT, the defaults on that Xeon, a second run",
     "ablation/weights_speed-amx-xeon.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, a Xeon with AMX-BF16",
@@ -280,8 +283,9 @@ SPEED_SENTENCES = {
 
 # Which precision and which draw of the bases the runs were made with (both result pages).
 PRECISION_NOTE = (
-    "`auto` now measures, once per host, which of fp32, bf16 (packed for oneDNN) and fp16 weights with",
-    "fp32 arithmetic (`fp16-weights`, FBGEMM) runs a training step fastest (`baft_core/precision.py`,",
+    "`auto` now measures, once per host, which of fp32, bf16 (packed for oneDNN), fp16 weights with",
+    "fp32 arithmetic (`fp16-weights`, FBGEMM) and fp32 packed for oneDNN (`fp32-packed`) runs a",
+    "training step fastest (`baft_core/precision.py`,",
     "`precision_probe*.json`); before, it ran x86 CPUs on `fp16-weights` except CPUs with AMX-BF16,",
     "which ran bf16 packed (`ablation/*-amx-packed`). Measured, it runs bf16 packed on the AVX512-BF16",
     "EPYC too (`ablation/*-epyc-packed`). The BaFT main runs (100 and 1000 continual, 100 single)",

@@ -1,5 +1,5 @@
-"""Frozen linear layers packed for few-row products: fp16 weights with fp32 arithmetic (FBGEMM)
-and bf16 weights in oneDNN's layout. The products are those of the rounded weights, gradients
+"""Frozen linear layers packed for few-row products: fp16 weights with fp32 arithmetic (FBGEMM),
+and bf16 or fp32 weights in oneDNN's layout. The products are those of the rounded weights, gradients
 reach the input and only the input. Which one `auto` takes: test_core_precision.py."""
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from torch import nn
 
 from baft_core import EditConfig, EditRequest, Editor, load_model
 from baft_core import packed_linears
-from baft_core.precision import FP16_WEIGHTS
-from baft_core.packed_linears import Bf16Linear, Fp16Linear, pack_linears
+from baft_core.packed_linears import Bf16Linear, Fp16Linear, Fp32Linear, pack_linears
+from baft_core.precision import FP16_WEIGHTS, FP32_PACKED
 from test_core_editor import UNRELATED
 
 needs_fbgemm = pytest.mark.skipif(not packed_linears.fp16_supported(), reason="FBGEMM does not run on this CPU")
 needs_onednn = pytest.mark.skipif(not packed_linears.bf16_supported(), reason="oneDNN does not multiply bf16 here")
+needs_onednn_fp32 = pytest.mark.skipif(not packed_linears.fp32_supported(), reason="no oneDNN in this torch build")
 # (kind, precision, the dtype of its inputs, what its weights are rounded to, tolerance)
 KINDS = [
     pytest.param(Fp16Linear, FP16_WEIGHTS, torch.float32, torch.float16, 1e-5, marks=needs_fbgemm, id="fp16"),
     pytest.param(Bf16Linear, "bfloat16", torch.bfloat16, torch.bfloat16, 2e-2, marks=needs_onednn, id="bf16"),
+    pytest.param(Fp32Linear, FP32_PACKED, torch.float32, torch.float32, 1e-5, marks=needs_onednn_fp32, id="fp32"),
 ]
 
 
@@ -83,8 +85,8 @@ def test_packed_model_matches_its_rounded_self(tiny_dir, kind, precision, dtype,
     assert packed.model.get_input_embeddings().weight.dtype == dtype
     ids = fp32.tokenizer(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
     if dtype == torch.float32:
-        # The reference: the fp32 model with each linear weight rounded to fp16, its tied
-        # embedding table untied first and left as it was.
+        # The reference: the fp32 model with each linear weight rounded to the kind's weights
+        # (fp16, or fp32: as it was), its tied embedding table untied first and left as it was.
         embedding = fp32.model.get_input_embeddings()
         table = embedding.weight.detach().clone()
         with torch.no_grad():
@@ -106,10 +108,10 @@ def test_an_edit_trains_through_packed_layers_as_through_plain_ones(
 ):
     """The tiny model with range in its logits, edited as in test_core_editor.py: the same edit
     through packed layers and through plain ones (fp32 for fp16 weights, as rounding differs; the
-    same bf16 weights unpacked) ends at nearly the same loss and says the target."""
+    same bf16 or fp32 weights unpacked) ends at nearly the same loss and says the target."""
     request = EditRequest("The mother tongue of Danielle Darrieux is", "Japanese")
     config = EditConfig(max_steps=20, rank=8, lr=0.05, layers=[1, 2, 3], block_edits=0)
-    plain, allowed = ("float32", 0.05) if kind is Fp16Linear else ("bfloat16", 1e-3)
+    plain, allowed = {Fp16Linear: ("float32", 0.05), Bf16Linear: ("bfloat16", 1e-3), Fp32Linear: ("float32", 1e-3)}[kind]
     losses = {}
     for name, packs in (("plain", False), ("packed", True)):
         monkeypatch.setattr(packed_linears, "bf16_supported", lambda: packs)

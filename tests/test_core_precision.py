@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from baft_core import packed_linears, precision
+from baft_core import EditConfig, packed_linears, precision
 from baft_core.models import cpu_precision_record
 from conftest import MODEL_CACHE
-from baft_core.precision import FP16_WEIGHTS, cpu_candidates, measured_choice, resolve_precision
+from baft_core.precision import FP16_WEIGHTS, FP32_PACKED, cpu_candidates, measured_choice, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -28,7 +28,7 @@ def _fake_timings(seconds: dict[str, float], calls: list):
 
 def test_auto_on_a_cpu_takes_the_fastest_measured_candidate_and_remembers_it(monkeypatch, tmp_path, tiny):
     calls = []
-    seconds = {"float32": 0.03, "bfloat16": 0.01, FP16_WEIGHTS: 0.02}
+    seconds = {"float32": 0.03, "bfloat16": 0.01, FP16_WEIGHTS: 0.02, FP32_PACKED: 0.025}
     monkeypatch.setattr(precision, "measure_candidates", _fake_timings(seconds, calls))
     config = tiny.model.config
     assert resolve_precision("auto", CPU, config, tmp_path) == "bfloat16"
@@ -41,21 +41,37 @@ def test_auto_on_a_cpu_takes_the_fastest_measured_candidate_and_remembers_it(mon
     assert len(calls) == 1
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # another host setting: measured again
-    assert resolve_precision("auto", CPU, config, tmp_path) in (FP16_WEIGHTS, "float32")
+    assert resolve_precision("auto", CPU, config, tmp_path) in (FP16_WEIGHTS, FP32_PACKED, "float32")
     assert len(calls) == 2 and len(list(tmp_path.glob("precision-*.json"))) == 2
 
 
-def test_fp16_weights_are_a_candidate_only_where_fbgemm_runs(monkeypatch, tmp_path, tiny):
+def test_packed_fp32_kinds_are_candidates_only_where_their_kernels_run(monkeypatch, tmp_path, tiny):
     monkeypatch.setattr(packed_linears, "fp16_supported", lambda: False)
+    monkeypatch.setattr(packed_linears, "fp32_supported", lambda: True)
+    assert cpu_candidates() == ["float32", "bfloat16", FP32_PACKED]
+    monkeypatch.setattr(packed_linears, "fp32_supported", lambda: False)  # no oneDNN (an ARM build, say)
     calls = []
     monkeypatch.setattr(precision, "measure_candidates", _fake_timings({"float32": 2, "bfloat16": 3}, calls))
     assert resolve_precision("auto", CPU, tiny.model.config, tmp_path) == "float32"
     assert calls == [["float32", "bfloat16"]]
 
 
+def test_a_model_the_probe_cannot_run_loads_in_fp32_and_is_probed_again_next_time(monkeypatch, tmp_path, tiny, caplog):
+    def fails(config, candidates, repeats=precision.PROBE_REPEATS):
+        raise TypeError("forward() got an unexpected keyword argument 'inputs_embeds'")
+
+    monkeypatch.setattr(precision, "measure_candidates", fails)
+    assert resolve_precision("auto", CPU, tiny.model.config, tmp_path) == "float32"
+    assert "timing the precisions failed" in caplog.text and "inputs_embeds" in caplog.text
+    assert not list(tmp_path.glob("precision-*.json"))  # not remembered: a fixed probe gets its chance
+    last_fastest = {name: 1 + index for index, name in enumerate(cpu_candidates()[::-1])}
+    monkeypatch.setattr(precision, "measure_candidates", _fake_timings(last_fastest, []))
+    assert resolve_precision("auto", CPU, tiny.model.config, tmp_path) == cpu_candidates()[-1]
+
+
 def test_processes_starting_together_measure_once(monkeypatch, tmp_path, tiny):
     calls = []
-    fake = _fake_timings({"float32": 1, "bfloat16": 2, FP16_WEIGHTS: 3}, calls)
+    fake = _fake_timings({"float32": 1, "bfloat16": 2, FP16_WEIGHTS: 3, FP32_PACKED: 4}, calls)
 
     def slow(config, candidates, repeats=precision.PROBE_REPEATS):
         time.sleep(0.2)  # the other process arrives mid-measurement
@@ -97,8 +113,8 @@ def _small_configs():
 def test_the_probe_runs_on_each_model_family(family):
     config = _small_configs()[family]
     model = precision.probe_model(config)
-    assert model.config.num_hidden_layers == precision.PROBE_MAX_LAYERS < config.num_hidden_layers
-    assert len(getattr(model.config, "layer_types", None) or [0] * 4) == 4  # per-layer kinds cut too
+    assert model.config.num_hidden_layers == 3 < config.num_hidden_layers  # layers 3-5 of 6 are a step's
+    assert len(getattr(model.config, "layer_types", None) or [0] * 3) == 3  # per-layer kinds cut too
     seconds = precision.measure_candidates(config, cpu_candidates(), repeats=1)
     assert set(seconds) == set(cpu_candidates()) and all(value > 0 for value in seconds.values())
 
@@ -120,10 +136,12 @@ def test_a_candidate_far_behind_after_one_round_runs_no_more(monkeypatch, tiny):
     assert seconds["bfloat16"] == 0.05 and seconds["float32"] == 0.01
 
 
-def test_the_probe_cuts_the_model_to_a_few_layers(tiny):
-    model = precision.probe_model(tiny.model.config)
-    assert model.config.num_hidden_layers == 4 and model.config.vocab_size == tiny.model.config.vocab_size
+def test_the_probe_runs_the_layers_of_a_training_step(tiny):
+    model = precision.probe_model(tiny.model.config)  # 4 layers, the first edited one is 2
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == tiny.model.config.vocab_size
     assert next(model.parameters()).dtype == torch.float32
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+    assert precision.probe_layers(smollm2) == 30 - EditConfig().resolved_layers(30)[0] == 13
     # A layer of a 7B Llama is 0.8 GB in fp32: one of them is enough to stream from memory.
     llama_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
     assert precision.probe_layers(llama_7b) == 1
@@ -144,6 +162,10 @@ def test_each_precision_packs_as_the_model_loader_does():
         fp16 = model()
         precision.pack_frozen(fp16, FP16_WEIGHTS, CPU)
         assert all(isinstance(m, packed_linears.Fp16Linear) for m in fp16)
+    if packed_linears.fp32_supported():
+        fp32 = model()
+        precision.pack_frozen(fp32, FP32_PACKED, CPU)
+        assert all(isinstance(m, packed_linears.Fp32Linear) for m in fp32)
 
 
 def test_the_bundled_model_runs_in_the_measured_choice(bundled):
@@ -164,9 +186,16 @@ def test_unknown_dtype_is_refused():
         resolve_precision("float8", CPU)
 
 
-def test_fp16_weights_needs_fbgemm_on_a_cpu(monkeypatch):
-    with pytest.raises(ValueError, match="needs a CPU that FBGEMM supports"):
-        resolve_precision(FP16_WEIGHTS, torch.device("cuda"))
-    monkeypatch.setattr(packed_linears, "fp16_supported", lambda: False)
-    with pytest.raises(ValueError, match="needs a CPU that FBGEMM supports"):
-        resolve_precision(FP16_WEIGHTS, CPU)
+@pytest.mark.parametrize(
+    "name, check, reason",
+    [
+        (FP16_WEIGHTS, "fp16_supported", "a CPU that FBGEMM supports"),
+        (FP32_PACKED, "fp32_supported", "a CPU and a torch build with oneDNN"),
+    ],
+)
+def test_packed_fp32_precisions_need_their_kernel_on_a_cpu(monkeypatch, name, check, reason):
+    with pytest.raises(ValueError, match=f"dtype {name} needs {reason}"):
+        resolve_precision(name, torch.device("cuda"))
+    monkeypatch.setattr(packed_linears, check, lambda: False)
+    with pytest.raises(ValueError, match=f"dtype {name} needs {reason}"):
+        resolve_precision(name, CPU)
