@@ -113,7 +113,7 @@ def model_directory(name: str = BUNDLED, cache_dir: str | Path = "var/models") -
 
 def cpu_precision_record(name: str = BUNDLED, cache_dir: str | Path = "var/models") -> dict:
     """What `auto` measured for model `name` on this CPU (measuring it now if no one has yet):
-    the median probe-step seconds of each candidate precision and the choice."""
+    each candidate precision's probe-step seconds (the fastest round) and the choice."""
     from transformers import AutoConfig
 
     path, _ = model_directory(name, cache_dir)

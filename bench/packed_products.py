@@ -1,9 +1,9 @@
 """The frozen products of a training step, kernel against kernel: every linear weight of the
 bundled model's edited span (the first edited layer up, and the output head) multiplied by a
 few rows, forward (x W^T) and backward (g W), as fp32, plain bf16, fp16 weights in FBGEMM's
-packing, and bf16 and fp32 in oneDNN's. The weights
-are walked in turn, as a step does, so that they come from memory, not from a cache still warm
-with the same weight. Kernels interleaved, in one run.
+packing, and bf16 and fp32 in oneDNN's. The weights are walked in turn, as a step does, so that
+they come from memory, not from a cache still warm with the same weight. Kernels interleaved,
+in one run.
 
     .venv/bin/python bench/packed_products.py --out bench/results/packed_products.json
 """
@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from baft_core import EditConfig, find_decoder_layers, load_model
-from baft_core.packed_linears import Bf16Linear, Fp16Linear, Fp32Linear, bf16_supported, fp16_supported, fp32_supported
+from baft_core.packed_linears import (
+    Bf16Linear, Fp16Linear, Fp32Linear, bf16_supported, fp16_supported, fp32_supported,
+)
 from baft_core.precision import ISA_LIMITS
 
 

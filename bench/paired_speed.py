@@ -9,9 +9,10 @@ load (on a shared two-core host the speed drifts by 15% between back-to-back run
 
 Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
-bf16 features and the precision `auto` measured as fastest here (baft_core/precision.py). The ratios come with 95% intervals from a paired
-bootstrap over the edits (both variants made the same edits), for the median and the mean time:
-steps are few and whole, so one or two edits more or less move the median.
+bf16 features and the precision `auto` measured as fastest here (baft_core/precision.py). The
+ratios come with 95% intervals from a paired bootstrap over the edits (both variants made the
+same edits), for the median and the mean time: steps are few and whole, so one or two edits
+more or less move the median.
 
     .venv/bin/python bench/paired_speed.py --vary method --out bench/results/method_speed.json
     .venv/bin/python bench/paired_speed.py --vary method --set reft:rank=12 --out ...  # ReFT at the paper's rank
@@ -36,7 +37,6 @@ from baft_core.models import cpu_precision_record
 from baft_core.objective import target_cross_entropy
 from baft_core.precision import ISA_LIMITS  # recorded with the result
 from baft_core.prefix_cache import CachedBatch
-
 
 # --vary: the ratio's name, then each variant's name and (dtype, method); the first over the second
 VARIES = {
