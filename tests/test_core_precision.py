@@ -12,8 +12,8 @@ from transformers import LlamaConfig
 
 from baft_core import EditConfig, packed_linears, precision
 from baft_core.models import cpu_precision_record
-from conftest import MODEL_CACHE
 from baft_core.precision import FP16_WEIGHTS, FP32_PACKED, cpu_candidates, measured_choice, resolve_precision
+from conftest import MODEL_CACHE
 
 CPU = torch.device("cpu")
 
