@@ -16,24 +16,21 @@ choice stay in a JSON file beside the model cache.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.attention import sdpa_kernel
 
 from . import packed_linears
 from .config import EditConfig
-from .prefix_cache import training_attention
+from .prefix_cache import attention_context, training_attention
 
 # fp32 models whose frozen linear layers are packed (packed_linears.py): holding fp16 weights,
 # multiplied by FBGEMM, or fp32 weights in oneDNN's layout
@@ -103,9 +100,11 @@ def measured_choice(config, cache_dir: Path) -> dict:
     each other's measurement."""
     model = json.loads(config.to_json_string(use_diff=False))
     model.pop("_name_or_path", None)  # the same model elsewhere runs as fast
+    capabilities = torch.cpu.get_capabilities()
     key = {
-        "cpu": _cpu_name(),
-        "features": sorted(name for name, present in torch.cpu.get_capabilities().items() if present is True),
+        # the CPU's name, caches and cores, and its instruction-set features
+        "cpu": {name: value for name, value in capabilities.items() if not isinstance(value, bool)},
+        "features": sorted(name for name, present in capabilities.items() if present is True),
         "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -184,9 +183,8 @@ def probe_step_seconds(model: nn.Module, dtype: torch.dtype) -> float:
     the head, and the gradient back to the input, as the editor's steps run (attention kernel
     included)."""
     hidden = torch.randn(1, PROBE_ROWS, model.config.hidden_size, dtype=dtype, requires_grad=True)
-    kernel = training_attention(dtype, torch.device("cpu"))
     start = time.perf_counter()
-    with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
+    with attention_context(training_attention(dtype, torch.device("cpu"))):
         logits = model(inputs_embeds=hidden, use_cache=False).logits
         logits.float().logsumexp(-1).sum().backward()
     return time.perf_counter() - start
@@ -203,11 +201,3 @@ def _layer_parameters(config) -> int:
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     return 4 * hidden * hidden + 3 * hidden * intermediate
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()

@@ -31,6 +31,11 @@ def training_attention(dtype: torch.dtype, device: torch.device) -> SDPBackend |
     return None
 
 
+def attention_context(kernel: SDPBackend | None):
+    """Runs attention inside it on `kernel` (None: torch's own choice)."""
+    return nullcontext() if kernel is None else sdpa_kernel(kernel)
+
+
 class _Captured(Exception):
     pass
 
@@ -317,8 +322,7 @@ class CachedBatch:
                 layers[i] = original
 
     def forward(self) -> Step:
-        kernel = nullcontext() if self.attention_kernel is None else sdpa_kernel(self.attention_kernel)
-        with kernel, self._skip_lower_layers(), self.attachment.intervene(
+        with attention_context(self.attention_kernel), self._skip_lower_layers(), self.attachment.intervene(
             self.intervene, record=True, interventions=self.interventions, routes=self.routes
         ) as record:
             hidden = self._run(self._fresh_cache()).last_hidden_state
