@@ -13,7 +13,8 @@ never moved or saved. Three kinds:
   in registers. FBGEMM pads each copy's inner dimension to a multiple of 512 (SmolLM2's 576 to
   1024) in memory, not in what a product reads: the two copies take about 1.5x the fp32 weight's
   bytes (0.8 GB against 0.54 GB on SmolLM2). Its kernel is built for a few rows: on hundreds it
-  is slower than fp32.
+  is slower than fp32. Run on both threads (torch's older op ran on one), an edit took 0.92x as
+  long on an AVX2-only EPYC (ablation/fp16_threads_speed-epyc-zen3-avx2.json).
 - `Bf16Linear` (`bfloat16` on a CPU, oneDNN): the bf16 model's own products, with weights packed
   for oneDNN's kernels (AMX tiles where the CPU has them). On an Intel Xeon with AMX-BF16 a
   step's frozen products (ten rows through layers 17-29 and the head, forward and back) took
@@ -27,16 +28,10 @@ never moved or saved. Three kinds:
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Callable
 
 import torch
 from torch import nn
-
-# torch marks these deprecated (its quantisation stack moved to torchao) but 2.13, the pinned
-# version, ships and tests them; the warning would repeat on every load.
-warnings.filterwarnings("ignore", message="fbgemm_(pack_gemm_matrix|linear)_fp16", category=UserWarning)
-
 
 @functools.cache
 def fp16_supported() -> bool:
@@ -44,7 +39,7 @@ def fp16_supported() -> bool:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
     try:
-        torch.fbgemm_pack_gemm_matrix_fp16(torch.zeros(1, 1))
+        Fp16Linear(nn.Linear(1, 1, bias=False))(torch.zeros(1, 1))
     except RuntimeError:  # "Your CPU does not support FBGEMM."
         return False
     return True
@@ -114,14 +109,21 @@ class _PackedLinear(nn.Module):
 
 
 class Fp16Linear(_PackedLinear):
-    """fp32 arithmetic on fp16 weights (FBGEMM)."""
+    """fp32 arithmetic on fp16 weights (FBGEMM), on all of torch's threads. The quantized
+    namespace's op splits a product's columns over the threads; torch's older
+    `fbgemm_linear_fp16_weight_fp32_activation`, with the same packing and the same results,
+    runs on one, which left the second core idle through most of a training step."""
 
-    dtype, kernel = torch.float32, "FBGEMM fp16"
-    pack = staticmethod(torch.fbgemm_pack_gemm_matrix_fp16)
+    dtype, kernel = torch.float32, "FBGEMM fp16, threaded"
 
     @staticmethod
-    def product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
+    def pack(weight: torch.Tensor) -> torch.ScriptObject:
+        return torch.ops.quantized.linear_prepack_fp16(weight, None)
+
+    @staticmethod
+    def product(x: torch.Tensor, packed: torch.ScriptObject, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+        return out if bias is None else out.add_(bias)
 
 
 class _OneDnnLinear(_PackedLinear):
@@ -142,6 +144,9 @@ class Bf16Linear(_OneDnnLinear):
 
 class Fp32Linear(_OneDnnLinear):
     dtype, kernel = torch.float32, "oneDNN fp32"
+
+
+KINDS = (Fp16Linear, Bf16Linear, Fp32Linear)
 
 
 def pack_linears(model: nn.Module, kind: type[_PackedLinear]) -> int:

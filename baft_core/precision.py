@@ -10,9 +10,10 @@ the EPYCs and gained nothing on the Xeon. So `auto` times the real thing: the de
 step runs and the output head, in the model's own architecture, randomly initialised (speed
 does not depend on the values), each candidate packed as `load_model` packs it, running a
 training step's forward and backward on a few rows. Every operation counts, not only the
-products: bf16 that a CPU emulates is slow in all of them. It takes four to six seconds, once
-per host, model shape, torch version, thread count and instruction-set cap; the timings and the
-choice stay in a JSON file beside the model cache.
+products: bf16 that a CPU emulates is slow in all of them. It takes four to six seconds (up to
+20 on a slow AVX2-only host), once per host, model shape, torch version, thread count,
+instruction-set cap and kernel set; the timings and the choice stay in a JSON file beside the
+model cache.
 """
 from __future__ import annotations
 
@@ -109,6 +110,8 @@ def measured_choice(config, cache_dir: Path) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "candidates": cpu_candidates(),
+        # which kernels the candidates run: a new one makes old timings wrong
+        "kernels": [kind.kernel for kind in packed_linears.KINDS],
         "probe": {"layers": probe_layers(config), "rows": PROBE_ROWS, "repeats": PROBE_REPEATS},
         "model": model,
     }

@@ -5,7 +5,9 @@ load (on a shared two-core host the speed drifts by 15% between back-to-back run
 - `--vary method`: BaFT against ReFT (the issue's ratio), in the dtype `auto` picks;
 - `--vary weights`: fp32 arithmetic on fp16 weights (FBGEMM) against plain fp32, BaFT;
 - `--vary weights-bf16`: the same against bf16 (on a CPU with bf16 arithmetic: is `auto` right?);
-- `--vary packed-fp32`: fp32 weights packed for oneDNN against fp16 weights (FBGEMM).
+- `--vary packed-fp32`: fp32 weights packed for oneDNN against fp16 weights (FBGEMM);
+- `--vary fp16-threads`: fp16 weights through FBGEMM on all threads (`Fp16Linear`) against
+  torch's older FBGEMM op, which runs on one (the same packing and the same results).
 
 Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
@@ -35,6 +37,7 @@ from baft_core.bench import apply_overrides, unrelated_pool
 from baft_core.data import load_edits
 from baft_core.models import cpu_precision_record
 from baft_core.objective import target_cross_entropy
+from baft_core.packed_linears import Fp16Linear
 from baft_core.precision import ISA_LIMITS  # recorded with the result
 from baft_core.prefix_cache import CachedBatch
 
@@ -45,7 +48,35 @@ VARIES = {
     "weights": ("fp16_weights_over_fp32", {"fp16-weights": ("fp16-weights", "baft"), "float32": ("float32", "baft")}),
     "weights-bf16": ("fp16_weights_over_bf16", {"fp16-weights": ("fp16-weights", "baft"), "bfloat16": ("bfloat16", "baft")}),
     "packed-fp32": ("fp32_packed_over_fp16_weights", {"fp32-packed": ("fp32-packed", "baft"), "fp16-weights": ("fp16-weights", "baft")}),
+    "fp16-threads": ("threaded_over_one_thread", {"threaded": ("fp16-weights", "baft"), "one-thread": ("fp16-weights", "baft")}),
 }
+
+
+class OneThreadFp16Linear(Fp16Linear):
+    """`Fp16Linear` on torch's older FBGEMM op, which runs on the calling thread alone."""
+
+    kernel = "FBGEMM fp16, one thread"
+    pack = staticmethod(torch.fbgemm_pack_gemm_matrix_fp16)
+
+    @staticmethod
+    def product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
+
+
+def one_thread_fp16(model: torch.nn.Module) -> None:
+    """Repack a model's `Fp16Linear`s as `OneThreadFp16Linear`s: the unpacked weights are
+    fp16-rounded already, so both hold the same values."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Fp16Linear:
+                weight, _ = torch.ops.quantized.linear_unpack_fp16(child.packed)
+                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                plain.weight.data, plain.bias = weight, None if child.bias is None else torch.nn.Parameter(child.bias)
+                setattr(parent, name, OneThreadFp16Linear(plain))
+
+
+# Variants whose model is changed after loading
+REPACK = {"one-thread": one_thread_fp16}
 
 
 def training_step_seconds(editor: Editor, example) -> float:
@@ -107,6 +138,8 @@ def main() -> None:
     editors, precisions = {}, {}
     for name in names:
         loaded = load_model(dtype=settings[name][0])
+        if name in REPACK:
+            REPACK[name](loaded.model)
         precisions[name] = loaded.precision
         editors[name] = Editor(loaded.model, loaded.tokenizer, configs[name], unrelated)
         editors[name].prepare()  # what the first edit would compute once, outside the timings

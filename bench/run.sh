@@ -288,4 +288,12 @@ done
 wait
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
   --out $OUT/ablation/zsre-single-100-baft-epyc-packed
+# On an AVX2-only AMD EPYC (Zen 3, no AVX512): the probe, BaFT against ReFT (made before FBGEMM ran
+# on both threads), FBGEMM's products on both threads against torch's one-thread op, BaFT against
+# ReFT again, and the probe again.
+$PY bench/precision_probe.py --out $OUT/ablation/precision_probe-epyc-zen3-avx2.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed-epyc-zen3-avx2.json
+$PY bench/paired_speed.py --vary fp16-threads --edits 100 --out $OUT/ablation/fp16_threads_speed-epyc-zen3-avx2.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed-epyc-zen3-avx2-threaded.json
+$PY bench/precision_probe.py --out $OUT/ablation/precision_probe-epyc-zen3-avx2-threaded.json
 $PY bench/summarize.py

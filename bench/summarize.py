@@ -246,6 +246,9 @@ def _paired_sentence(s: dict, title: str) -> str:
 
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
+    "ablation/method_speed-epyc-zen3-avx2-threaded.json": "BaFT against ReFT, the defaults on an AVX2-only EPYC (`auto`: fp16 weights, FBGEMM on both threads)",
+    "ablation/fp16_threads_speed-epyc-zen3-avx2.json": "fp16 weights through FBGEMM on both threads against torch's one-thread FBGEMM op (same numbers), that AVX2-only EPYC",
+    "ablation/method_speed-epyc-zen3-avx2.json": "BaFT against ReFT, the defaults on that AVX2-only EPYC before FBGEMM ran on both threads",
     "method_speed_measured_auto.json": "BaFT against ReFT at rank 24, the defaults with `auto` measured (bf16 packed for oneDNN on an EPYC with AVX512-BF16; the four-layer probe then)",
     "ablation/method_speed_measured_auto-second.json": "BaFT against ReFT, the defaults with `auto` measured by the final probe (bf16 on that EPYC)",
     "ablation/weights_bf16_speed-epyc-avx512bf16.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16 packed for oneDNN, an EPYC with AVX512-BF16 (where `auto` then took fp16 weights)",

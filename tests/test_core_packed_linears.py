@@ -132,3 +132,22 @@ def test_pack_linears_leaves_other_dtypes_alone():
     if packed_linears.bf16_supported():
         assert pack_linears(model, Bf16Linear) == 1
         assert isinstance(model[0], Bf16Linear)
+
+
+@pytest.mark.skipif(not packed_linears.fp16_supported(), reason="FBGEMM does not run on this CPU")
+def test_fp16_products_on_all_threads_equal_those_of_torchs_one_thread_op():
+    """`Fp16Linear` runs torch's quantized FBGEMM op, which splits a product's columns over the
+    threads; the older op runs on one. Same packing and kernel, so the same numbers to the bit:
+    what was measured on the older op still holds."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 700)
+    packed = packed_linears.Fp16Linear(linear)
+    legacy = torch.fbgemm_pack_gemm_matrix_fp16(linear.weight.detach())
+    legacy_t = torch.fbgemm_pack_gemm_matrix_fp16(linear.weight.detach().t().contiguous())
+    for rows in (1, 10, 37):
+        x = torch.randn(rows, 96, requires_grad=True)
+        out = packed(x)
+        assert torch.equal(out, torch.fbgemm_linear_fp16_weight_fp32_activation(x.detach(), legacy, linear.bias.detach()))
+        grad = torch.randn(rows, 700)
+        (x_grad,) = torch.autograd.grad(out, x, grad)
+        assert torch.equal(x_grad, torch.fbgemm_linear_fp16_weight_fp32_activation(grad, legacy_t, None))

@@ -44,6 +44,11 @@ def test_auto_on_a_cpu_takes_the_fastest_measured_candidate_and_remembers_it(mon
     assert resolve_precision("auto", CPU, config, tmp_path) in (FP16_WEIGHTS, FP32_PACKED, "float32")
     assert len(calls) == 2 and len(list(tmp_path.glob("precision-*.json"))) == 2
 
+    # a candidate on another kernel (fp16 weights ran on one thread before): its old timing is void
+    monkeypatch.setattr(packed_linears.Fp16Linear, "kernel", "FBGEMM fp16, some other way")
+    resolve_precision("auto", CPU, config, tmp_path)
+    assert len(calls) == 3 and len(list(tmp_path.glob("precision-*.json"))) == 3
+
 
 def test_packed_fp32_kinds_are_candidates_only_where_their_kernels_run(monkeypatch, tmp_path, tiny):
     monkeypatch.setattr(packed_linears, "fp16_supported", lambda: False)
