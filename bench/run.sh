@@ -296,4 +296,10 @@ $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_s
 $PY bench/paired_speed.py --vary fp16-threads --edits 100 --out $OUT/ablation/fp16_threads_speed-epyc-zen3-avx2.json
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed-epyc-zen3-avx2-threaded.json
 $PY bench/precision_probe.py --out $OUT/ablation/precision_probe-epyc-zen3-avx2-threaded.json
+# ... the probe's ranking against whole edits there, where a step's time goes, and the quality.
+$PY bench/paired_speed.py --vary packed-fp32 --edits 100 --out $OUT/ablation/packed_fp32_speed-epyc-zen3-avx2.json
+$PY bench/paired_speed.py --vary weights --edits 100 --out $OUT/ablation/weights_speed-epyc-zen3-avx2.json
+$PY bench/step_breakdown.py --out $OUT/ablation/step_breakdown-epyc-zen3-avx2.json
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --out $OUT/ablation/zsre-single-100-baft-epyc-zen3-avx2
 $PY bench/summarize.py

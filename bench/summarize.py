@@ -39,6 +39,7 @@ ABLATION = {
         ("zsre-continual-100-baft", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults; a slower AMD EPYC, beside the CounterFact run)"),
         ("ablation/zsre-continual-100-rank32-fp16weights", "fp16 weights: rank 32 (beside a CounterFact run)"),
         ("ablation/zsre-continual-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; beside the CounterFact run)"),
+        ("ablation/zsre-continual-100-baft-epyc-packed", "the defaults on an AMD EPYC with AVX512-BF16: bf16 packed for oneDNN (`auto` there, chosen by the four-layer probe at one thread; beside the CounterFact run)"),
         ("ablation/zsre-continual-100-layers2", "fp32 host: layers 22, 26 only (beside the CounterFact run)"),
         ("ablation/zsre-continual-100-reft-rank12", "ReFT, one block of rank 12 (its default then), no replay"),
         ("zsre-continual-100-reft", "ReFT, one block of rank 24 (BaFT's rank, its default now), no replay; fp32, AVX2-only host"),
@@ -61,6 +62,7 @@ ABLATION = {
         ("ablation/counterfact-continual-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC, beside the ZsRE run)"),
         ("counterfact-continual-100-baft", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults; a slower AMD EPYC, beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; beside the ZsRE run)"),
+        ("ablation/counterfact-continual-100-baft-epyc-packed", "the defaults on an AMD EPYC with AVX512-BF16: bf16 packed for oneDNN (`auto` there, chosen by the four-layer probe at one thread; beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-seed1-fp16weights", "fp16 weights: the defaults, seed 1 (the interventions' random initialisation and the unrelated pool's draw)"),
         ("ablation/counterfact-continual-100-rank32-fp16weights", "fp16 weights: rank 32"),
         ("ablation/counterfact-continual-100-rank32-seed1-fp16weights", "fp16 weights: rank 32, seed 1"),
@@ -144,6 +146,8 @@ ABLATION = {
     "ZsRE, 100 single edits": [
         ("ablation/zsre-single-100-baft-bf16", "rank 24, 1 continuation token, bf16 (the defaults until fp16 weights; two threads, alone; moved from the main folder)"),
         ("ablation/zsre-single-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; two threads, alone)"),
+        ("ablation/zsre-single-100-baft-epyc-packed", "the defaults on an AMD EPYC with AVX512-BF16: bf16 packed for oneDNN (`auto` there; two threads, alone)"),
+        ("ablation/zsre-single-100-baft-epyc-zen3-avx2", "the defaults on an AVX2-only AMD EPYC (Zen 3): fp16 weights, FBGEMM on both threads (`auto` there; two threads, alone)"),
         ("ablation/zsre-single-100-reft-rank12", "ReFT, rank 12, its default then (two threads, alone, right after the defaults' run)"),
         ("ablation/zsre-single-100-reft-second", "ReFT (rank 12) again, run first this time (two threads, alone)"),
         ("ablation/zsre-single-100-baft-second", "the defaults again, right after the run above"),
@@ -244,11 +248,23 @@ def _paired_sentence(s: dict, title: str) -> str:
     )
 
 
+def _step_breakdown_sentence(s: dict) -> str:
+    return (
+        f"Where a training step's time goes ({s['cpu']}, {s['precision']}, {s['threads']} threads, "
+        f"`{s['command']}`): the frozen products take {s['products_median_ms']:.1f} ms of a "
+        f"{s['step_median_ms']:.1f} ms step (median; **{s['products_share']:.0%}** of all steps' time, "
+        f"{s['product_calls_per_step']:.0f} products a step); the rest is small operations, and an "
+        f"8 x 576 add takes {s['small_op_us']:.2f} us there."
+    )
+
+
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
     "ablation/method_speed-epyc-zen3-avx2-threaded.json": "BaFT against ReFT, the defaults on an AVX2-only EPYC (`auto`: fp16 weights, FBGEMM on both threads)",
     "ablation/fp16_threads_speed-epyc-zen3-avx2.json": "fp16 weights through FBGEMM on both threads against torch's one-thread FBGEMM op (same numbers), that AVX2-only EPYC",
     "ablation/method_speed-epyc-zen3-avx2.json": "BaFT against ReFT, the defaults on that AVX2-only EPYC before FBGEMM ran on both threads",
+    "ablation/packed_fp32_speed-epyc-zen3-avx2.json": "fp32 packed for oneDNN against fp16 weights (FBGEMM on both threads), that AVX2-only EPYC",
+    "ablation/weights_speed-epyc-zen3-avx2.json": "fp16 weights (FBGEMM on both threads) against fp32, that AVX2-only EPYC",
     "method_speed_measured_auto.json": "BaFT against ReFT at rank 24, the defaults with `auto` measured (bf16 packed for oneDNN on an EPYC with AVX512-BF16; the four-layer probe then)",
     "ablation/method_speed_measured_auto-second.json": "BaFT against ReFT, the defaults with `auto` measured by the final probe (bf16 on that EPYC)",
     "ablation/weights_bf16_speed-epyc-avx512bf16.json": "fp16 weights with fp32 arithmetic (FBGEMM) against bf16 packed for oneDNN, an EPYC with AVX512-BF16 (where `auto` then took fp16 weights)",
@@ -280,6 +296,7 @@ SPEED_SENTENCES = {
     "unedited_pass_speed.json": _unedited_pass_sentence,
     "dtype_speed.json": _dtype_sentence,
     "dtype_speed_bf16host.json": _dtype_sentence,
+    "ablation/step_breakdown-epyc-zen3-avx2.json": _step_breakdown_sentence,
     **{name: partial(_paired_sentence, title=title) for name, title in PAIRED_TITLES.items()},
 }
 
