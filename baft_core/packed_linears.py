@@ -33,36 +33,30 @@ from typing import Callable
 import torch
 from torch import nn
 
+
 @functools.cache
 def fp16_supported() -> bool:
     """FBGEMM is in this torch build and this CPU has what its fp16 kernels need (AVX2 and F16C)."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return False
-    try:
-        Fp16Linear(nn.Linear(1, 1, bias=False))(torch.zeros(1, 1))
-    except RuntimeError:  # "Your CPU does not support FBGEMM."
-        return False
-    return True
+    return "fbgemm" in torch.backends.quantized.supported_engines and _runs(Fp16Linear)
 
 
 @functools.cache
 def bf16_supported() -> bool:
     """oneDNN is in this torch build and packs and multiplies bf16 weights on this CPU."""
-    return _onednn_runs(Bf16Linear)
+    return torch.backends.mkldnn.is_available() and _runs(Bf16Linear)
 
 
 @functools.cache
 def fp32_supported() -> bool:
     """oneDNN is in this torch build and packs and multiplies fp32 weights on this CPU."""
-    return _onednn_runs(Fp32Linear)
+    return torch.backends.mkldnn.is_available() and _runs(Fp32Linear)
 
 
-def _onednn_runs(kind: type["_PackedLinear"]) -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
+def _runs(kind: type["_PackedLinear"]) -> bool:
+    """A packed product of `kind` runs here."""
     try:
         kind(nn.Linear(1, 1, bias=False).to(kind.dtype))(torch.zeros(1, 1, dtype=kind.dtype))
-    except RuntimeError:  # e.g. bf16 where oneDNN's instruction set is capped below AVX512
+    except RuntimeError:  # "Your CPU does not support FBGEMM."; bf16 with oneDNN capped below AVX512
         return False
     return True
 

@@ -37,8 +37,8 @@ from baft_core.bench import apply_overrides, unrelated_pool
 from baft_core.data import load_edits
 from baft_core.models import cpu_precision_record
 from baft_core.objective import target_cross_entropy
-from baft_core.packed_linears import Fp16Linear
-from baft_core.precision import ISA_LIMITS  # recorded with the result
+from baft_core.packed_linears import Fp16Linear, pack_linears
+from baft_core.precision import FP16_WEIGHTS, ISA_LIMITS  # ISA_LIMITS: recorded with the result
 from baft_core.prefix_cache import CachedBatch
 
 # --vary: the ratio's name, then each variant's name and (dtype, method); the first over the second
@@ -48,7 +48,8 @@ VARIES = {
     "weights": ("fp16_weights_over_fp32", {"fp16-weights": ("fp16-weights", "baft"), "float32": ("float32", "baft")}),
     "weights-bf16": ("fp16_weights_over_bf16", {"fp16-weights": ("fp16-weights", "baft"), "bfloat16": ("bfloat16", "baft")}),
     "packed-fp32": ("fp32_packed_over_fp16_weights", {"fp32-packed": ("fp32-packed", "baft"), "fp16-weights": ("fp16-weights", "baft")}),
-    "fp16-threads": ("threaded_over_one_thread", {"threaded": ("fp16-weights", "baft"), "one-thread": ("fp16-weights", "baft")}),
+    # the one-thread variant loads in fp32 and packs its own kind (OWN_PACKING)
+    "fp16-threads": ("threaded_over_one_thread", {"threaded": ("fp16-weights", "baft"), "one-thread": ("float32", "baft")}),
 }
 
 
@@ -63,20 +64,9 @@ class OneThreadFp16Linear(Fp16Linear):
         return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
 
 
-def one_thread_fp16(model: torch.nn.Module) -> None:
-    """Repack a model's `Fp16Linear`s as `OneThreadFp16Linear`s: the unpacked weights are
-    fp16-rounded already, so both hold the same values."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is Fp16Linear:
-                weight, _ = torch.ops.quantized.linear_unpack_fp16(child.packed)
-                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                plain.weight.data, plain.bias = weight, None if child.bias is None else torch.nn.Parameter(child.bias)
-                setattr(parent, name, OneThreadFp16Linear(plain))
-
-
-# Variants whose model is changed after loading
-REPACK = {"one-thread": one_thread_fp16}
+# Variants loaded in fp32 whose linear layers are then packed as a kind of their own: (kind, the
+# precision it amounts to)
+OWN_PACKING = {"one-thread": (OneThreadFp16Linear, FP16_WEIGHTS)}
 
 
 def training_step_seconds(editor: Editor, example) -> float:
@@ -138,9 +128,10 @@ def main() -> None:
     editors, precisions = {}, {}
     for name in names:
         loaded = load_model(dtype=settings[name][0])
-        if name in REPACK:
-            REPACK[name](loaded.model)
         precisions[name] = loaded.precision
+        if name in OWN_PACKING:
+            kind, precisions[name] = OWN_PACKING[name]
+            pack_linears(loaded.model, kind)
         editors[name] = Editor(loaded.model, loaded.tokenizer, configs[name], unrelated)
         editors[name].prepare()  # what the first edit would compute once, outside the timings
     edits = {name: [] for name in names}
