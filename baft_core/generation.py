@@ -69,7 +69,7 @@ def stream(
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).last_hidden_state
             logits = final_logits(model, hidden[:, -1])  # 2-D: see final_logits

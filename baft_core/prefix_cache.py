@@ -78,7 +78,7 @@ def layer_output(
             input_ids=input_ids,
             attention_mask=attention,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
         )
     except _Captured:
@@ -244,7 +244,7 @@ class CachedBatch:
                 input_ids=torch.cat([prefix_ids, spoken_ids], dim=1),
                 attention_mask=attention,
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).last_hidden_state[rows, last]
             next_position = position_ids[rows, last] + 1
@@ -266,7 +266,7 @@ class CachedBatch:
                     input_ids=token.unsqueeze(1),
                     attention_mask=attention,
                     position_ids=(next_position + step).unsqueeze(1),
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 ).last_hidden_state[:, -1]
         finally:
@@ -305,7 +305,7 @@ class CachedBatch:
             input_ids=self.suffix_ids,
             attention_mask=self.attention,
             position_ids=self.position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
 
