@@ -302,4 +302,13 @@ $PY bench/paired_speed.py --vary weights --edits 100 --out $OUT/ablation/weights
 $PY bench/step_breakdown.py --out $OUT/ablation/step_breakdown-epyc-zen3-avx2.json
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
   --out $OUT/ablation/zsre-single-100-baft-epyc-zen3-avx2
+# Back on an AMD EPYC with AVX512-BF16 (a slower instance than the one above), FBGEMM on both
+# threads: the probe, fp16 weights against packed bf16 (1.11x behind on one thread), where a
+# step's time goes, BaFT against ReFT, and the quality.
+$PY bench/precision_probe.py --out $OUT/ablation/precision_probe-epyc-avx512bf16-threaded.json
+$PY bench/paired_speed.py --vary weights-bf16 --edits 200 --out $OUT/ablation/weights_bf16_speed-epyc-avx512bf16-threaded.json
+$PY bench/step_breakdown.py --out $OUT/ablation/step_breakdown-epyc-avx512bf16.json
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --out $OUT/ablation/zsre-single-100-baft-epyc-avx512bf16-threaded
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed-epyc-avx512bf16-threaded.json
 $PY bench/summarize.py

@@ -147,6 +147,7 @@ ABLATION = {
         ("ablation/zsre-single-100-baft-bf16", "rank 24, 1 continuation token, bf16 (the defaults until fp16 weights; two threads, alone; moved from the main folder)"),
         ("ablation/zsre-single-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; two threads, alone)"),
         ("ablation/zsre-single-100-baft-epyc-packed", "the defaults on an AMD EPYC with AVX512-BF16: bf16 packed for oneDNN (`auto` there; two threads, alone)"),
+        ("ablation/zsre-single-100-baft-epyc-avx512bf16-threaded", "the defaults on an AMD EPYC with AVX512-BF16 once FBGEMM ran on both threads: fp16 weights (`auto` there; two threads, alone)"),
         ("ablation/zsre-single-100-baft-epyc-zen3-avx2", "the defaults on an AVX2-only AMD EPYC (Zen 3): fp16 weights, FBGEMM on both threads (`auto` there; two threads, alone)"),
         ("ablation/zsre-single-100-reft-rank12", "ReFT, rank 12, its default then (two threads, alone, right after the defaults' run)"),
         ("ablation/zsre-single-100-reft-second", "ReFT (rank 12) again, run first this time (two threads, alone)"),
@@ -260,6 +261,8 @@ def _step_breakdown_sentence(s: dict) -> str:
 
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
+    "ablation/method_speed-epyc-avx512bf16-threaded.json": "BaFT against ReFT, the defaults on an EPYC with AVX512-BF16 once FBGEMM ran on both threads (`auto`: fp16 weights)",
+    "ablation/weights_bf16_speed-epyc-avx512bf16-threaded.json": "fp16 weights with FBGEMM on both threads against bf16 packed for oneDNN, an EPYC with AVX512-BF16 (`auto` there: fp16 weights)",
     "ablation/method_speed-epyc-zen3-avx2-threaded.json": "BaFT against ReFT, the defaults on an AVX2-only EPYC (`auto`: fp16 weights, FBGEMM on both threads)",
     "ablation/fp16_threads_speed-epyc-zen3-avx2.json": "fp16 weights through FBGEMM on both threads against torch's one-thread FBGEMM op (same numbers), that AVX2-only EPYC",
     "ablation/method_speed-epyc-zen3-avx2.json": "BaFT against ReFT, the defaults on that AVX2-only EPYC before FBGEMM ran on both threads",
@@ -297,6 +300,7 @@ SPEED_SENTENCES = {
     "dtype_speed.json": _dtype_sentence,
     "dtype_speed_bf16host.json": _dtype_sentence,
     "ablation/step_breakdown-epyc-zen3-avx2.json": _step_breakdown_sentence,
+    "ablation/step_breakdown-epyc-avx512bf16.json": _step_breakdown_sentence,
     **{name: partial(_paired_sentence, title=title) for name, title in PAIRED_TITLES.items()},
 }
 
@@ -307,10 +311,11 @@ PRECISION_NOTE = (
     "fp32 arithmetic (`fp16-weights`, FBGEMM) and fp32 packed for oneDNN (`fp32-packed`) runs a",
     "training step fastest (`baft_core/precision.py`,",
     "`precision_probe*.json`); before, it ran x86 CPUs on `fp16-weights` except CPUs with AMX-BF16,",
-    "which ran bf16 packed (`ablation/*-amx-packed`). Measured, it runs bf16 packed on the AVX512-BF16",
-    "EPYC too (`ablation/*-epyc-packed`). The BaFT main runs (100 and 1000 continual, 100 single)",
-    "are on fp16 weights with every layer's bases drawn before the gates (BaFT starts from ReFT's",
-    "R, A, b); the runs they replaced were moved to `ablation/*-bf16` (bf16, fp32 where noted) and",
+    "which ran bf16 packed (`ablation/*-amx-packed`). Measured, it ran bf16 packed on the AVX512-BF16",
+    "EPYC too (`ablation/*-epyc-packed`) until FBGEMM's products ran on both threads, and fp16",
+    "weights there since (`ablation/*-epyc-avx512bf16-threaded`). The BaFT main runs (100 and 1000",
+    "continual, 100 single) are on fp16 weights with every layer's bases drawn before the gates",
+    "(BaFT starts from ReFT's R, A, b); the runs they replaced were moved to `ablation/*-bf16` (bf16, fp32 where noted) and",
     "`ablation/*-1000-baft-fp16weights`, and `ablation/*-fp16weights` holds the fp16 runs of the old draw.",
     "Other main runs were made in bf16 (fp32 where noted).",
 )
