@@ -116,6 +116,10 @@ ablate rank4 rank=4
 ablate continuation5 rank=4 continuation_weight=5.0
 ablate stop1e-4 rank=4 stop_loss=0.0001
 ablate rank16 rank=16
+# A looser early stop at the defaults (rank 24): loss 0.05 instead of 0.01, then the defaults
+# on the same host (an AMD EPYC with AVX512-BF16, fp16 weights on both threads).
+ablate stop0.05 stop_loss=0.05
+ablate stop0.01-epyc stop_loss=0.01
 # The rank of a block on single CounterFact edits, two runs at a time, and ReFT beside them.
 single_cf() {  # folder suffix, bench arguments...
   local name=$1; shift
