@@ -38,10 +38,14 @@ from .prefix_cache import attention_context, training_attention
 FP16_WEIGHTS = "fp16-weights"
 FP32_PACKED = "fp32-packed"
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", FP16_WEIGHTS, FP32_PACKED)
-# what each needs on a CPU (looked up when asked), and the error naming it
-_NEEDS = {
-    FP16_WEIGHTS: (lambda: packed_linears.fp16_supported(), "a CPU that FBGEMM supports (x86 with AVX2)"),
-    FP32_PACKED: (lambda: packed_linears.fp32_supported(), "a CPU and a torch build with oneDNN"),
+# Each one's packed kind, whether this CPU runs it (looked up when asked), and what it needs
+_PACKED = {
+    FP16_WEIGHTS: (
+        packed_linears.Fp16Linear, lambda: packed_linears.fp16_supported(), "a CPU that FBGEMM supports (x86 with AVX2)"
+    ),
+    FP32_PACKED: (
+        packed_linears.Fp32Linear, lambda: packed_linears.fp32_supported(), "a CPU and a torch build with oneDNN"
+    ),
 }
 
 # The kernel libraries' instruction-set caps (FBGEMM's, ATen's, MKL's, oneDNN's): set, they run
@@ -58,20 +62,18 @@ PROBE_PRUNE = 2.0  # a candidate this many times the fastest after one round is 
 
 def cpu_candidates() -> list[str]:
     """The precisions this CPU can run the frozen model in (fp16 arithmetic on a CPU is not one)."""
-    return ["float32", "bfloat16"] + [name for name, (supported, _) in _NEEDS.items() if supported()]
+    return ["float32", "bfloat16"] + [name for name, (_, supported, _) in _PACKED.items() if supported()]
 
 
 def load_dtype(precision: str) -> torch.dtype:
     """The dtype the model is loaded in: fp32 under the packed fp32 precisions, packed after."""
-    return torch.float32 if precision in _NEEDS else getattr(torch, precision)
+    return torch.float32 if precision in _PACKED else getattr(torch, precision)
 
 
 def pack_frozen(model: nn.Module, precision: str, device: torch.device) -> None:
     """Pack a loaded model's frozen linear layers for the precision's CPU kernel, if it has one."""
-    if precision == FP16_WEIGHTS:
-        packed_linears.pack_linears(model, packed_linears.Fp16Linear)
-    elif precision == FP32_PACKED:
-        packed_linears.pack_linears(model, packed_linears.Fp32Linear)
+    if precision in _PACKED:
+        packed_linears.pack_linears(model, _PACKED[precision][0])
     elif precision == "bfloat16" and device.type == "cpu" and packed_linears.bf16_supported():
         packed_linears.pack_linears(model, packed_linears.Bf16Linear)
 
@@ -82,8 +84,8 @@ def resolve_precision(dtype: str | None, device: torch.device, config=None, cach
     if dtype not in (None, "auto"):
         if dtype not in PRECISIONS:
             raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(PRECISIONS)}")
-        if dtype in _NEEDS:
-            supported, what = _NEEDS[dtype]
+        if dtype in _PACKED:
+            _, supported, what = _PACKED[dtype]
             if device.type != "cpu" or not supported():
                 raise ValueError(f"dtype {dtype} needs {what}")
         return dtype

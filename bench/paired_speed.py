@@ -69,14 +69,24 @@ class OneThreadFp16Linear(Fp16Linear):
 OWN_PACKING = {"one-thread": (OneThreadFp16Linear, FP16_WEIGHTS)}
 
 
-def training_step_seconds(editor: Editor, example) -> float:
+def training_batch(editor: Editor, example) -> CachedBatch:
+    """One edit's training batch on a fresh adapter, as the editor builds it (no continuation)."""
     with torch.no_grad():
-        batch = CachedBatch(
+        return CachedBatch(
             editor.model, editor.attachment, editor.interventions, [example], editor.config.prompt_positions, editor.pad_id
         )
-    start = time.perf_counter()
+
+
+def training_step(batch: CachedBatch) -> None:
+    """A training step's forward and backward (the edit's cross-entropy)."""
     step = batch.forward()
     target_cross_entropy(step.logits, batch.targets).backward()
+
+
+def training_step_seconds(editor: Editor, example) -> float:
+    batch = training_batch(editor, example)
+    start = time.perf_counter()
+    training_step(batch)
     return time.perf_counter() - start
 
 

@@ -19,9 +19,8 @@ import torch
 
 from baft_core import EditConfig, Editor, load_model
 from baft_core.data import load_edits
-from baft_core.objective import target_cross_entropy
 from baft_core.packed_linears import KINDS
-from baft_core.prefix_cache import CachedBatch
+from paired_speed import training_batch, training_step  # the step paired_speed times
 
 
 class ProductClock:
@@ -79,16 +78,11 @@ def main() -> None:
     records = [r for path in args.data for r in load_edits(path, "zsre", skip_invalid=True)][: args.edits]
     steps, products, calls = [], [], []
     for request in records:
-        with torch.no_grad():
-            batch = CachedBatch(
-                editor.model, editor.attachment, editor.interventions,
-                [editor.encode(request.prompt, request.target)], editor.config.prompt_positions, editor.pad_id,
-            )
+        batch = training_batch(editor, editor.encode(request.prompt, request.target))
         for repeat in range(args.steps + 1):
             with ProductClock() as clock:
                 start = time.perf_counter()
-                step = batch.forward()
-                target_cross_entropy(step.logits, batch.targets).backward()
+                training_step(batch)
                 seconds = time.perf_counter() - start
             if repeat:  # the first step of a batch warms up
                 steps.append(seconds)
