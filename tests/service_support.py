@@ -26,6 +26,8 @@ def tiny_settings(tiny_dir: Path, data_dir: Path, **overrides) -> Settings:
     values = dict(
         model=str(tiny_dir),
         data_dir=data_dir,
+        # beside the tiny model, not the checkout's var/models: `auto` keeps its measurement there
+        models_dir=Path(tiny_dir).parent / "models",
         device="cpu",
         edit_config=TINY_EDIT_CONFIG,
         batch_wait_ms=300,

@@ -36,6 +36,7 @@ def _worker_env(settings) -> dict[str, str]:
     return service_env(
         {
             "MODEL": settings.model,
+            "MODELS_DIR": str(settings.models_dir),
             "DATA_DIR": str(settings.data_dir),
             "DATABASE_URL": settings.db_url,
             "REDIS_URL": settings.redis_url,
