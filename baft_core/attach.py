@@ -100,14 +100,22 @@ class InterventionSet(nn.Module):
         return self.router.open_blocks(layer_output[prompt], prompt.nonzero()[:, 0], prompt.shape[0], self.sealed_blocks)
 
     def forward(
-        self, layer: int, h: torch.Tensor, blocks_open: torch.Tensor | None = None
+        self,
+        layer: int,
+        h: torch.Tensor,
+        blocks_open: torch.Tensor | None = None,
+        trainable_open: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Phi(h) at one layer, summing the trainable block and the sealed ones, and the weights
         [n, rank + sealed bases] (the trainable block's first). `blocks_open` [n, sealed blocks]
-        limits the sealed blocks that may act at each position (None: all may)."""
+        limits the sealed blocks that may act at each position (None: all may), `trainable_open`
+        [n] the trainable block (None: it acts everywhere)."""
         h32 = h.float()
         block = self[layer]
         edited, weights = block(h32)
+        if trainable_open is not None:
+            edited = torch.where(trainable_open.unsqueeze(1), edited, h32)
+            weights = weights * trainable_open.unsqueeze(1)
         sealed = self.sealed[str(layer)]
         if sealed.num_bases:
             candidates = None if blocks_open is None else blocks_open.repeat_interleave(self.rank, dim=1)
@@ -249,8 +257,13 @@ class Attachment:
             blocks_open = None
             if routes is not None and routes.open is not None:
                 blocks_open = routes.open[mask.nonzero()[:, 0]]
+                if routes.offsets is not None:
+                    blocks_open = interventions.router.in_window(blocks_open, routes.offsets[mask])
+            trainable_open = None
+            if self._routes is not None and self._routes.offsets is not None:
+                trainable_open = interventions.router.trainable_in_window(self._routes.offsets[mask])
             selected = hidden[mask]
-            edited, weights = interventions(layer, selected, blocks_open)
+            edited, weights = interventions(layer, selected, blocks_open, trainable_open)
             if self._record is not None:
                 self._record[layer] = (weights, selected)
             hidden = hidden.masked_scatter(mask.unsqueeze(-1), edited)

@@ -25,6 +25,7 @@ from safetensors.torch import load, load_file, save, save_file
 from .attach import InterventionSet
 from .config import EditConfig
 from .data import EditRequest
+from .routing import UNLIMITED
 
 ADAPTER_FILE = "adapter.safetensors"
 # safetensors writes its metadata map in hash-map order, which varies from one save to the next:
@@ -34,11 +35,12 @@ MANIFEST_FILE = "manifest.json"
 # 3: segments carry their edits' route keys (format-2 segments load as blocks without keys,
 # which routing leaves open). 4: routing reads its own layer with its own standardisation, and
 # each key names its edit (format 3 routed at the first edited layer, one key per edit in order).
-FORMAT_VERSION = 4
+# 5: segments carry their block's answer window (older ones load as blocks without a window).
+FORMAT_VERSION = 5
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
-_KEY_EDIT = "router.key_edit"
+_KEY_EDIT, _BLOCK_SPAN = "router.key_edit", "router.block_span"
 
 
 class CheckpointError(ValueError):
@@ -86,6 +88,7 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         tensors["route_keys"] = router.keys[own].detach().cpu().contiguous()
         tensors["route_thresholds"] = router.key_threshold[own].detach().cpu().contiguous()
         tensors["route_key_edits"] = router.key_edit[own].detach().cpu().contiguous()
+    tensors["answer_span"] = router.block_span[block : block + 1].detach().cpu().contiguous()
     return save(tensors)
 
 
@@ -109,10 +112,11 @@ def _write_segments(interventions: InterventionSet, segments: Path) -> list[str]
 
 
 def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[str, torch.Tensor]:
-    """The sealed rows of every layer and the route keys with their blocks, concatenated in block
-    order, each segment hash-checked."""
+    """The sealed rows of every layer, the route keys with their blocks and each block's answer
+    window, concatenated in block order, each segment hash-checked."""
     parts: dict[str, list[torch.Tensor]] = {_sealed_key(l, n): [] for l in layers for n in _SEALED_ROWS}
     parts[_ROUTE_KEYS], parts[_KEY_THRESHOLD], parts[_KEY_BLOCK], parts[_KEY_EDIT] = [], [], [], []
+    parts[_BLOCK_SPAN] = []
     for block, segment_id in enumerate(ids):
         path = segments / f"{segment_id}.safetensors"
         if not path.is_file():
@@ -120,7 +124,9 @@ def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[st
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != segment_id:
             raise CheckpointError(f"segment {path} is corrupt: its sha256 does not match its name")
-        for key, value in load(data).items():
+        tensors = load(data)
+        parts[_BLOCK_SPAN].append(tensors.pop("answer_span", torch.tensor([UNLIMITED])))
+        for key, value in tensors.items():
             if key == "route_keys":
                 parts[_ROUTE_KEYS].append(value)
                 parts[_KEY_BLOCK].append(torch.full((len(value),), block, dtype=torch.long))
@@ -150,7 +156,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     segment_ids = _write_segments(interventions, Path(segments) if segments else directory / SEGMENTS_DIR)
     sealed_rows = {_sealed_key(l, n) for l in interventions.layers for n in _SEALED_ROWS}
-    sealed_rows |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT}  # stored in the segments
+    sealed_rows |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN}  # stored in the segments
     tensors = {
         k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed_rows
     }

@@ -161,7 +161,12 @@ class Editor:
         if cfg.train_in_contexts:
             replayed += [self.encode(f"{c} {r.prompt}", r.target) for r in requests for c in cfg.route_contexts]
         working = self.interventions.fork()
-        result = self._train(working, new, replayed, max_steps, gated)
+        # A routed block acts within its answers' window (routing.py), while it trains too: a
+        # block sealed now is not there after the answer to be trained.
+        windowed = cfg.answer_window and working.router.enabled
+        if windowed:
+            working.router.widen_window(max(len(e.answer) for e in new))
+        result = self._train(working, new, replayed, max_steps, gated, acts_after_answer=not (sealing and windowed))
         if keys is not None:
             self._add_route_keys(working, keys, owners + len(self.history))
         if sealing:
@@ -299,9 +304,12 @@ class Editor:
         replayed: list[Example],
         max_steps: int,
         gated: bool = True,
+        acts_after_answer: bool = True,
     ) -> EditResult:
         """Trains the new edits (and replayed ones) into the trainable block, with its gates
-        (BaFT's objective) or with every gate fixed at 1 (gated=False, or ReFT)."""
+        (BaFT's objective) or with every gate fixed at 1 (gated=False, or ReFT).
+        `acts_after_answer`: whether the block will act on what follows the answer (False for a
+        block sealed within its answer's window)."""
         cfg = self.config
         gated = gated and cfg.method == "baft"
         features = None
@@ -327,7 +335,12 @@ class Editor:
         for intervention in blocks:
             intervention.gated = intervention.gated and gated
         try:
-            return self._fit(interventions, new, replayed, max_steps, gated=gated, unrelated=unrelated)
+            # An ungated block that acts after the answer is trained to leave what the unedited
+            # model says there as it was (gated blocks close their gates there instead).
+            continuation = not gated and acts_after_answer and cfg.continuation_weight > 0
+            return self._fit(
+                interventions, new, replayed, max_steps, gated=gated, unrelated=unrelated, continuation=continuation
+            )
         finally:
             for intervention in blocks:
                 intervention.gated = cfg.method == "baft"
@@ -341,13 +354,13 @@ class Editor:
         *,
         gated: bool,
         unrelated: dict[int, torch.Tensor] | None,
+        continuation: bool,
     ) -> EditResult:
         """The optimisation itself (see `_train`); `unrelated`: the gate inputs the gates must stay
-        closed on, None for no locality margins."""
+        closed on, None for no locality margins; `continuation`: train the distribution after the
+        answer to stay the unedited model's (`objective.continuation_drift`)."""
         cfg = self.config
-        # An ungated block acts on every generated token: it is trained to leave what the
-        # unedited model says after the answer as it was (gated blocks close their gates there).
-        keep_after = cfg.continuation_tokens if not gated and cfg.continuation_weight else 0
+        keep_after = cfg.continuation_tokens if continuation else None
         with self.lock, torch.no_grad():
             batch = CachedBatch(
                 self.model,
@@ -372,7 +385,7 @@ class Editor:
             logits, record = step.logits, step.record
             ce = target_cross_entropy(logits, batch.targets)
             loss, parts = ce, {"ce": ce.item()}
-            if not gated and cfg.continuation_weight:  # gated blocks close their gates there instead
+            if continuation:
                 drift = continuation_drift(step.continuation, batch.unedited_continuation)
                 loss = loss + cfg.continuation_weight * drift
                 parts["continuation"] = drift.item()

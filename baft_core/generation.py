@@ -47,7 +47,8 @@ def stream(
     """Yields the next token of every row, step by step; rows that finished repeat pad_id.
     `interventions` picks an adapter other than the attached one (default: the one attached when
     decoding starts, kept to the end even if another is published meanwhile); `lock` is held per
-    step. Routes are decided on the prompt at prefill and held for every generated token."""
+    step. Routes are decided on the prompt at prefill and held for every generated token, each
+    open block acting within its window (routing.py)."""
     device = next(model.parameters()).device
     input_ids, attention = left_padded(prompts, pad_id)
     input_ids, attention = input_ids.to(device), attention.to(device)
@@ -59,8 +60,8 @@ def stream(
     eos = torch.tensor(sorted(eos_ids or []), dtype=torch.long, device=device)
     if attachment is not None and interventions is None:
         interventions = attachment.interventions
-    routes = Routes(prompt=attention.bool())
-    for _ in range(max_new_tokens):
+    routes = Routes(prompt=attention.bool(), offsets=torch.zeros_like(attention))
+    for fed in range(1, max_new_tokens + 1):
         edited = nullcontext()
         if attachment is not None:
             edited = attachment.intervene(intervene, interventions=interventions, routes=routes)
@@ -81,6 +82,7 @@ def stream(
             return
         routes.prompt = None
         input_ids = token.unsqueeze(-1)
+        routes.offsets = torch.full_like(input_ids, fed)  # the answer tokens fed so far
         attention = torch.cat([attention, torch.ones_like(input_ids)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
         intervene = torch.ones_like(input_ids, dtype=torch.bool)

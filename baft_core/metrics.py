@@ -12,12 +12,19 @@ from statistics import mean
 import torch
 
 from .data import EditRequest
-from .encoding import Example, encode_prompt, teacher_forced
+from .encoding import Example, TeacherForced, encode_prompt, teacher_forced
 from .generation import generate
-from .routing import Routes
+from .routing import Routes, answer_offsets
 
 BATCH = 32
 REPEAT_WINDOW = 16
+
+
+def teacher_forced_routes(tf: TeacherForced, device) -> Routes:
+    """Routes decided on the batch's prompts, each position placed in the answer for the blocks'
+    windows, as generation places it."""
+    prompt = tf.prompt.to(device)
+    return Routes(prompt=prompt, offsets=answer_offsets(prompt, tf.attention_mask.to(device)))
 
 
 @torch.no_grad()
@@ -30,7 +37,8 @@ def answer_argmax(editor, examples: list[Example], edited: bool = True) -> list[
         tf = teacher_forced(chunk, cfg.prompt_positions, editor.pad_id)
         device = editor.device
         mask = tf.intervene.to(device) if edited else None
-        with editor.lock, editor.attachment.intervene(mask, routes=Routes(prompt=tf.prompt.to(device))):
+        routes = teacher_forced_routes(tf, device)
+        with editor.lock, editor.attachment.intervene(mask, routes=routes):
             logits = editor.model(
                 input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device)
             ).logits
@@ -141,7 +149,7 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, torch.Tensor]:
     for start in range(0, len(examples), BATCH):
         tf = teacher_forced(examples[start : start + BATCH], editor.config.prompt_positions, editor.pad_id)
         device = editor.device
-        routes = Routes(prompt=tf.prompt.to(device))
+        routes = teacher_forced_routes(tf, device)
         mask = tf.intervene.to(device)
         with editor.lock, editor.attachment.intervene(mask, record=True, routes=routes) as record:
             editor.model(input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device))

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from .attach import Attachment, InterventionSet, final_logits
 from .encoding import Example, context_limit, left_padded, positions_from_mask, right_padded
-from .routing import Routes
+from .routing import Routes, answer_offsets
 
 
 def training_attention(dtype: torch.dtype, device: torch.device) -> SDPBackend | None:
@@ -134,7 +134,8 @@ class _Unedited(NamedTuple):
 class CachedBatch:
     """`continuation_tokens`: also feed, after each answer, up to this many tokens the unedited
     model greedily says after prompt + answer (up to `eos_id`); they are decoded inside the one
-    unedited pass, so finding them costs one single-token forward each."""
+    unedited pass, so finding them costs one single-token forward each. None: no distribution
+    after the answers is computed, unedited or edited (nothing is trained there)."""
 
     def __init__(
         self,
@@ -144,7 +145,7 @@ class CachedBatch:
         examples: list[Example],
         positions: int,
         pad_id: int,
-        continuation_tokens: int = 0,
+        continuation_tokens: int | None = 0,
         eos_id: int | None = None,
     ):
         self.model, self.attachment, self.interventions = model, attachment, interventions
@@ -176,6 +177,9 @@ class CachedBatch:
             after_answer[row, len(head) + len(e.answer) - 1 : len(head) + len(e.answer) + len(tokens)] = True
 
         self.suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
+        head_lengths = torch.tensor([len(h) for h in heads], device=device)
+        in_head = torch.arange(suffix_ids.shape[1], device=device) < head_lengths[:, None]
+        self.routes.offsets = answer_offsets(in_head, suffix_mask)  # for the sealed blocks' windows
         self.attention = torch.cat([prefix_mask, suffix_mask], dim=-1)
         self.position_ids = positions_from_mask(suffix_mask, prefix_mask.sum(-1))
         self.intervene = suffix_mask.bool()
@@ -191,6 +195,8 @@ class CachedBatch:
         # (rows x vocab) tensor for each part and scattered into it.
         flat_targets = target_mask.flatten().nonzero()[:, 0]
         flat_continuations = (self.continuation_mask & ~target_mask).flatten().nonzero()[:, 0]
+        if continuation_tokens is None:
+            flat_continuations = flat_continuations[:0]
         self.output_rows = torch.cat([flat_targets, flat_continuations])
         self.head_split = [len(flat_targets), len(flat_continuations)]
 
@@ -207,7 +213,7 @@ class CachedBatch:
         spoken: list[list[int]],
         head_lengths: list[int],
         pad_id: int,
-        continuation_tokens: int,
+        continuation_tokens: int | None,
         eos_id: int | None,
         room: list[int],
     ) -> _Unedited:
@@ -249,9 +255,10 @@ class CachedBatch:
             ).last_hidden_state[rows, last]
             next_position = position_ids[rows, last] + 1
             finished = torch.zeros(len(spoken), dtype=torch.bool, device=device)
-            for step in range(continuation_tokens + 1):
+            steps = 0 if continuation_tokens is None else continuation_tokens + 1
+            for step in range(steps):
                 log_probs.append(torch.log_softmax(final_logits(self.model, hidden).float(), -1))
-                if step == continuation_tokens:
+                if step == steps - 1:
                     break
                 token = log_probs[-1].argmax(-1)
                 said.append(token)
@@ -286,8 +293,10 @@ class CachedBatch:
             layer_input[row, : len(tokens)] = inputs[0][row, width : width + len(tokens)]
             layer_input[row, len(tokens) : len(tokens) + len(extra)] = decoded[row, : len(extra)]
         # After each answer: the distribution at its last token, then after each continuation token.
-        stacked = torch.stack(log_probs, 1)  # [batch, steps, vocab]
-        after = torch.cat([stacked[row, : len(c) + 1] for row, c in enumerate(continuations)])
+        after = hidden.new_zeros(0, 0)
+        if log_probs:
+            stacked = torch.stack(log_probs, 1)  # [batch, steps, vocab]
+            after = torch.cat([stacked[row, : len(c) + 1] for row, c in enumerate(continuations)])
 
         in_head = torch.arange(spoken_ids.shape[1], device=device) < torch.tensor(head_lengths, device=device)[:, None]
         prompt_mask = torch.cat([prefix_mask.bool(), in_head], dim=-1)

@@ -20,6 +20,12 @@ text before the subject. On 100 CounterFact edits this raised the share of parap
 their own edit's block from 0.52 (one key, at the first edited layer 17) to 0.89 (one key at
 layer 4) and 0.98 (with the context keys), with locality prompts opening some block 0.02 of the
 time against 0.01 (bench/results/ablation.md).
+
+A block acts at the positions its edit was trained on: on a prompt it opens, the last P prompt
+positions and the first T - 1 answer tokens fed after them (T: the block's longest answer in
+tokens; they predict the rest of its answer). From the answer's last token on the model goes on
+unedited: a block that acted on every generated token made greedy decoding say its answer again
+and again ("Argentina Argentina Argentina ..."; `EditConfig.answer_window`).
 """
 from __future__ import annotations
 
@@ -40,6 +46,16 @@ def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
     return max(min(len(prefix), len(full)) - 1, min(1, len(full) - 1))
 
 
+# The span of a block that acts on every answer position (sealed without a window).
+UNLIMITED = torch.iinfo(torch.long).max
+
+
+def answer_offsets(prompt: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """[batch, seq]: how many answer tokens are fed up to each position, 0 on the prompt (`prompt`
+    and `attention` [batch, seq] mark the prompt's and the real tokens)."""
+    return (attention.bool() & ~prompt.bool()).long().cumsum(-1)
+
+
 def routable(prompt: torch.Tensor) -> torch.Tensor:
     """The prompt positions [batch, seq] routing reads: all but each row's first, an attention
     sink whose state is alike in every prompt."""
@@ -50,18 +66,26 @@ class Routes:
     """Which sealed blocks each row of a batch opens. Set `prompt` (a [batch, seq] mask of prompt
     positions) for the forward that sees the prompt, and None for later ones (cached decoding):
     the routing layer's hook fills `open` [batch, blocks] from the prompt and later forwards keep
-    it. `open` may also be set directly."""
+    it. `open` may also be set directly. `offsets` [batch, seq] (`answer_offsets`) says where each
+    position of the current forward stands in the answer, for the blocks' windows; None: every
+    intervened position is in every open block's window."""
 
-    def __init__(self, prompt: torch.Tensor | None = None, open: torch.Tensor | None = None):
+    def __init__(
+        self,
+        prompt: torch.Tensor | None = None,
+        open: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+    ):
         self.prompt = prompt
         self.open = open
+        self.offsets = offsets
 
 
 class Router(nn.Module):
     """The route keys of sealed edits with each key's cosine threshold, block and edit (its index
-    in the editor's history), the keys of the trainable block's edits awaiting sealing, and the
-    lowest threshold a key may have (0: no routing). Keys are read at decoder layer `layer`. A
-    block without keys (sealed before routing existed) stays open."""
+    in the editor's history), each sealed block's answer window, the keys of the trainable block's
+    edits awaiting sealing, and the lowest threshold a key may have (0: no routing). Keys are read
+    at decoder layer `layer`. A block without keys (sealed before routing existed) stays open."""
 
     def __init__(self, hidden_size: int, threshold: float, layer: int):
         super().__init__()
@@ -73,6 +97,12 @@ class Router(nn.Module):
         self.register_buffer("pending", torch.zeros(0, hidden_size))  # keys of the trainable block
         self.register_buffer("pending_threshold", torch.zeros(0))
         self.register_buffer("pending_edit", torch.zeros(0, dtype=torch.long))
+        # Each sealed block's window: the length T of its longest answer in tokens. It acts where
+        # fewer than T answer tokens have been fed, i.e. on the prompt and the answer's first T - 1
+        # tokens (UNLIMITED: everywhere). The trainable block's (-1: none, it acts everywhere)
+        # holds while it trains too, so that it is trained where it will act.
+        self.register_buffer("block_span", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("pending_span", torch.tensor(-1))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         # Standardisation of the routing layer's states (`calibrate`): its residual stream has a
         # large component shared by every token, which would make all cosines alike.
@@ -123,6 +153,12 @@ class Router(nn.Module):
         self.pending_edit = torch.cat([self.pending_edit, edits.to(self.pending_edit)])
 
     @torch.no_grad()
+    def widen_window(self, span: int) -> None:
+        """The trainable block is to hold an edit whose answer is `span` tokens long: its window
+        grows to the widest of its edits'. A new tensor: forks share this buffer."""
+        self.pending_span = torch.maximum(self.pending_span, torch.tensor(span, device=self.pending_span.device))
+
+    @torch.no_grad()
     def seal(self, block: int) -> None:
         """The trainable block became sealed block `block`: its pending keys now route to it."""
         self.keys = torch.cat([self.keys, self.pending])
@@ -131,8 +167,12 @@ class Router(nn.Module):
         self.key_block = torch.cat(
             [self.key_block, torch.full((len(self.pending),), block, dtype=torch.long, device=self.keys.device)]
         )
+        # A block without keys of its own (sealed unrouted) has no window either.
+        span = UNLIMITED if int(self.pending_span) < 0 else int(self.pending_span)
+        self.block_span = torch.cat([self.block_span, torch.tensor([span], device=self.block_span.device)])
         self.pending, self.pending_threshold = self.pending[:0], self.pending_threshold[:0]
         self.pending_edit = self.pending_edit[:0]
+        self.pending_span = torch.tensor(-1, device=self.pending_span.device)
 
     @torch.no_grad()
     def open_blocks(self, hidden: torch.Tensor, rows: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
@@ -151,9 +191,21 @@ class Router(nn.Module):
             opened |= block_near.bool()
         return opened
 
+    def in_window(self, blocks_open: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`blocks_open` [n, blocks] of n intervened positions, closed where a position stands
+        past its block's window (`offsets` [n], `answer_offsets`)."""
+        return blocks_open & (offsets.unsqueeze(1) < self.block_span)
+
+    def trainable_in_window(self, offsets: torch.Tensor) -> torch.Tensor | None:
+        """[n]: whether each of n intervened positions (`offsets`) is in the trainable block's
+        window; None where it has none."""
+        return None if int(self.pending_span) < 0 else offsets < self.pending_span
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of keys is whatever the checkpoint holds.
-        for name in ("keys", "key_threshold", "key_block", "key_edit", "pending", "pending_threshold", "pending_edit"):
+        for name in (
+            "keys", "key_threshold", "key_block", "key_edit", "pending", "pending_threshold", "pending_edit", "block_span"
+        ):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))

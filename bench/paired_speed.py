@@ -7,7 +7,9 @@ load (on a shared two-core host the speed drifts by 15% between back-to-back run
 - `--vary weights-bf16`: the same against bf16 (on a CPU with bf16 arithmetic: is `auto` right?);
 - `--vary packed-fp32`: fp32 weights packed for oneDNN against fp16 weights (FBGEMM);
 - `--vary fp16-threads`: fp16 weights through FBGEMM on all threads (`Fp16Linear`) against
-  torch's older FBGEMM op, which runs on one (the same packing and the same results).
+  torch's older FBGEMM op, which runs on one (the same packing and the same results);
+- `--vary window`: BaFT's sealed blocks within their answers' windows (the defaults) against
+  blocks that act on every generated token, trained with the continuation term.
 
 Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
@@ -41,7 +43,8 @@ from baft_core.packed_linears import Fp16Linear, pack_linears
 from baft_core.precision import FP16_WEIGHTS, ISA_LIMITS  # ISA_LIMITS: recorded with the result
 from baft_core.prefix_cache import CachedBatch
 
-# --vary: the ratio's name, then each variant's name and (dtype, method); the first over the second
+# --vary: the ratio's name, then each variant's name and (dtype, method[, its own --set items]);
+# the first over the second
 VARIES = {
     "dtype": ("bf16_over_fp32", {"bfloat16": ("bfloat16", "baft"), "float32": ("float32", "baft")}),
     "method": ("baft_over_reft", {"baft": ("auto", "baft"), "reft": ("auto", "reft")}),
@@ -50,6 +53,7 @@ VARIES = {
     "packed-fp32": ("fp32_packed_over_fp16_weights", {"fp32-packed": ("fp32-packed", "baft"), "fp16-weights": ("fp16-weights", "baft")}),
     # the one-thread variant loads in fp32 and packs its own kind (OWN_PACKING)
     "fp16-threads": ("threaded_over_one_thread", {"threaded": ("fp16-weights", "baft"), "one-thread": ("float32", "baft")}),
+    "window": ("window_over_continuation", {"window": ("auto", "baft"), "continuation": ("auto", "baft", ["answer_window=false"])}),
 }
 
 
@@ -70,10 +74,17 @@ OWN_PACKING = {"one-thread": (OneThreadFp16Linear, FP16_WEIGHTS)}
 
 
 def training_batch(editor: Editor, example) -> CachedBatch:
-    """One edit's training batch on a fresh adapter, as the editor builds it (no continuation)."""
+    """One edit's training batch on a fresh adapter, as the editor builds it for a block sealed
+    within its answer's window (nothing after the answer)."""
     with torch.no_grad():
         return CachedBatch(
-            editor.model, editor.attachment, editor.interventions, [example], editor.config.prompt_positions, editor.pad_id
+            editor.model,
+            editor.attachment,
+            editor.interventions,
+            [example],
+            editor.config.prompt_positions,
+            editor.pad_id,
+            continuation_tokens=None,
         )
 
 
@@ -117,7 +128,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ratio_name, settings = VARIES[args.vary]
     names = tuple(settings)
-    assignments = {name: [] for name in names}
+    assignments = {name: list(settings[name][2]) if len(settings[name]) > 2 else [] for name in names}
     for item in args.set:
         name, _, assignment = item.partition(":")
         if name not in assignments:

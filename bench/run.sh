@@ -315,4 +315,33 @@ $PY bench/step_breakdown.py --out $OUT/ablation/step_breakdown-epyc-avx512bf16.j
 $PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
   --out $OUT/ablation/zsre-single-100-baft-epyc-avx512bf16-threaded
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/ablation/method_speed-epyc-avx512bf16-threaded.json
+# Each sealed block within its answer's window (`answer_window`: on a prompt it opens, the last P
+# prompt positions and the answer's first T - 1 tokens; no continuation term), on the AVX512-BF16
+# EPYC: the BaFT main runs again (the ones they replaced were moved to ablation/*-baft-continuation;
+# their commands name the main folders), the window against blocks that act on every generated
+# token (the defaults before) on 100 continual edits side by side and edit by edit in one run,
+# and BaFT against ReFT.
+for data in zsre counterfact; do
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
+    --threads 1 --out $OUT/$data-continual-100-baft &
+done
+wait
+for data in zsre counterfact; do
+  $PY -m baft_core.bench --data $(val_files $data) --format $data --method baft --mode continual --edits 100 \
+    --threads 1 --set answer_window=false --out $OUT/ablation/$data-continual-100-nowindow &
+done
+wait
+# (The single-edit run went first and again last: the first, in a slow hour of the host, was
+# moved to ablation/zsre-single-100-baft-window-first.)
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --out $OUT/ablation/zsre-single-100-baft-window-first
+$PY bench/paired_speed.py --vary window --edits 200 --out $OUT/ablation/window_speed-epyc-avx512bf16.json
+$PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_window.json
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode single --edits 100 \
+  --out $OUT/zsre-single-100-baft
+$PY -m baft_core.bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 \
+  --threads 1 --out $OUT/zsre-continual-1000-baft &
+$PY -m baft_core.bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 1000 \
+  --threads 1 --out $OUT/counterfact-continual-1000-baft &
+wait
 $PY bench/summarize.py

@@ -38,7 +38,9 @@ ABLATION = {
         ("ablation/zsre-continual-100-baft-bf16", "... 1 unedited token after it, bf16 (the defaults until fp16 weights; moved from the main folder)"),
         ("ablation/zsre-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the CounterFact run)"),
         ("ablation/zsre-continual-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC, beside the CounterFact run)"),
-        ("zsre-continual-100-baft", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults; a slower AMD EPYC, beside the CounterFact run)"),
+        ("ablation/zsre-continual-100-baft-continuation", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults until the answer window; a slower AMD EPYC, beside the CounterFact run; moved from the main folder)"),
+        ("zsre-continual-100-baft", "each sealed block acts within its answer's window, no continuation term (the defaults; an AMD EPYC with AVX512-BF16, beside the CounterFact run)"),
+        ("ablation/zsre-continual-100-nowindow", "... blocks act on every generated token, with the continuation term (`answer_window=false`: the defaults before; right after the row above, beside the CounterFact run)"),
         ("ablation/zsre-continual-100-rank32-fp16weights", "fp16 weights: rank 32 (beside a CounterFact run)"),
         ("ablation/zsre-continual-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; beside the CounterFact run)"),
         ("ablation/zsre-continual-100-baft-epyc-packed", "the defaults on an AMD EPYC with AVX512-BF16: bf16 packed for oneDNN (`auto` there, chosen by the four-layer probe at one thread; beside the CounterFact run)"),
@@ -64,7 +66,9 @@ ABLATION = {
         ("ablation/counterfact-continual-100-baft-bf16", "... 1 unedited token after it, bf16 (the defaults until fp16 weights; moved from the main folder)"),
         ("ablation/counterfact-continual-100-baft-fp32host", "the defaults in fp32, on a host without AVX512-BF16 (`--dtype float32`; beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC, beside the ZsRE run)"),
-        ("counterfact-continual-100-baft", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults; a slower AMD EPYC, beside the ZsRE run)"),
+        ("ablation/counterfact-continual-100-baft-continuation", "... every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults until the answer window; a slower AMD EPYC, beside the ZsRE run; moved from the main folder)"),
+        ("counterfact-continual-100-baft", "each sealed block acts within its answer's window, no continuation term (the defaults; an AMD EPYC with AVX512-BF16, beside the ZsRE run)"),
+        ("ablation/counterfact-continual-100-nowindow", "... blocks act on every generated token, with the continuation term (`answer_window=false`: the defaults before; right after the row above, beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-baft-amx-packed", "the defaults on an Intel Xeon with AMX-BF16: bf16 packed for oneDNN, math attention in training steps (`auto` there; beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-baft-epyc-packed", "the defaults on an AMD EPYC with AVX512-BF16: bf16 packed for oneDNN (`auto` there, chosen by the four-layer probe at one thread; beside the ZsRE run)"),
         ("ablation/counterfact-continual-100-seed1-fp16weights", "fp16 weights: the defaults, seed 1 (the interventions' random initialisation and the unrelated pool's draw)"),
@@ -114,7 +118,7 @@ ABLATION = {
         ("ablation/counterfact-single-30-layers2", "CounterFact: layers 22, 26"),
     ],
     "Optimizer settings, one thread: fewer steps an edit cost generality (the `ablation/` runs were copied from /tmp/exp, where their commands wrote them; `bench/run.sh` writes them here)": [
-        ("counterfact-continual-100-baft", "CounterFact, 100 continual: the defaults (lr 0.01, Adam beta1 0.9, rank 24)"),
+        ("ablation/counterfact-continual-100-baft-continuation", "CounterFact, 100 continual: the defaults then (lr 0.01, Adam beta1 0.9, rank 24; before the answer window)"),
         ("ablation/counterfact-100-defaults-2threads", "... on two threads (other rounding: 0.85 against 0.87)"),
         ("ablation/counterfact-100-beta0.5", "beta1 0.5"),
         ("ablation/counterfact-100-lr0.009-beta0.5", "lr 0.009, beta1 0.5"),
@@ -125,7 +129,7 @@ ABLATION = {
         ("ablation/counterfact-100-rank16-beta0.5", "rank 16, beta1 0.5"),
         ("ablation/counterfact-100-rank12-beta0.5", "rank 12, beta1 0.5"),
         ("ablation/counterfact-100-reft-lr0.0085-beta0.5", "ReFT, lr 0.0085, beta1 0.5"),
-        ("zsre-continual-100-baft", "ZsRE, 100 continual: the defaults"),
+        ("ablation/zsre-continual-100-baft-continuation", "ZsRE, 100 continual: the defaults then"),
         ("ablation/zsre-100-beta0.5", "beta1 0.5"),
         ("ablation/zsre-100-lr0.009-beta0.5", "lr 0.009, beta1 0.5"),
         ("ablation/zsre-100-lr0.0085-beta0.5", "lr 0.0085, beta1 0.5"),
@@ -168,7 +172,9 @@ ABLATION = {
         ("ablation/zsre-single-100-reft-d6992c4", "ReFT, d6992c4 (right after the run above)"),
         ("zsre-single-100-reft", "ReFT at BaFT's rank 24, its default now (fp32, an AMD EPYC with AVX2 only; two threads, alone)"),
         ("ablation/zsre-single-100-baft-fp16weights", "the defaults on fp16 weights with fp32 arithmetic (`auto` on x86 now; an AMD EPYC with AVX512-BF16, two threads, alone)"),
-        ("zsre-single-100-baft", "every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults; a slower AMD EPYC with AVX512-BF16, two threads, alone)"),
+        ("ablation/zsre-single-100-baft-continuation", "every layer's bases drawn before the gates, so BaFT starts from ReFT's R, A, b (the defaults until the answer window; a slower AMD EPYC with AVX512-BF16, two threads, alone; moved from the main folder)"),
+        ("ablation/zsre-single-100-baft-window-first", "each sealed block acts within its answer's window, no continuation term (the defaults; an AMD EPYC with AVX512-BF16, two threads, alone, in a slow hour of that host)"),
+        ("zsre-single-100-baft", "... the same again, an hour later (the defaults)"),
     ],
     "1000 continual edits (ZsRE both files; CounterFact train)": [
         ("zsre-continual-1000-baft-oneblock", "ZsRE: one block for all edits (the paper's layout), rank 12, no replay"),
@@ -178,7 +184,8 @@ ABLATION = {
         ("ablation/zsre-1000-rank4", "ZsRE: keys at layer 4, 6 per edit, continuation kept, rank 4 (the defaults until rank 24)"),
         ("ablation/zsre-continual-1000-baft-ct4", "ZsRE: rank 24, 4 tokens kept after the answer (the defaults until eb851a4), bf16 (the main run until fp16 weights)"),
         ("ablation/zsre-continual-1000-baft-fp16weights", "ZsRE: rank 24, 1 token after the answer, fp16 weights (the defaults until the bases were drawn before the gates; moved from the main folder)"),
-        ("zsre-continual-1000-baft", "ZsRE: every layer's bases drawn before the gates (the defaults; a slower AMD EPYC, beside the CounterFact run)"),
+        ("ablation/zsre-continual-1000-baft-continuation", "ZsRE: every layer's bases drawn before the gates (the defaults until the answer window; a slower AMD EPYC, beside the CounterFact run; moved from the main folder)"),
+        ("zsre-continual-1000-baft", "ZsRE: each sealed block within its answer's window (the defaults; an AMD EPYC with AVX512-BF16, beside the CounterFact run)"),
         ("zsre-continual-1000-reft", "ZsRE: ReFT, one block of rank 12"),
         ("ablation/counterfact-1000-block1-gated-unrouted", "CounterFact: a gated block per edit (before routing)"),
         ("ablation/counterfact-1000-routed-nomargin", "CounterFact: routed, one global threshold"),
@@ -186,7 +193,8 @@ ABLATION = {
         ("ablation/counterfact-1000-rank4", "CounterFact: keys at layer 4, 6 per edit, continuation kept, rank 4 (the defaults until rank 24)"),
         ("ablation/counterfact-continual-1000-baft-ct4", "CounterFact: rank 24, 4 tokens after the answer (the defaults until eb851a4), bf16 (the main run until fp16 weights)"),
         ("ablation/counterfact-continual-1000-baft-fp16weights", "CounterFact: rank 24, 1 token after the answer, fp16 weights (the defaults until the bases were drawn before the gates; moved from the main folder)"),
-        ("counterfact-continual-1000-baft", "CounterFact: every layer's bases drawn before the gates (the defaults; beside the ZsRE run)"),
+        ("ablation/counterfact-continual-1000-baft-continuation", "CounterFact: every layer's bases drawn before the gates (the defaults until the answer window; beside the ZsRE run; moved from the main folder)"),
+        ("counterfact-continual-1000-baft", "CounterFact: each sealed block within its answer's window (the defaults; beside the ZsRE run)"),
         ("counterfact-continual-1000-reft", "CounterFact: ReFT, one block of rank 12"),
     ],
 }
@@ -265,6 +273,8 @@ def _step_breakdown_sentence(s: dict) -> str:
 
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
+    "method_speed_window.json": "BaFT against ReFT, the defaults with each sealed block within its answer's window, an EPYC with AVX512-BF16 (`auto`: fp16 weights)",
+    "ablation/window_speed-epyc-avx512bf16.json": "BaFT's sealed blocks within their answers' windows (the defaults) against blocks that act on every generated token, trained with the continuation term, that EPYC",
     "ablation/method_speed-epyc-avx512bf16-threaded.json": "BaFT against ReFT, the defaults on an EPYC with AVX512-BF16 once FBGEMM ran on both threads (`auto`: fp16 weights)",
     "ablation/weights_bf16_speed-epyc-avx512bf16-threaded.json": "fp16 weights with FBGEMM on both threads against bf16 packed for oneDNN, an EPYC with AVX512-BF16 (`auto` there: fp16 weights)",
     "ablation/method_speed-epyc-zen3-avx2-threaded.json": "BaFT against ReFT, the defaults on an AVX2-only EPYC (`auto`: fp16 weights, FBGEMM on both threads)",
@@ -321,6 +331,8 @@ PRECISION_NOTE = (
     "continual, 100 single) are on fp16 weights with every layer's bases drawn before the gates",
     "(BaFT starts from ReFT's R, A, b); the runs they replaced were moved to `ablation/*-bf16` (bf16, fp32 where noted) and",
     "`ablation/*-1000-baft-fp16weights`, and `ablation/*-fp16weights` holds the fp16 runs of the old draw.",
+    "Since each sealed block acts within its answer's window (`answer_window`), the main BaFT runs are",
+    "of that code; the ones they replaced are `ablation/*-baft-continuation`.",
     "Other main runs were made in bf16 (fp32 where noted).",
 )
 

@@ -8,9 +8,9 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
-from baft_core.checkpoint import ADAPTER_FILE, MANIFEST_FILE, METADATA_KEY
+from baft_core.checkpoint import ADAPTER_FILE, MANIFEST_FILE, METADATA_KEY, SEGMENTS_DIR
 
 Change = Callable[[dict, dict[str, torch.Tensor]], tuple[dict, dict[str, torch.Tensor]]]
 
@@ -25,3 +25,15 @@ def rewrite_adapter(directory: Path, change: Change) -> None:
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     manifest["sha256"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def strip_segments(directory: Path, metadata: dict, names: tuple[str, ...]) -> dict:
+    """Rewrites each segment listed in `metadata` without the tensors `names` (under its new
+    hash), and returns the metadata listing the new segments."""
+    segment_ids = []
+    for segment_id in json.loads(metadata["segments"]):
+        path = directory / SEGMENTS_DIR / f"{segment_id}.safetensors"
+        data = save({k: v for k, v in load(path.read_bytes()).items() if k not in names})
+        segment_ids.append(hashlib.sha256(data).hexdigest())
+        (directory / SEGMENTS_DIR / f"{segment_ids[-1]}.safetensors").write_bytes(data)
+    return {**metadata, "segments": json.dumps(segment_ids)}

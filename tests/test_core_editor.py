@@ -35,10 +35,10 @@ def first_loss(editor, request) -> float:
     example = editor.encode(request.prompt, request.target)
     from baft_core.encoding import teacher_forced
 
-    from baft_core.routing import Routes
+    from baft_core.metrics import teacher_forced_routes
 
     tf = teacher_forced([example], editor.config.prompt_positions, editor.pad_id)
-    with torch.no_grad(), editor.attachment.intervene(tf.intervene, routes=Routes(prompt=tf.prompt)):
+    with torch.no_grad(), editor.attachment.intervene(tf.intervene, routes=teacher_forced_routes(tf, "cpu")):
         logits = editor.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask).logits
     keep = tf.targets != -100
     return torch.nn.functional.cross_entropy(logits[keep], tf.targets[keep]).item()

@@ -1,5 +1,6 @@
 """One real edit on the bundled SmolLM2-135M: the new object comes out for the prompt and a
-rephrase, and an unrelated prompt's greedy generation is unchanged. (One edit: each costs seconds.)"""
+rephrase, once, and an unrelated prompt's greedy generation is unchanged. (One edit: each costs
+seconds.)"""
 from __future__ import annotations
 
 import pytest
@@ -32,6 +33,15 @@ def test_edit_says_the_new_object(edited):
     assert result.losses["ce"] < 0.1, result.losses
     out = editor.generate([PROMPT], 8)[0]
     assert out.strip().startswith(TARGET), out
+
+
+def test_the_model_goes_on_after_the_new_object(edited):
+    """The edit acts within its answer's window: greedy decoding says the new object and goes
+    on. A block that acted on every generated token said it again and again here (" unmanned
+    aircraft, unmanned aircraft, aircraft, ...")."""
+    editor, _, _ = edited
+    out = editor.generate([PROMPT], 16)[0]
+    assert out.count(TARGET) == 1, out
 
 
 def test_edit_generalises_to_a_rephrase(edited):

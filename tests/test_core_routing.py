@@ -7,10 +7,11 @@ import torch
 
 from baft_core import EditRequest
 from baft_core.editor import _shared_suffix
-from baft_core.encoding import encode_prompt, teacher_forced
+from baft_core.encoding import Example, encode_prompt, teacher_forced
 from baft_core.generation import generate
+from baft_core.metrics import teacher_forced_routes
 from baft_core.prefix_cache import SharedPrefixes
-from baft_core.routing import Router, Routes, subject_token
+from baft_core.routing import UNLIMITED, Router, Routes, answer_offsets, subject_token
 
 from test_core_editor import make_editor
 
@@ -137,7 +138,8 @@ def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
 
 
 def test_routes_are_decided_on_the_prompt_and_held_while_decoding(tiny_sharp):
-    """Cached decoding equals recomputing the whole sequence with routes read off the prompt."""
+    """Cached decoding equals recomputing the whole sequence with routes read off the prompt and
+    each position placed in the answer (the blocks' windows)."""
     ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5)
     try:
         for request in EDITS:
@@ -151,9 +153,75 @@ def test_routes_are_decided_on_the_prompt_and_held_while_decoding(tiny_sharp):
             intervene[0, len(prompt) - ed.config.prompt_positions :] = True
             prompt_mask = torch.zeros_like(intervene)
             prompt_mask[0, : len(prompt)] = True
-            with torch.no_grad(), ed.attachment.intervene(intervene, routes=Routes(prompt=prompt_mask)):
+            routes = Routes(prompt=prompt_mask, offsets=answer_offsets(prompt_mask, torch.ones_like(sequence)))
+            with torch.no_grad(), ed.attachment.intervene(intervene, routes=routes):
                 logits = ed.model(input_ids=sequence).logits
             assert logits[0, len(prompt) - 1 :].argmax(-1).tolist() == new
+    finally:
+        ed.attachment.detach()
+
+
+def test_answer_offsets_count_the_answer_tokens_fed():
+    prompt = torch.tensor([[True, True, False, False, False], [False, True, True, True, False]])
+    attention = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])  # right- and left-padded rows
+    assert answer_offsets(prompt, attention).tolist() == [[0, 0, 1, 2, 2], [0, 0, 0, 0, 1]]
+
+
+def recorded_weights(ed, request, after: list[int]):
+    """The weights (the trainable block's, then the sealed ones') at every intervened position of
+    the request's prompt, its answer and `after` it, teacher-forced, with each position's answer
+    offset and the answer's length."""
+    example = ed.encode(request.prompt, request.target)
+    tf = teacher_forced([Example(example.prompt, example.answer + after)], ed.config.prompt_positions, ed.pad_id)
+    routes = teacher_forced_routes(tf, "cpu")
+    with torch.no_grad(), ed.attachment.intervene(tf.intervene, record=True, routes=routes) as record:
+        ed.model(input_ids=tf.input_ids, attention_mask=tf.attention_mask)
+    return record[ed.layers[0]][0], routes.offsets[tf.intervene], len(example.answer)
+
+
+@pytest.mark.parametrize("window", [True, False])
+def test_a_sealed_block_acts_within_its_answers_window(tiny_sharp, window):
+    """On a prompt it opens, a sealed block acts at the last P prompt positions and on the
+    answer's first T - 1 tokens, which predict the rest of it; from the answer's last token on it
+    is off. Without the window it acts on every position, and it is trained to leave what
+    follows the answer as it was (the continuation term)."""
+    request = EditRequest("The mother tongue of Danielle Darrieux is", "Ada Lovelace's own", subject="Danielle Darrieux")
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.8, answer_window=window)
+    try:
+        result = ed.edit(request)
+        weights, offsets, span = recorded_weights(ed, request, after=[5, 6, 7])
+        weights = weights[:, ed.interventions.rank :]  # the sealed block's
+        assert ed.interventions.router.block_span.tolist() == [span if window else UNLIMITED]
+        assert span > 1 and weights.shape[1] == ed.interventions.rank
+        inside = offsets < span if window else torch.ones_like(offsets, dtype=torch.bool)
+        assert inside.any() and weights[inside].eq(1).all() and weights[~inside].eq(0).all()
+        assert ("continuation" in result.losses) == (not window)
+    finally:
+        ed.attachment.detach()
+
+
+def test_the_trainable_block_acts_within_its_window_while_it_trains(tiny_sharp):
+    """A block that holds more than one edit is trained and acts, before it is sealed, where it
+    will act once sealed (within the longest answer of its edits so far)."""
+    request = EditRequest("The mother tongue of Danielle Darrieux is", "Ada Lovelace's own", subject="Danielle Darrieux")
+    ed = make_editor(tiny_sharp, block_edits=2, route_threshold=0.8)
+    try:
+        ed.edit(request)
+        weights, offsets, span = recorded_weights(ed, request, after=[5, 6, 7])
+        assert ed.interventions.sealed_blocks == 0 and int(ed.interventions.router.pending_span) == span
+        trainable = weights[:, : ed.interventions.rank]
+        assert trainable[offsets < span].gt(0).all() and trainable[offsets >= span].eq(0).all()
+    finally:
+        ed.attachment.detach()
+
+
+def test_a_block_holding_several_edits_spans_its_longest_answer(tiny_sharp):
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.8)
+    try:
+        ed.edit_batch(EDITS)
+        longest = max(len(ed.encode(r.prompt, r.target).answer) for r in EDITS)
+        assert ed.interventions.router.block_span.tolist() == [longest]
+        assert int(ed.interventions.router.pending_span) == -1  # the fresh block has no window yet
     finally:
         ed.attachment.detach()
 
@@ -163,7 +231,7 @@ def test_route_keys_survive_checkpoints(tiny_sharp, tmp_path):
     try:
         for request in EDITS:
             ed.edit(request)
-        keys = ed.interventions.router.keys.clone()
+        keys, spans = ed.interventions.router.keys.clone(), ed.interventions.router.block_span.clone()
         prompts = [r.prompt for r in EDITS] + ["Bananas are rich in"]
         expected = ed.generate(prompts, max_new_tokens=6)
         ed.save(tmp_path, "tiny")
@@ -172,6 +240,7 @@ def test_route_keys_survive_checkpoints(tiny_sharp, tmp_path):
         router = ed.interventions.router
         per_edit = 1 + len(ed.config.route_contexts)
         assert torch.equal(router.keys, keys) and router.key_block.tolist() == [0] * per_edit + [1] * per_edit
+        assert torch.equal(router.block_span, spans)
         assert router.key_edit.tolist() == router.key_block.tolist() and router.layer == ed.interventions.routing_layer
         assert (router.key_threshold >= 0.8).all() and len(router.key_threshold) == 2 * per_edit
         assert abs(float(router.threshold) - 0.8) < 1e-6
@@ -199,25 +268,29 @@ def test_edits_that_share_a_route_are_replayed_as_neighbours(tiny_sharp):
         ed.attachment.detach()
 
 
+def reloaded_in_older_format(ed, tmp_path, change) -> tuple[list[str], list[str]]:
+    """Saves the editor's adapter, rewrites it with `change` as an older format wrote it and
+    loads it back; returns the prompts compared and what the adapter generated before."""
+    from checkpoint_support import rewrite_adapter
+
+    prompts = [r.prompt for r in EDITS] + ["Bananas are rich in"]
+    expected = ed.generate(prompts, max_new_tokens=6)
+    ed.save(tmp_path, "tiny")
+    rewrite_adapter(tmp_path, change)
+    ed.reset()
+    ed.load(tmp_path, "tiny")
+    return prompts, expected
+
+
 def test_format_3_checkpoints_still_route(tiny_sharp, tmp_path):
     """Format 3 routed at the first edited layer with the gates' standardisation, one key per edit
     in edit order, and stored neither the router's statistics nor the keys' edits."""
-    import hashlib
-    import json
-
-    from checkpoint_support import rewrite_adapter
-    from safetensors.torch import load, save
+    from checkpoint_support import strip_segments
 
     def format_3(metadata, tensors):
-        segment_ids = []
-        for segment_id in json.loads(metadata["segments"]):
-            path = tmp_path / "segments" / f"{segment_id}.safetensors"
-            data = save({k: v for k, v in load(path.read_bytes()).items() if k != "route_key_edits"})
-            segment_ids.append(hashlib.sha256(data).hexdigest())
-            (tmp_path / "segments" / f"{segment_ids[-1]}.safetensors").write_bytes(data)
-        metadata["segments"] = json.dumps(segment_ids)
+        metadata = strip_segments(tmp_path, metadata, ("route_key_edits", "answer_span"))
         del metadata["routing_layer"]
-        new_buffers = ("router.center", "router.scale", "router.pending_edit")
+        new_buffers = ("router.center", "router.scale", "router.pending_edit", "router.pending_span")
         return metadata, {k: v for k, v in tensors.items() if k not in new_buffers}
 
     ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5, route_layer=1, route_contexts=[])
@@ -229,16 +302,31 @@ def test_format_3_checkpoints_still_route(tiny_sharp, tmp_path):
         # router's statistics, as format 3 kept them there.
         first.gate_center.copy_(router.center)
         first.gate_scale.copy_(router.scale)
-        prompts = [r.prompt for r in EDITS] + ["Bananas are rich in"]
-        expected = ed.generate(prompts, max_new_tokens=6)
-        ed.save(tmp_path, "tiny")
-        rewrite_adapter(tmp_path, format_3)
-
-        ed.reset()
-        ed.load(tmp_path, "tiny")
+        router.block_span = torch.full((2,), UNLIMITED)  # nor did it store answer windows
+        prompts, expected = reloaded_in_older_format(ed, tmp_path, format_3)
         router = ed.interventions.router
         assert router.layer == 1 and router.key_edit.tolist() == [0, 1]
         assert torch.equal(router.center, ed.interventions[1].gate_center)
+        assert ed.generate(prompts, max_new_tokens=6) == expected
+    finally:
+        ed.attachment.detach()
+
+
+def test_format_4_checkpoints_load_blocks_without_windows(tiny_sharp, tmp_path):
+    """Format 4 stored no answer windows: its blocks act on every position, as they did."""
+    from checkpoint_support import strip_segments
+
+    def format_4(metadata, tensors):
+        metadata = strip_segments(tmp_path, metadata, ("answer_span",))
+        return metadata, {k: v for k, v in tensors.items() if k != "router.pending_span"}
+
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5)
+    try:
+        for request in EDITS:
+            ed.edit(request)
+        ed.interventions.router.block_span = torch.full((2,), UNLIMITED)
+        prompts, expected = reloaded_in_older_format(ed, tmp_path, format_4)
+        assert ed.interventions.router.block_span.tolist() == [UNLIMITED] * 2
         assert ed.generate(prompts, max_new_tokens=6) == expected
     finally:
         ed.attachment.detach()
