@@ -254,14 +254,15 @@ class Attachment:
                 routes.open = interventions.route(hidden, routes.prompt)
             if layer not in interventions.layers or not mask.any():  # nothing to edit here
                 return output
-            blocks_open = None
+            # Where each intervened position stands in the answer (only a caller's routes say).
+            offsets = None if self._routes is None or self._routes.offsets is None else self._routes.offsets[mask]
+            blocks_open = trainable_open = None
             if routes is not None and routes.open is not None:
                 blocks_open = routes.open[mask.nonzero()[:, 0]]
-                if routes.offsets is not None:
-                    blocks_open = interventions.router.in_window(blocks_open, routes.offsets[mask])
-            trainable_open = None
-            if self._routes is not None and self._routes.offsets is not None:
-                trainable_open = interventions.router.trainable_in_window(self._routes.offsets[mask])
+                if offsets is not None:
+                    blocks_open = interventions.router.in_window(blocks_open, offsets)
+            if offsets is not None:
+                trainable_open = interventions.router.trainable_in_window(offsets)
             selected = hidden[mask]
             edited, weights = interventions(layer, selected, blocks_open, trainable_open)
             if self._record is not None:

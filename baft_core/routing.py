@@ -99,10 +99,12 @@ class Router(nn.Module):
         self.register_buffer("pending_edit", torch.zeros(0, dtype=torch.long))
         # Each sealed block's window: the length T of its longest answer in tokens. It acts where
         # fewer than T answer tokens have been fed, i.e. on the prompt and the answer's first T - 1
-        # tokens (UNLIMITED: everywhere). The trainable block's (-1: none, it acts everywhere)
-        # holds while it trains too, so that it is trained where it will act.
+        # tokens (UNLIMITED: everywhere). The trainable block's ([T], or empty: none, it acts
+        # everywhere) holds while it trains too, so that it is trained where it will act; its
+        # size, not its value, says whether there is one, which decoding reads without waiting
+        # on the device.
         self.register_buffer("block_span", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("pending_span", torch.tensor(-1))
+        self.register_buffer("pending_span", torch.zeros(0, dtype=torch.long))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         # Standardisation of the routing layer's states (`calibrate`): its residual stream has a
         # large component shared by every token, which would make all cosines alike.
@@ -156,7 +158,8 @@ class Router(nn.Module):
     def widen_window(self, span: int) -> None:
         """The trainable block is to hold an edit whose answer is `span` tokens long: its window
         grows to the widest of its edits'. A new tensor: forks share this buffer."""
-        self.pending_span = torch.maximum(self.pending_span, torch.tensor(span, device=self.pending_span.device))
+        span = torch.tensor([span], device=self.pending_span.device)
+        self.pending_span = torch.maximum(self.pending_span, span) if len(self.pending_span) else span
 
     @torch.no_grad()
     def seal(self, block: int) -> None:
@@ -167,12 +170,12 @@ class Router(nn.Module):
         self.key_block = torch.cat(
             [self.key_block, torch.full((len(self.pending),), block, dtype=torch.long, device=self.keys.device)]
         )
-        # A block without keys of its own (sealed unrouted) has no window either.
-        span = UNLIMITED if int(self.pending_span) < 0 else int(self.pending_span)
-        self.block_span = torch.cat([self.block_span, torch.tensor([span], device=self.block_span.device)])
+        span = self.pending_span
+        if not len(span):  # a block without a window (sealed unrouted, or before windows)
+            span = torch.tensor([UNLIMITED], device=self.block_span.device)
+        self.block_span = torch.cat([self.block_span, span])
         self.pending, self.pending_threshold = self.pending[:0], self.pending_threshold[:0]
-        self.pending_edit = self.pending_edit[:0]
-        self.pending_span = torch.tensor(-1, device=self.pending_span.device)
+        self.pending_edit, self.pending_span = self.pending_edit[:0], self.pending_span[:0]
 
     @torch.no_grad()
     def open_blocks(self, hidden: torch.Tensor, rows: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
@@ -199,12 +202,20 @@ class Router(nn.Module):
     def trainable_in_window(self, offsets: torch.Tensor) -> torch.Tensor | None:
         """[n]: whether each of n intervened positions (`offsets`) is in the trainable block's
         window; None where it has none."""
-        return None if int(self.pending_span) < 0 else offsets < self.pending_span
+        return offsets < self.pending_span if len(self.pending_span) else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of keys is whatever the checkpoint holds.
         for name in (
-            "keys", "key_threshold", "key_block", "key_edit", "pending", "pending_threshold", "pending_edit", "block_span"
+            "keys",
+            "key_threshold",
+            "key_block",
+            "key_edit",
+            "pending",
+            "pending_threshold",
+            "pending_edit",
+            "block_span",
+            "pending_span",
         ):
             key = prefix + name
             if key in state_dict:
