@@ -172,6 +172,8 @@ class EditConfig:
             raise ValueError("lr_warmup must be a list of factors in (0, 1]")
         if not 0 <= self.adam_beta1 < 1:
             raise ValueError("adam_beta1 must be in [0, 1)")
+        if not isinstance(self.answer_window, bool):  # JSON "false" would otherwise read as on
+            raise ValueError("answer_window must be true or false")
         if self.continuation_weight < 0:
             raise ValueError("continuation_weight must be >= 0")
         if not isinstance(self.route_contexts, (list, tuple)) or not all(

@@ -183,6 +183,7 @@ def test_bad_inputs(tiny, editor):
         ({"route_layer": 3, "layers": [1, 2]}, "route_layer"),
         ({"route_margin": 1.5}, "route_margin"),
         ({"route_contexts": "Notes:"}, "route_contexts"),
+        ({"answer_window": "false"}, "answer_window"),
         ({"continuation_weight": -1.0}, "continuation_weight"),
         ({"continuation_tokens": -1}, "continuation_tokens"),
         ({"lr": 0.0}, "lr"),
