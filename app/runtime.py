@@ -16,7 +16,7 @@ from baft_core import EditConfig, EditRequest, Editor, load_model
 from baft_core.checkpoint import Checkpoint
 from baft_core.encoding import encode_prompt
 from baft_core.generation import stream as stream_tokens
-from baft_core.metrics import evaluate
+from baft_core.metrics import evaluate, with_subject_probes
 
 from . import crud
 from .db import make_engine, make_sessionmaker, migrate
@@ -177,5 +177,5 @@ class Runtime:
         edit = EditRequest.from_dict(request)
         with self._measure_lock:
             self.reader.load_state(checkpoint.interventions, checkpoint.history)
-            [row] = evaluate(self.reader, [edit])
+            [row] = evaluate(self.reader, with_subject_probes(self.reader, [edit]))
         return version.id, row

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from baft_core import EditRequest
+from baft_core.subject_probes import SUBJECT_PROBE_GROUP
 
 MAX_TEXT = 1000  # characters of a subject, relation, object or probe
 MAX_PROMPT = 8000  # characters of a generation prompt (the token limit is checked too)
@@ -48,7 +49,12 @@ class EditIn(BaseModel):
     relation: Text = Field(description='A template with {subject}, or a phrase that follows the subject ("was born in")')
     object: Text
     rephrases: list[Text] = Field(default_factory=list, max_length=16)
-    locality: list[ProbeIn] = Field(default_factory=list, max_length=16)
+    locality: list[ProbeIn] = Field(
+        default_factory=list,
+        max_length=16,
+        description="prompts whose answers must not change: the edit's gates learn to stay closed on them "
+        "(beside the service's own questions about the subject), and they are measured",
+    )
     portability: list[ProbeIn] = Field(default_factory=list, max_length=16)
     mode: Mode = "continual"
 
@@ -143,7 +149,12 @@ class MetricsOut(BaseModel):
     measured: Literal["at_apply", "remeasured"]
     reliability: float | None
     generality: float | None
-    locality: float | None
+    locality: float | None = Field(description="the request's locality probes and the subject probes together")
+    subject_locality: float | None = Field(
+        None,
+        description="other relations of the edit's subject that the service asked the model about "
+        "(its built-in list): the share of answer tokens unchanged from the unedited model",
+    )
     portability: float | None
     reliability_em: float | None = Field(description="greedy generation reproduces the object")
     generality_em: float | None
@@ -165,6 +176,7 @@ class MetricsOut(BaseModel):
             reliability=values.get("rel"),
             generality=values.get("gen"),
             locality=values.get("loc"),
+            subject_locality=values.get(f"loc/{SUBJECT_PROBE_GROUP}"),
             portability=values.get("por"),
             reliability_em=values.get("rel_em"),
             generality_em=values.get("gen_em"),

@@ -15,7 +15,7 @@ import redis
 
 from baft_core import EditRequest
 from baft_core.checkpoint import Checkpoint, CheckpointError
-from baft_core.metrics import evaluate, locality_baseline
+from baft_core.metrics import evaluate, locality_baseline, with_subject_probes
 
 from . import crud
 from .models import Edit, utcnow
@@ -178,12 +178,13 @@ class Worker:
         self._fail(bad)
         if not good:
             return
-        baseline = locality_baseline(trainer, requests) if settings.evaluate_on_apply else None
+        measured = with_subject_probes(trainer, requests) if settings.evaluate_on_apply else requests
+        baseline = locality_baseline(trainer, measured) if settings.evaluate_on_apply else None
         result = trainer.edit_batch(requests) if batched else trainer.edit(requests[0])
         metrics: list[dict | None] = [None] * len(requests)
         if settings.evaluate_on_apply:
             try:
-                metrics = evaluate(trainer, requests, baseline)
+                metrics = evaluate(trainer, measured, baseline)
             except ValueError as err:  # a probe too long for the context: keep the edit, say why
                 metrics = [{"error": str(err)}] * len(requests)
         sha256, path = self.rt.store.save(trainer)

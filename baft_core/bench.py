@@ -136,13 +136,16 @@ def run(args: argparse.Namespace) -> dict:
     baseline = metrics.locality_baseline(editor, edits)
     editor.prepare()  # what the first edit would compute once, outside the per-edit timings
 
+    # The editor sees what a user of the service sends (prompt, target, subject); the dataset's
+    # rephrases and probes are only for measuring.
+    requests = [EditRequest(r.prompt, r.target, r.subject) for r in edits]
     rows: list[dict] = [{} for _ in edits]
     curve: list[dict] = []
     progress = tqdm(total=len(edits), desc=f"{args.method} {args.mode}", unit="edit", file=sys.stderr)
     if args.mode == "single":
         for i, request in enumerate(edits):
             editor.reset()
-            result = editor.edit(request)
+            result = editor.edit(requests[i])
             rows[i] = {"result": result, "metrics": metrics.evaluate(editor, [request], [baseline[i]])[0]}
             progress.update(1)
     else:
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
         marks = set(checkpoints(len(edits)))
         done = 0
         while done < len(edits):
-            group = edits[done : done + size]
+            group = requests[done : done + size]
             result = editor.edit(group[0]) if size == 1 else editor.edit_batch(group)
             for j in range(len(group)):
                 rows[done + j] = {"result": result, "batch": done // size}

@@ -10,10 +10,12 @@ from typing import Any, Callable
 
 @dataclass
 class Probe:
-    """A prompt and the answer expected after it (locality: the unedited model's answer)."""
+    """A prompt and the answer expected after it (locality: the unedited model's answer), and the
+    benchmark's group it belongs to (KnowEdit's Relation_Specificity, Subject_Aliasing, ...)."""
 
     prompt: str
     answer: str
+    group: str | None = None
 
 
 @dataclass
@@ -98,11 +100,11 @@ def _counterfact(record: dict) -> EditRequest:
 def _knowedit(record: dict) -> EditRequest:
     def probes(groups: dict | None) -> list[Probe]:
         out = []
-        for items in (groups or {}).values():
+        for group, items in (groups or {}).items():
             for item in items:
                 answer = _first_answer(item.get("ground_truth"))
                 if item.get("prompt") and answer:
-                    out.append(Probe(item["prompt"], answer))
+                    out.append(Probe(item["prompt"], answer, group))
         return out
 
     rephrase = record.get("rephrase") or record.get("rephrase_prompt")

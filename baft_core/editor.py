@@ -26,6 +26,7 @@ from .intervention import statistics
 from .objective import continuation_drift, load_balance, locality_margin, target_cross_entropy
 from .prefix_cache import CachedBatch, SharedPrefixes, layer_output
 from .routing import Router, routable, subject_token
+from .subject_probes import probe_prompts
 from .unrelated import default_unrelated_prompts
 
 
@@ -166,7 +167,9 @@ class Editor:
         windowed = cfg.answer_window and working.router.enabled
         if windowed:
             working.router.widen_window(max(len(e.answer) for e in new))
-        result = self._train(working, new, replayed, max_steps, gated, acts_after_answer=not (sealing and windowed))
+        result = self._train(
+            working, new, replayed, max_steps, gated, acts_after_answer=not (sealing and windowed), requests=requests
+        )
         if keys is not None:
             self._add_route_keys(working, keys, owners + len(self.history))
         if sealing:
@@ -176,6 +179,14 @@ class Editor:
             self.history.extend(requests)
         result.seconds = time.perf_counter() - start
         return result
+
+    def keep_prompts(self, request: EditRequest) -> list[str]:
+        """The prompts the request's block must leave as they are: other relations of its subject
+        (`subject_probes.py`) and the request's own `locality` prompts; those that do not fit the
+        model's context are left out."""
+        prompts = probe_prompts(request.prompt, request.subject, self.config.subject_probes)
+        prompts += [p.prompt for p in request.locality]
+        return [p for p in prompts if len(encode_prompt(self.tokenizer, p)) < self.context]
 
     def _block_history(self) -> list[EditRequest]:
         """The edits the trainable block holds: the latest `edit_count` (sealing resets it)."""
@@ -305,11 +316,13 @@ class Editor:
         max_steps: int,
         gated: bool = True,
         acts_after_answer: bool = True,
+        requests: list[EditRequest] | None = None,
     ) -> EditResult:
         """Trains the new edits (and replayed ones) into the trainable block, with its gates
         (BaFT's objective) or with every gate fixed at 1 (gated=False, or ReFT).
         `acts_after_answer`: whether the block will act on what follows the answer (False for a
-        block sealed within its answer's window)."""
+        block sealed within its answer's window). `requests`: the new edits, whose prompts about
+        the same subject (`keep_prompts`) the gates learn to stay closed on."""
         cfg = self.config
         gated = gated and cfg.method == "baft"
         features = None
@@ -321,16 +334,9 @@ class Editor:
                     interventions[layer].calibrate(*by_layer[layer])
                 if routes is not None:
                     interventions.router.calibrate(*routes)
-        unrelated = None
+        unrelated = opened = None
         if gated and features is not None:
-            # Sealed blocks' edits are negatives too: the new block must not fire on them.
-            sealed_edits = self.sealed_edit_features()
-            # The gate inputs of these states are fixed: normalise them once, not per step.
-            with torch.no_grad():
-                unrelated = {
-                    l: interventions[l].gate_inputs(torch.cat([features[l], sealed_edits[l]]))
-                    for l in interventions.layers
-                }
+            unrelated, opened = self._gate_examples(interventions, features, requests or [])
         blocks = list(interventions.by_layer.values())
         for intervention in blocks:
             intervention.gated = intervention.gated and gated
@@ -339,11 +345,38 @@ class Editor:
             # model says there as it was (gated blocks close their gates there instead).
             continuation = not gated and acts_after_answer and cfg.continuation_weight > 0
             return self._fit(
-                interventions, new, replayed, max_steps, gated=gated, unrelated=unrelated, continuation=continuation
+                interventions, new, replayed, max_steps, gated=gated, unrelated=unrelated, continuation=continuation,
+                opened=opened,
             )
         finally:
             for intervention in blocks:
                 intervention.gated = cfg.method == "baft"
+
+    @torch.no_grad()
+    def _gate_examples(
+        self, interventions: InterventionSet, features: dict[int, torch.Tensor], requests: list[EditRequest]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+        """What the gates learn besides the edit's own positions, as gate inputs by layer: where
+        to stay closed, and where else to open (None: nowhere else).
+
+        A block that routing opens only on its subject's prompts (sealed with gates) must tell
+        the subject's relations apart: it stays closed on other relations of the same subject
+        (`keep_prompts`) and opens on its prompt after each route context, since paraphrases
+        say something before the subject. Other blocks (no routing, or no same-subject
+        prompts) stay closed on the unrelated prompts and on the edits of sealed blocks."""
+        layers = interventions.layers
+        probes = [p for r in requests for p in self.keep_prompts(r)]
+        routed = interventions.router.enabled and interventions.sealed_gates
+        if routed and probes:
+            contexts = [f"{c} {r.prompt}" for r in requests for c in self.config.route_contexts]
+            states = self._prompt_states(probes + contexts)  # one pass for both
+
+            def inputs(part: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+                return {l: interventions[l].gate_inputs(torch.cat([s[l] for s in part])) for l in layers}
+
+            return inputs(states[: len(probes)]), inputs(states[len(probes) :]) if contexts else None
+        sealed_edits = self.sealed_edit_features()
+        return {l: interventions[l].gate_inputs(torch.cat([features[l], sealed_edits[l]])) for l in layers}, None
 
     def _fit(
         self,
@@ -355,10 +388,12 @@ class Editor:
         gated: bool,
         unrelated: dict[int, torch.Tensor] | None,
         continuation: bool,
+        opened: dict[int, torch.Tensor] | None = None,
     ) -> EditResult:
         """The optimisation itself (see `_train`); `unrelated`: the gate inputs the gates must stay
-        closed on, None for no locality margins; `continuation`: train the distribution after the
-        answer to stay the unedited model's (`objective.continuation_drift`)."""
+        closed on, None for no locality margins; `opened`: gate inputs they must open on beside
+        the edits' own positions; `continuation`: train the distribution after the answer to stay
+        the unedited model's (`objective.continuation_drift`)."""
         cfg = self.config
         keep_after = cfg.continuation_tokens if continuation else None
         with self.lock, torch.no_grad():
@@ -397,7 +432,10 @@ class Editor:
                     if unrelated is not None:
                         logits = interventions[layer].gate_logits(hidden)
                         closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
-                        margin = margin + locality_margin(logits[on_edit], closed, cfg.alpha, cfg.beta, cfg.gamma)
+                        edit_logits = logits[on_edit]
+                        if opened is not None:
+                            edit_logits = torch.cat([edit_logits, interventions[layer].gate(opened[layer])])
+                        margin = margin + locality_margin(edit_logits, closed, cfg.alpha, cfg.beta, cfg.gamma)
                 balance = load_balance(
                     torch.stack(usage), interventions.usage_sum, int(interventions.edit_count)
                 )
@@ -421,7 +459,7 @@ class Editor:
         for intervention in interventions.by_layer.values():
             intervention.gate_follows_edit = True
         if unrelated is not None and cfg.gate_polish_steps:
-            parts["margin_polished"] = self._polish_gates(interventions, record, on_edit, unrelated)
+            parts["margin_polished"] = self._polish_gates(interventions, record, on_edit, unrelated, opened)
         if gated and cfg.block_edits and interventions.sealed_gates:
             record, extra, parts["ce_sealed"] = self._fit_under_cutoff(interventions, batch, optimizer, max_steps)
             steps += extra
@@ -463,7 +501,7 @@ class Editor:
                 intervention.gate_follows_edit = True
         raise AssertionError("unreachable: the loop returns on its last iteration")
 
-    def _polish_gates(self, interventions, record, on_edit, unrelated) -> float:
+    def _polish_gates(self, interventions, record, on_edit, unrelated, opened) -> float:
         """Meets the locality margins on the gates alone, from the hidden states of the last
         training forward: no model forward is needed, so a step costs a few small matrix
         products. The gates on the edit are held where training left them."""
@@ -481,7 +519,10 @@ class Editor:
             for l in layers:
                 logits = interventions[l].gate(inputs[l])
                 closed = torch.cat([interventions[l].gate(unrelated[l]), logits[~on_edit]])
-                margin = margin + locality_margin(logits[on_edit], closed, cfg.alpha, cfg.beta, cfg.gamma)
+                edit_logits = logits[on_edit]
+                if opened is not None:
+                    edit_logits = torch.cat([edit_logits, interventions[l].gate(opened[l])])
+                margin = margin + locality_margin(edit_logits, closed, cfg.alpha, cfg.beta, cfg.gamma)
                 drift = drift + (logits[on_edit] - anchor[l]).pow(2).mean()
             if margin.item() / len(layers) <= cfg.polish_tolerance:
                 break
@@ -620,6 +661,12 @@ class Editor:
         per_example = self._hidden_states(examples)
         self._unrelated_features = {l: torch.cat([f[l] for f in per_example]) for l in self.layers}
         return self._unrelated_features
+
+    def _prompt_states(self, prompts: list[str]) -> list[dict[int, torch.Tensor]]:
+        """Per prompt, the unedited states [positions, d] at each edited layer at its last P
+        positions (where a block acts on a prompt)."""
+        # One answer token: teacher forcing feeds none of it, so only prompt positions are read.
+        return self._hidden_states([Example(encode_prompt(self.tokenizer, p), [self.pad_id]) for p in prompts])
 
     @torch.no_grad()
     def _hidden_states(self, examples: list[Example]) -> list[dict[int, torch.Tensor]]:

@@ -7,14 +7,16 @@ answer tokens exactly. rep: the answer comes again in the greedy continuation of
 (REPEAT_WINDOW tokens after it), a failure teacher-forced scores cannot see."""
 from __future__ import annotations
 
+from dataclasses import replace
 from statistics import mean
 
 import torch
 
-from .data import EditRequest
+from .data import EditRequest, Probe
 from .encoding import Example, TeacherForced, encode_prompt, teacher_forced
 from .generation import generate
 from .routing import Routes, answer_offsets
+from .subject_probes import SUBJECT_PROBE_GROUP
 
 BATCH = 32
 REPEAT_WINDOW = 16
@@ -86,6 +88,24 @@ def _greedy_answers(editor, examples: list[Example], extra: int = 0) -> list[tup
     return out
 
 
+def with_subject_probes(editor, requests: list[EditRequest], tokens: int = 4) -> list[EditRequest]:
+    """The requests with the editor's own same-subject probes added to their locality (group
+    `SUBJECT_PROBE_GROUP`), each answered by the unedited model's greedy decoding (`tokens`
+    tokens): what else about the subject an edit may not change, measured like any probe."""
+    prompts = [[p for p in editor.keep_prompts(r) if p not in {q.prompt for q in r.locality}] for r in requests]
+    flat = [encode_prompt(editor.tokenizer, p) for per in prompts for p in per]
+    answers = iter(generate(editor.model, editor.tokenizer, flat, tokens, lock=editor.lock) if flat else [])
+    out = []
+    for request, per in zip(requests, prompts):
+        probes = []
+        for prompt in per:
+            answer = editor.tokenizer.decode(next(answers), skip_special_tokens=True).strip()
+            if answer:  # an answer of only EOS or blanks has no tokens to compare
+                probes.append(Probe(prompt, answer, SUBJECT_PROBE_GROUP))
+        out.append(replace(request, locality=[*request.locality, *probes]))
+    return out
+
+
 def locality_baseline(editor, requests: list[EditRequest]) -> list[list[list[int]]]:
     """Unedited argmax on every locality probe, per request: compute once, before editing."""
     examples = [editor.encode(p.prompt, p.answer) for r in requests for p in r.locality]
@@ -107,38 +127,60 @@ def evaluate(
         "por": [[editor.encode(p.prompt, p.answer) for p in r.portability] for r in requests],
     }
 
-    def per_request(groups: list[list[Example]], score) -> list[float | None]:
+    def scored(groups: list[list[Example]], score) -> list[list[float]]:
         flat = [e for g in groups for e in g]
         values = iter(score(flat) if flat else [])
-        return [mean(next(values) for _ in g) if g else None for g in groups]
+        return [[next(values) for _ in g] for g in groups]
+
+    def per_request(scores: list[list[float]]) -> list[float | None]:
+        return [mean(s) if s else None for s in scores]
 
     def locality(examples: list[Example]) -> list[float]:
         after = answer_argmax(editor, examples)
         before = [b for per in baseline for b in per]
         return [mean(float(x == y) for x, y in zip(a, b)) for a, b in zip(after, before)]
 
+    def by_group(name: str, probes: list[list[Probe]], scores: list[list[float]]) -> dict[str, list[float | None]]:
+        """`name/GROUP` columns: each request's mean over its probes of that group."""
+        groups = sorted({p.group for per in probes for p in per if p.group})
+        return {
+            f"{name}/{group}": [
+                mean(s for p, s in zip(per, row) if p.group == group) if any(p.group == group for p in per) else None
+                for per, row in zip(probes, scores)
+            ]
+            for group in groups
+        }
+
+    accuracy = lambda ex: token_accuracy(editor, ex)  # noqa: E731
+    loc_scores, por_scores = scored(kinds["loc"], locality), scored(kinds["por"], accuracy)
     # One greedy decode of each edit prompt (one per request) serves both rel_em and rep.
     prompts = [group[0] for group in kinds["rel"]]
     decoded = _greedy_answers(editor, prompts, REPEAT_WINDOW) if prompts else []
     columns = {
-        "rel": per_request(kinds["rel"], lambda ex: token_accuracy(editor, ex)),
-        "gen": per_request(kinds["gen"], lambda ex: token_accuracy(editor, ex)),
-        "loc": per_request(kinds["loc"], locality),
-        "por": per_request(kinds["por"], lambda ex: token_accuracy(editor, ex)),
+        "rel": per_request(scored(kinds["rel"], accuracy)),
+        "gen": per_request(scored(kinds["gen"], accuracy)),
+        "loc": per_request(loc_scores),
+        "por": per_request(por_scores),
         "rel_em": [match for match, _ in decoded],
-        "gen_em": per_request(kinds["gen"], lambda ex: generation_match(editor, ex)),
+        "gen_em": per_request(scored(kinds["gen"], lambda ex: generation_match(editor, ex))),
         "rep": [answer_repeated(editor, e, after) for e, (_, after) in zip(prompts, decoded)],
+        **by_group("loc", [r.locality for r in requests], loc_scores),
+        **by_group("por", [r.portability for r in requests], por_scores),
     }
     return [{name: values[i] for name, values in columns.items()} for i in range(len(requests))]
 
 
 def summarize(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
     """Mean of each metric over the requests that have it (None where none has)."""
-    names = rows[0].keys() if rows else []
+    names = list(dict.fromkeys(name for row in rows for name in row))
     out = {}
     for name in names:
-        values = [r[name] for r in rows if r[name] is not None]
+        values = [r[name] for r in rows if r.get(name) is not None]
         out[name] = mean(values) if values else None
+    # KnowEdit's summary figure of a grouped metric: the mean of its groups' means.
+    for metric in dict.fromkeys(name.split("/")[0] for name in names if "/" in name):
+        groups = [v for name, v in out.items() if name.startswith(metric + "/") and v is not None]
+        out[f"{metric}_groups_mean"] = mean(groups) if groups else None
     return out
 
 

@@ -106,7 +106,7 @@ def test_a_routed_block_is_trained_as_it_acts(tiny_sharp):
     sealed on the prompts routed to it: no gate terms, and the edit's loss is unchanged."""
     from test_core_editor import first_loss
 
-    ed = make_editor(tiny_sharp, block_edits=1, max_steps=80, stop_loss=0.1)
+    ed = make_editor(tiny_sharp, block_edits=1, sealed_gates=False, max_steps=80, stop_loss=0.1)
     try:
         result = ed.edit(EDITS[0])
         assert ed.interventions.sealed_blocks == 1 and not ed.interventions.sealed_gates

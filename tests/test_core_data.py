@@ -51,7 +51,7 @@ def test_knowedit(path):
     first = edits[0]
     raw = raws[0]
     if path == RECENT:
-        assert first.locality[0] == Probe(raw["locality"]["Relation_Specificity"][0]["prompt"], "Cēsis")
+        assert first.locality[0] == Probe(raw["locality"]["Relation_Specificity"][0]["prompt"], "Cēsis", "Relation_Specificity")
     assert sum(len(e.locality) for e in edits) > 0
 
 

@@ -55,3 +55,24 @@ def test_unrelated_prompts_unchanged(edited):
     editor, before, _ = edited
     after = editor.generate(UNRELATED, 8)
     assert after == before[2:], (before[2:], after)
+
+
+SUBJECT = "Danielle Darrieux"
+# Other facts of the same subject, worded unlike the built-in probes the gates learn from.
+SAME_SUBJECT = [f"The profession of {SUBJECT} is", f"{SUBJECT} is a citizen of"]
+
+
+def test_gates_keep_the_subjects_other_facts(bundled):
+    """With gates behind the route (`sealed_gates`), an edit of one relation leaves the subject's
+    other relations as they were: its block's gates close on them (a block at full weight sent
+    every question about the subject through the edit: " Japanese language and culture", " the
+    Commonwealth of Australia")."""
+    torch.manual_seed(0)
+    editor = Editor(bundled.model, bundled.tokenizer, EditConfig(max_steps=25, sealed_gates=True))
+    try:
+        before = editor.generate(SAME_SUBJECT, 8, edited=False)
+        editor.edit(EditRequest.from_triple(SUBJECT, "The mother tongue of {subject} is", "Japanese"))
+        assert editor.generate([f"The mother tongue of {SUBJECT} is"], 4)[0].strip().startswith("Japanese")
+        assert editor.generate(SAME_SUBJECT, 8) == before
+    finally:
+        editor.attachment.detach()

@@ -29,6 +29,8 @@ def _story(client: Client) -> None:
     assert edit["status"] == "applied", edit
     metrics = client.metrics(edit["id"])
     assert metrics["reliability"] == 1.0 and metrics["reliability_em"] == 1.0, metrics
+    # The service asked the model about the subject's other relations and measured them.
+    assert 0.0 <= metrics["subject_locality"] <= 1.0, metrics
 
     after = client.generate(PROMPT, max_new_tokens=6)
     assert after["version"] == edit["version"]

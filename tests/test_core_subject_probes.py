@@ -1,0 +1,98 @@
+"""Same-subject probes: the prompts an edit's gates learn to stay closed on, and how they are
+measured."""
+from __future__ import annotations
+
+import torch
+from test_core_editor import UNRELATED, make_editor
+
+from baft_core import EditRequest
+from baft_core.data import Probe
+from baft_core.metrics import evaluate, summarize, with_subject_probes
+from baft_core.subject_probes import RELATIONS, SUBJECT_PROBE_GROUP, probe_prompts
+
+EDIT = EditRequest("The mother tongue of Danielle Darrieux is", "Japanese", subject="Danielle Darrieux")
+
+
+def test_probes_ask_other_relations_of_the_subject():
+    prompts = probe_prompts(EDIT.prompt, EDIT.subject, 100)
+    assert prompts and all("Danielle Darrieux" in p for p in prompts)
+    # The edited relation (a language) is no probe: there the new answer is wanted.
+    assert not any("language" in p for p in prompts)
+    assert "The gender of Danielle Darrieux is" in prompts
+    assert len(prompts) == len(set(prompts)) < len(RELATIONS)
+    assert probe_prompts(EDIT.prompt, EDIT.subject, 3) == prompts[:3]
+
+
+def test_no_probes_without_a_subject_in_the_prompt():
+    assert probe_prompts(EDIT.prompt, None, 10) == []
+    assert probe_prompts(EDIT.prompt, "  ", 10) == []
+    assert probe_prompts(EDIT.prompt, "Someone Else", 10) == []
+    assert probe_prompts(EDIT.prompt, EDIT.subject, 0) == []
+
+
+def test_markers_match_at_word_starts():
+    # "person" holds "son" but is no question about a child.
+    prompts = probe_prompts("The favourite person of Ada Lovelace is", "Ada Lovelace", 100)
+    assert "A child of Ada Lovelace is" in prompts
+    assert "A child of Ada Lovelace is" not in probe_prompts("The son of Ada Lovelace is", "Ada Lovelace", 100)
+
+
+def test_keep_prompts_add_the_requests_own_locality(tiny_sharp):
+    ed = make_editor(tiny_sharp, subject_probes=4)
+    try:
+        request = EditRequest(EDIT.prompt, EDIT.target, EDIT.subject, locality=[Probe("Danielle Darrieux sang", "x")])
+        kept = ed.keep_prompts(request)
+        assert kept == probe_prompts(EDIT.prompt, EDIT.subject, 4) + ["Danielle Darrieux sang"]
+    finally:
+        ed.attachment.detach()
+
+
+def gate_weights(ed, prompt: str) -> float:
+    """The sealed block's largest gate weight at the prompt's intervened positions, averaged over
+    them (before the cutoff)."""
+    states = ed._prompt_states([prompt])[0]
+    block = ed.interventions[ed.layers[0]]
+    sealed = ed.interventions.sealed[str(ed.layers[0])]
+    inputs = block.gate_inputs(states[ed.layers[0]])
+    return torch.sigmoid(inputs @ sealed.gate_weight.T + sealed.gate_bias).amax(1).mean().item()
+
+
+def test_a_routed_blocks_gates_close_on_its_subjects_other_relations(tiny_sharp):
+    """Sealed with gates behind the route, a block learns to stay closed on the probes of its
+    subject and on the request's locality prompts, and to open on its own prompt."""
+    keep = "Danielle Darrieux sang the song"
+    ed = make_editor(tiny_sharp, block_edits=1, sealed_gates=True, subject_probes=6, route_threshold=0.5, max_steps=40, gate_polish_steps=300)
+    try:
+        ed.edit(EditRequest(EDIT.prompt, EDIT.target, EDIT.subject, locality=[Probe(keep, "x")]))
+        assert ed.interventions.sealed_blocks == 1 and ed.interventions.sealed_gates
+        opened = gate_weights(ed, EDIT.prompt)
+        for prompt in [*probe_prompts(EDIT.prompt, EDIT.subject, 6), keep]:
+            assert gate_weights(ed, prompt) < opened / 2, prompt
+        assert opened > ed.config.sealed_cutoff
+    finally:
+        ed.attachment.detach()
+
+
+def test_subject_probes_are_measured_as_their_own_group(tiny_sharp):
+    ed = make_editor(tiny_sharp, subject_probes=3)
+    try:
+        request = EditRequest(EDIT.prompt, EDIT.target, EDIT.subject, locality=[Probe(UNRELATED[0], "Paris")])
+        [measured] = with_subject_probes(ed, [request])
+        groups = [p.group for p in measured.locality]
+        assert groups[0] is None and groups.count(SUBJECT_PROBE_GROUP) == len(measured.locality) - 1 > 0
+        [row] = evaluate(ed, [measured])  # nothing edited yet: every probe keeps its answer
+        assert row[f"loc/{SUBJECT_PROBE_GROUP}"] == 1.0 and row["loc"] == 1.0
+    finally:
+        ed.attachment.detach()
+
+
+def test_grouped_metrics_are_summarised_per_group_and_as_the_mean_of_groups():
+    rows = [
+        {"loc": 0.5, "loc/A": 1.0, "loc/B": 0.0},
+        {"loc": 1.0, "loc/A": 1.0, "loc/B": None},
+        {"loc": 0.0, "loc/B": 0.0},
+    ]
+    summary = summarize(rows)
+    assert summary["loc/A"] == 1.0 and summary["loc/B"] == 0.0
+    assert summary["loc_groups_mean"] == 0.5
+    assert summary["loc"] == 0.5
