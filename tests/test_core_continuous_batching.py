@@ -56,7 +56,8 @@ def versions(tiny):
 def alone(editor, ids: list[int], adapter, n: int, **sampling) -> list[int]:
     eos = {editor.tokenizer.eos_token_id}
     out = []
-    for step in stream(editor.model, [ids], n, editor.attachment, P, editor.pad_id, eos, interventions=adapter, **sampling):
+    positions = editor.config.prompt_positions
+    for step in stream(editor.model, [ids], n, editor.attachment, positions, editor.pad_id, eos, interventions=adapter, **sampling):
         out.append(int(step[0]))
         if out[-1] in eos:
             break
@@ -136,3 +137,34 @@ def test_cancelled_rows_leave_and_the_rest_go_on(versions):
         batch.step()
     assert rows[0].tokens == alone(editor, ids[0], adapters[1], 10)
     assert rows[2].tokens == alone(editor, ids[2], adapters[1], 10)
+
+
+@pytest.mark.integration
+def test_bundled_model_batched_greedy_equals_one_by_one_per_version(bundled):
+    """On the real SmolLM2 with a real edit: rows of the unedited and the edited version, joining
+    at different steps, decode what each decodes alone."""
+    from baft_core import EditRequest
+
+    torch.manual_seed(0)
+    editor = Editor(bundled.model, bundled.tokenizer, EditConfig(max_steps=25))
+    try:
+        before = editor.interventions
+        prompt = "What is the product made by UniFirst?"
+        editor.edit(EditRequest(prompt, "unmanned aircraft", subject="UniFirst"))
+        after = editor.interventions
+        prompts = [prompt, "The tallest mountain in the world is", "Shakespeare wrote the play",
+                   "What will be the product of UniFirst?", "The capital of France is", "Hi"]
+        plan = [(encode_prompt(bundled.tokenizer, p), v, 6 + 2 * i) for i, p in enumerate(prompts) for v in (before, after)]
+        expected = [alone(editor, ids, v, n) for ids, v, n in plan]
+        assert expected[0] != expected[1]  # the edit shows
+        eos = frozenset({bundled.tokenizer.eos_token_id})
+        rows = [Row(ids, n, v, eos_ids=eos) for ids, v, n in plan]
+        batch = ContinuousBatch(editor.model, editor.attachment, editor.config.prompt_positions, editor.pad_id)
+        for start in range(0, len(rows), 3):
+            batch.join(rows[start : start + 3])
+            batch.step()
+        while len(batch):
+            batch.step()
+        assert [r.tokens for r in rows] == expected
+    finally:
+        editor.attachment.detach()
