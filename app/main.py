@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from baft_core.checkpoint import CheckpointError
 
 from .api.routes import edits, generate, health, versions
+from .api.routes import openai as openai_routes
 from .runtime import NotFound
 from .service import Service
 from .settings import Settings, get_settings
@@ -84,4 +85,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     for module in (health, edits, generate, versions):
         app.include_router(module.router)
+    app.include_router(openai_routes.router)
     return app
