@@ -2,13 +2,14 @@
 token, reusing the KV cache so that each step runs only the new token."""
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch.nn import functional as F
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attach import Attachment, InterventionSet, RowGroup, final_logits
 from .encoding import left_padded, pad_token_id, positions_from_mask
@@ -136,6 +137,59 @@ class Row:
         return self.finish_reason is not None or self.cancelled
 
 
+# Attention for rows of a continuous batch: each row attends over its own tokens only, laid out
+# as they are when it decodes alone. Over the left-padded batch, SDPA's blocked reduction sees
+# the row's keys shifted by the padding; in bf16 that moved logits by an ulp, enough to flip a
+# greedy near-tie (measured: the tiny test model, 13th token). The linear layers need nothing:
+# their rows do not depend on the batch (checked bitwise for 1 to 16 rows).
+ROW_ATTENTION = "baft_rows"
+
+
+def _row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, row_groups=(), **_):
+    """query [batch, heads, q, d], key and value [batch, kv heads, width, d] (left-padded): rows
+    of equal length n together, each over its last n positions, causal where q > 1, as SDPA
+    computes a lone row without a mask. Padding positions get zeros."""
+    batch, heads, q_len, dim = query.shape
+    width = key.shape[2]
+    out = query.new_zeros(batch, q_len, heads, dim)
+    for n, rows in row_groups:
+        q = query[rows, :, q_len - min(n, q_len) :]
+        attended, _ = sdpa_attention_forward(module, q, key[rows, :, width - n :], value[rows, :, width - n :], None,
+                                             dropout=0.0, scaling=scaling)
+        out[rows, q_len - q.shape[2] :] = attended
+    return out, None
+
+
+AttentionInterface.register(ROW_ATTENTION, _row_attention)
+
+
+@contextmanager
+def _rows_alone(model) -> Iterator[bool]:
+    """The model's attention switched to `_row_attention` (for an SDPA model; others keep their
+    own, over the padded batch). Inside the model lock: no other forward sees the switch."""
+    config = model.config
+    previous = config._attn_implementation
+    if previous != "sdpa":
+        yield False
+        return
+    config._attn_implementation = ROW_ATTENTION
+    try:
+        yield True
+    finally:
+        config._attn_implementation = previous
+
+
+def _row_groups(lengths: list[int]) -> list[tuple[int, slice]]:
+    """Runs of neighbouring rows of one length, as slices: views of the batch, not copies."""
+    groups: list[tuple[int, slice]] = []
+    start = 0
+    for row in range(1, len(lengths) + 1):
+        if row == len(lengths) or lengths[row] != lengths[start]:
+            groups.append((lengths[start], slice(start, row)))
+            start = row
+    return groups
+
+
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if not missing:
@@ -148,9 +202,9 @@ class ContinuousBatch:
     """Rows that decode together (continuous batching): new rows join at a step boundary (their
     prompts are prefilled together, their KV cache left-padded into the running one), each step
     feeds every row its last token, and finished rows leave. Each row keeps its own adapter,
-    routes, answer offsets and sampling, so a row's tokens are those `stream` gives it alone (up
-    to floating-point summation order, which greedy decoding does not see in practice: the tests
-    hold it token for token). `lock` is held around each forward.
+    routes, answer offsets and sampling, and attends over its own tokens as if alone
+    (`_row_attention`), so its tokens are those `stream` gives it alone, bit for bit in fp32 and
+    bf16 (the tests hold it token for token). `lock` is held around each forward.
 
     Full-attention caches only: a sliding-window layer's cache cannot be left-padded into another
     (`batchable`)."""
@@ -192,13 +246,14 @@ class ContinuousBatch:
         mask = attention.bool() & (torch.arange(width, device=self.device) >= width - self.positions)
         routes = [Routes(prompt=attention[[i]].bool(), offsets=torch.zeros_like(attention[[i]])) for i in range(len(rows))]
         cache = DynamicCache(config=self.model.config)
-        with self.lock, self._intervene(rows, mask, routes) as routes_of:
+        with self.lock, self._intervene(rows, mask, routes) as routes_of, _rows_alone(self.model):
             hidden = self.model.base_model(
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions_from_mask(attention),
                 cache=cache,
                 use_cache=True,
+                row_groups=_row_groups([len(r.prompt) for r in rows]),
             ).last_hidden_state
             logits = final_logits(self.model, hidden[:, -1])
         for row, group_routes in zip(rows, routes_of):
@@ -218,19 +273,21 @@ class ContinuousBatch:
         input_ids = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
         position_ids = self._attention.sum(-1, keepdim=True)  # real tokens so far: the next position
         self._attention = torch.cat([self._attention, torch.ones_like(input_ids)], dim=-1)
+        lengths = [len(row.prompt) + len(row.tokens) for row in rows]  # with the token fed now
         mask = torch.ones_like(input_ids, dtype=torch.bool)
         routes = [
             Routes(open=None if row.blocks_open is None else row.blocks_open.unsqueeze(0),
                    offsets=torch.full((1, 1), len(row.tokens), device=self.device))
             for row in rows
         ]
-        with self.lock, self._intervene(rows, mask, routes):
+        with self.lock, self._intervene(rows, mask, routes), _rows_alone(self.model):
             hidden = self.model.base_model(
                 input_ids=input_ids,
                 attention_mask=self._attention,
                 position_ids=position_ids,
                 cache=self._cache,
                 use_cache=True,
+                row_groups=_row_groups(lengths),
             ).last_hidden_state
             logits = final_logits(self.model, hidden[:, -1])
         self._sample(rows, logits)

@@ -168,3 +168,29 @@ def test_bundled_model_batched_greedy_equals_one_by_one_per_version(bundled):
         assert [r.tokens for r in rows] == expected
     finally:
         editor.attachment.detach()
+
+
+def test_bf16_rows_decode_as_alone(tiny_sharp_dir):
+    """In bf16 a row's attention over a left-padded batch differed from its attention alone by
+    an ulp, enough to flip greedy near-ties (ContinuousBatch attends row by row instead)."""
+    from baft_core import load_model
+
+    loaded = load_model(str(tiny_sharp_dir), device="cpu", dtype="bfloat16")
+    torch.manual_seed(0)
+    editor = Editor(loaded.model, loaded.tokenizer, EditConfig(layers=[1, 2], rank=4, prompt_positions=P), [])
+    try:
+        other = editor.interventions.fork()
+        perturb(other, seed=7)
+        adapters = [editor.interventions, other]
+        plan = [(encode_prompt(loaded.tokenizer, p), adapters[i % 2], 20) for i, p in enumerate(MORE_PROMPTS * 2)]
+        expected = [alone(editor, ids, a, n) for ids, a, n in plan]
+        rows = [Row(ids, n, a) for ids, a, n in plan]
+        batch = ContinuousBatch(editor.model, editor.attachment, P, editor.pad_id)
+        for row in rows:  # one joins at every step: every row sits behind different padding
+            batch.join([row])
+            batch.step()
+        while len(batch):
+            batch.step()
+        assert [r.tokens for r in rows] == expected
+    finally:
+        editor.attachment.detach()
