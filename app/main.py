@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import redis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
@@ -86,4 +88,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, edits, generate, versions):
         app.include_router(module.router)
     app.include_router(openai_routes.router)
+    # The console: static files that call the API above from the browser (no build step).
+    app.mount("/console", StaticFiles(directory=Path(__file__).parent / "console", html=True), name="console")
     return app
