@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from jinja2 import TemplateError
 from sqlalchemy.orm import Session
 
 from baft_core import EditConfig, EditRequest, Editor, load_model
@@ -130,8 +131,14 @@ class Runtime:
         tokenizer = self.reader.tokenizer
         if not tokenizer.chat_template:
             raise ValueError(f"model {self.model_name} has no chat template: use completions")
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # the template's own checks (e.g. the order of roles)
+            raise ValueError(f"the chat template refused these messages: {err}") from None
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > self.reader.context:
+            raise ValueError(f"the conversation is {len(ids)} tokens, longer than the model's context of {self.reader.context}")
+        return ids
 
     def stream(
         self,

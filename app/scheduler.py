@@ -144,8 +144,8 @@ class Scheduler:
             joining = [t for t in joining if not t.row.cancelled]
             try:
                 if joining:
+                    self._running += joining  # before the prefill: a failure fails them too
                     self.batch.join([t.row for t in joining])
-                    self._running += joining
                     self._hand_over()
                 if self.batch.rows:
                     self.steps += 1
