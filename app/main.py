@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import redis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from baft_core.checkpoint import CheckpointError
 
 from .api.routes import edits, generate, health, versions
+from .api.routes import openai as openai_routes
 from .runtime import NotFound
 from .service import Service
 from .settings import Settings, get_settings
@@ -84,4 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     for module in (health, edits, generate, versions):
         app.include_router(module.router)
+    app.include_router(openai_routes.router)
+    # The console: static files that call the API above from the browser (no build step).
+    app.mount("/console", StaticFiles(directory=Path(__file__).parent / "console", html=True), name="console")
     return app

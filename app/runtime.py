@@ -1,26 +1,30 @@
-"""What a service process holds: the database, the base model with its editors, and the
-checkpoint store. The API process generates and measures with the `reader` editor; the worker
-trains with the `trainer` editor. In one process both share the model and its lock."""
+"""What a service process holds: the database, the base model with its editors, the checkpoint
+store and the decoding scheduler. The API process generates (batched across requests, see
+scheduler.py) and measures with the `reader` editor; the worker trains with the `trainer` editor.
+In one process both share the model and its lock, which serves them in turn."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from jinja2 import TemplateError
 from sqlalchemy.orm import Session
 
 from baft_core import EditConfig, EditRequest, Editor, load_model
 from baft_core.checkpoint import Checkpoint
 from baft_core.encoding import encode_prompt
-from baft_core.generation import stream as stream_tokens
+from baft_core.generation import ContinuousBatch, Row
 from baft_core.metrics import evaluate, with_subject_probes
 
 from . import crud
 from .db import make_engine, make_sessionmaker, migrate
 from .models import Version
+from .scheduler import FairLock, Scheduler
 from .settings import Settings
 from .store import CheckpointStore
 
@@ -34,8 +38,11 @@ class NotFound(LookupError):
 @dataclass
 class Generation:
     version: int
+    prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)  # filled while `pieces` is iterated
     pieces: Iterator[str] = iter(())
+    finish_reason: str | None = None  # "stop" or "length", once `pieces` is exhausted
+    first_token_s: float | None = None  # seconds from submission to the first token
 
 
 class Runtime:
@@ -50,6 +57,7 @@ class Runtime:
         self.reader: Editor | None = None
         self.trainer: Editor | None = None
         self.store: CheckpointStore | None = None
+        self.scheduler: Scheduler | None = None
         # evaluate() measures the adapter attached to the reader, so measuring an older version
         # swaps it in there: one measurement at a time.
         self._measure_lock = threading.Lock()
@@ -72,13 +80,28 @@ class Runtime:
         self.identity = loaded.identity
         log.info("model %s loaded (%s)", loaded.identity, loaded.precision)
         self.reader = Editor(loaded.model, loaded.tokenizer, self.edit_config(), unrelated_prompts=[])
+        # One lock per model (forwards never overlap), granted in turn to decoding and training.
+        self.reader.lock = FairLock()
         if self.train:
             self.trainer = Editor(loaded.model, loaded.tokenizer, self.edit_config())
-            self.reader.lock = self.trainer.lock  # one lock per model: forwards never overlap
+            self.trainer.lock = self.reader.lock
+        reader = self.reader
+        batch = ContinuousBatch(reader.model, reader.attachment, reader.config.prompt_positions, reader.pad_id, reader.lock)
+        self.scheduler = Scheduler(batch, s.decode_batch_size)
+        self.scheduler.start()
         device = next(loaded.model.parameters()).device
         self.store = CheckpointStore(s.checkpoints_dir, loaded.identity, device)
         crud.ensure_base_version(self.sessions, self._save_base)
         self.ready.set()
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    @property
+    def model_name(self) -> str:
+        """The base model's name in the OpenAI API: the bundled name, or the directory's."""
+        return Path(self.settings.model).name
 
     def _save_base(self) -> tuple[str, str, int]:
         self.reader.load_state(self.reader.new_interventions(), [])
@@ -97,57 +120,64 @@ class Runtime:
         return version, self.store.load(version.checkpoint_sha256)
 
     # ----- generation -----
-    def _prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
-        reader = self.reader
-        ids = encode_prompt(reader.tokenizer, prompt, reader.context)
+    def prompt_ids(self, prompt: str) -> list[int]:
+        ids = encode_prompt(self.reader.tokenizer, prompt, self.reader.context)
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
-        if len(ids) + max_new_tokens > reader.context:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's context of {reader.context} tokens"
-            )
+        return ids
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation in the model's own chat template, ready for the assistant's turn."""
+        tokenizer = self.reader.tokenizer
+        if not tokenizer.chat_template:
+            raise ValueError(f"model {self.model_name} has no chat template: use completions")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # the template's own checks (e.g. the order of roles)
+            raise ValueError(f"the chat template refused these messages: {err}") from None
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > self.reader.context:
+            raise ValueError(f"the conversation is {len(ids)} tokens, longer than the model's context of {self.reader.context}")
         return ids
 
     def stream(
         self,
-        prompt: str,
+        prompt_ids: list[int],
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
         version_id: int | None = None,
-    ) -> "Generation":
+    ) -> Generation:
         """Validates and resolves the version before returning, so that errors surface before a
-        streamed response starts; iterating the result generates."""
-        ids = self._prompt_ids(prompt, max_new_tokens)
+        streamed response starts; iterating the result submits the row to the scheduler and
+        yields its text piece by piece. Closing it early cancels the row."""
+        context = self.reader.context
+        if len(prompt_ids) + max_new_tokens > context:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {context} tokens"
+            )
         version, checkpoint = self.version_state(version_id)
-        reader = self.reader
-        generator = torch.Generator(device=reader.device).manual_seed(seed) if seed is not None else None
-        tokenizer = reader.tokenizer
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-
-        generation = Generation(version.id)
+        tokenizer = self.reader.tokenizer
+        row = Row(
+            list(prompt_ids),
+            max_new_tokens,
+            checkpoint.interventions,
+            temperature,
+            top_p,
+            torch.Generator(device=self.reader.device).manual_seed(seed) if seed is not None else None,
+            frozenset({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else ()),
+        )
+        generation = Generation(version.id, len(prompt_ids))
 
         def pieces() -> Iterator[str]:
-            tokens = generation.token_ids
-            emitted = ""
-            for step in stream_tokens(
-                reader.model,
-                [ids],
-                max_new_tokens,
-                reader.attachment,
-                reader.config.prompt_positions,
-                reader.pad_id,
-                eos,
-                temperature,
-                top_p,
-                generator,
-                interventions=checkpoint.interventions,
-                lock=reader.lock,
-            ):
-                token = int(step[0])
-                if token in eos:
+            ticket = self.scheduler.submit(row)
+            tokens, emitted = generation.token_ids, ""
+            for token in ticket.tokens():
+                if generation.first_token_s is None:
+                    generation.first_token_s = ticket.first_token - ticket.submitted
+                if token in row.eos_ids:
                     break
                 tokens.append(token)
                 # Decoding the whole sequence keeps multi-token characters intact.
@@ -155,13 +185,14 @@ class Runtime:
                 if len(text) > len(emitted) and not text.endswith("\ufffd"):
                     yield text[len(emitted) :]
                     emitted = text
+            generation.finish_reason = row.finish_reason
 
         generation.pieces = pieces()
         return generation
 
     def generate(self, prompt: str, max_new_tokens: int, **options) -> dict:
         start = time.perf_counter()
-        generation = self.stream(prompt, max_new_tokens, **options)
+        generation = self.stream(self.prompt_ids(prompt), max_new_tokens, **options)
         text = "".join(generation.pieces)
         return {
             "text": text,

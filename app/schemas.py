@@ -264,3 +264,150 @@ class Readiness(BaseModel):
 class ErrorOut(BaseModel):
     reason: str
     detail: Any = None
+
+
+# ----- the OpenAI-compatible API (/v1) -----
+
+MAX_STOPS = 4  # stop sequences per request, as OpenAI allows
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    """The fields both /v1 endpoints take. Unsupported OpenAI fields are refused with their name
+    rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="the base name (unedited), NAME@current, or NAME@<version> (see GET /v1/models)"
+    )
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: Annotated[str, StringConstraints(min_length=1, max_length=200)] | Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=200)]], Field(max_length=MAX_STOPS)
+    ] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @model_validator(mode="after")
+    def _check_temperature(self) -> "_OpenAIRequest":
+        if 0 < self.temperature < 0.01:
+            raise ValueError("temperature must be 0 (greedy) or at least 0.01")
+        return self
+
+
+class CompletionIn(_OpenAIRequest):
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=16)]
+    max_tokens: int = Field(16, ge=1, le=1024)
+    echo: Literal[False] = False
+    logprobs: None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, StringConstraints(max_length=MAX_PROMPT)] | Annotated[list[TextPart], Field(max_length=32)]
+    name: str | None = Field(None, max_length=64)
+
+    def as_template_message(self) -> dict[str, str]:
+        """Role and text, as chat templates take them ("developer" is OpenAI's newer "system")."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionIn(_OpenAIRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64)]
+    max_tokens: int | None = Field(None, ge=1, le=1024)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1024, description="OpenAI's newer name of max_tokens")
+    logprobs: Literal[False] | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    version: int | None = Field(None, description="the version this name stands for (None: follows current)")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionOut(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str = Field(description="the immutable name of the version that answered, NAME@<version>")
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionOut(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str = Field(description="the immutable name of the version that answered, NAME@<version>")
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody

@@ -53,6 +53,7 @@ class Service:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        self.runtime.close()
         self.runtime.engine.dispose()
 
     def worker_alive(self) -> bool:

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_new_tokens: int = 256
+    decode_batch_size: int = Field(32, ge=1, le=1024)  # generations decoded together (scheduler.py)
     sweep_interval_s: float = 2.0  # how often queued rows missing from the stream are re-published
     requeue_after_s: float = 300.0  # a published but still queued row is re-published after this
     restore_wait_s: float = 60.0  # POST /versions/{v}/restore waits this long for the worker

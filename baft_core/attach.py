@@ -179,6 +179,7 @@ class Attachment:
         self._active: InterventionSet | None = None
         self._routes: Routes | None = None
         self._implicit = Routes()  # the fallback routes of the current forward
+        self._groups: list[RowGroup] | None = None  # rows on different adapters (intervene_rows)
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._hook_layers(interventions)
 
@@ -238,6 +239,8 @@ class Attachment:
             mask = self._mask
             if mask is None:
                 return output
+            if self._groups is not None:
+                return self._grouped(layer, module, args, output)
             hidden = output[0] if isinstance(output, tuple) else output
             if mask.shape != hidden.shape[:2]:
                 raise RuntimeError(
@@ -271,3 +274,46 @@ class Attachment:
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
+
+
+    # ----- rows on different adapters in one batch (continuous batching across versions) -----
+
+    @contextmanager
+    def intervene_rows(self, mask: torch.Tensor, groups: list[RowGroup]) -> Iterator[None]:
+        """Intervene at `mask` positions [batch, seq] during the forwards inside, each group's
+        rows with its own adapter (same layers as the attached one) and routes. Rows in no group
+        run unedited."""
+        for group in groups:
+            if group.interventions.layers != self.interventions.layers:
+                raise ValueError("that adapter edits other layers than the attached one")
+            if group.interventions.routing_layer not in self._handles:
+                raise ValueError(f"that adapter routes at layer {group.interventions.routing_layer}, which is not hooked")
+        previous = self._mask, self._groups
+        self._mask, self._groups = mask, groups
+        try:
+            yield
+        finally:
+            self._mask, self._groups = previous
+
+    def _grouped(self, layer: int, module: nn.Module, args, output):
+        """Each group's rows go through the single-adapter hook with that group's adapter and
+        routes; the other rows are left as they are."""
+        hidden = output[0] if isinstance(output, tuple) else output
+        groups, mask = self._groups, self._mask
+        self._groups = None  # the single-adapter path below, not this one again
+        try:
+            for group in groups:
+                with self.intervene(mask[group.rows], interventions=group.interventions, routes=group.routes):
+                    edited = self._hook(layer)(module, args, hidden[group.rows])
+                hidden = hidden.index_copy(0, group.rows, edited)
+        finally:
+            self._groups = groups
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class RowGroup:
+    """The rows [k] of a batch that use one adapter, with their routes (`Routes` over those rows
+    only, as `Attachment.intervene` takes them)."""
+
+    def __init__(self, interventions: InterventionSet, rows: torch.Tensor, routes: Routes | None = None):
+        self.interventions, self.rows, self.routes = interventions, rows, routes

@@ -133,3 +133,30 @@ def throwaway_redis(port: int) -> Iterator[subprocess.Popen]:
         yield process
     finally:
         stop(process, signal.SIGKILL)
+
+
+def free_port_in(low: int = 8200, high: int = 8300) -> int:
+    """A free loopback port in [low, high): the range this project's test servers keep to."""
+    for port in range(low, high):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high - 1}")
+
+
+def tiny_server_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of `python -m app` for tiny-model settings (embedded mode)."""
+    import json
+
+    return service_env({
+        "MODEL": settings.model,
+        "MODELS_DIR": str(settings.models_dir),
+        "DATA_DIR": str(settings.data_dir),
+        "DEVICE": "cpu",
+        "EDIT_CONFIG": json.dumps(settings.edit_config),
+        "EVALUATE_ON_APPLY": "false",
+        **extra,
+    })

@@ -28,7 +28,7 @@ def generate(body: GenerateIn, runtime: ReadyRuntime):
     options = dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, version_id=body.version)
     if not body.stream:
         return runtime.generate(body.prompt, body.max_new_tokens, **options)
-    generation = runtime.stream(body.prompt, body.max_new_tokens, **options)
+    generation = runtime.stream(runtime.prompt_ids(body.prompt), body.max_new_tokens, **options)
 
     def events():
         for piece in generation.pieces:
