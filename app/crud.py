@@ -120,7 +120,7 @@ def version_edit_ids(session: Session, version_id: int) -> list[int]:
 def next_work(session: Session, limit: int) -> tuple[list[Edit], Restore | None]:
     """What comes next: queued edits accepted before the first queued restore (in id order), or
     that restore once every edit before it is final."""
-    restore = session.scalars(select(Restore).where(Restore.status == "queued").order_by(Restore.id).limit(1)).first()
+    restore = first_queued_restore(session)
     query = select(Edit).where(Edit.status == "queued")
     if restore is not None:
         query = query.where(Edit.id <= restore.after_edit_id)
@@ -152,8 +152,7 @@ def claim_edits(session: Session, edit_ids: list[int], epoch: int) -> list[Edit]
         session.rollback()
         return []
     session.commit()
-    rows = list(session.scalars(select(Edit).where(Edit.id.in_(edit_ids)).order_by(Edit.id)))
-    return rows
+    return list(session.scalars(select(Edit).where(Edit.id.in_(edit_ids)).order_by(Edit.id)))
 
 
 def finish_claimed(session: Session, edit_id: int, epoch: int, **values: Any) -> bool:

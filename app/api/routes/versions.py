@@ -54,7 +54,7 @@ async def restore_version(service: DbService, version_id: VersionId, body: Resto
     RESTORE_WAIT_S for it (without holding a server thread); then 202, to follow at
     GET /restores/{id}. The body is `{}`: JSON, so that no other site can send it."""
     restore = await run_in_threadpool(_add_restore, service, version_id)
-    service.notify(f"restore {restore.id}")
+    await run_in_threadpool(service.notify, f"restore {restore.id}")  # Redis I/O: off the event loop
     deadline = time.monotonic() + service.settings.restore_wait_s
     while restore.status == "queued" and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
