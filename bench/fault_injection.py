@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from sqlalchemy.exc import OperationalError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -388,8 +389,9 @@ def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fl
     killer.start()
     try:
         load.run()
-    finally:
+    except BaseException:
         stop.set()
+        raise
     sent_s = time.time() - began
     log(f"all {len(load.accepted)} edits accepted in {sent_s:.0f} s")
     killer.join()  # the chaos runs its course (it also hits the draining)
@@ -400,9 +402,12 @@ def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fl
     sessions = make_sessionmaker(engine)
     deadline = time.monotonic() + 600
     while True:
-        with sessions() as session:
-            depth = crud.queue_depth(session)
-            restores_waiting = crud.first_queued_restore(session) is not None
+        try:
+            with sessions() as session:
+                depth = crud.queue_depth(session)
+                restores_waiting = crud.first_queued_restore(session) is not None
+        except OperationalError:  # PostgreSQL restarting
+            depth, restores_waiting = -1, True
         if not depth and not restores_waiting:
             break
         assert time.monotonic() < deadline, f"{depth} edits still waiting"
@@ -416,7 +421,8 @@ def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fl
         keys = {e.idempotency_key for e in rows.values()}
         head = crud.current_version(session)
         prompts = [rows[i].request["prompt"] for i in sorted(rows)[-8:]]
-        log_edits = [rows[i].request for i in sorted(rows) if rows[i].version_id in crud.state_versions(session, head.id)]
+        in_head = crud.state_versions(session, head.id)
+        log_edits = [rows[i].request for i in sorted(rows) if rows[i].version_id in in_head]
     engine.dispose()
     accepted_ids = set(load.accepted.values())
     lost = sorted(i for i in accepted_ids if rows[i].status != "applied")
