@@ -59,14 +59,19 @@ class Worker:
 
     # ----- lifecycle -----
     def run(self) -> None:
-        try:  # before any edit waits on it; else the first edit computes it itself
-            self.rt.trainer.prepare()
-        except Exception:
-            log.exception("could not prepare the editor; the first edit will")
         heartbeat = threading.Thread(target=self._heartbeat, name="baft-lease", daemon=True)
         heartbeat.start()
         settings = self.rt.settings
         try:
+            try:  # the lease first: /ready waits for a trainer, not for its preparation
+                self._acquire()
+            except Exception:  # the loop tries again; a half-done takeover resumes there
+                log.exception("could not try for the trainer lease yet")
+                self._recover = True
+            try:  # before any edit waits on it (a standby too); else the first edit computes it
+                self.rt.trainer.prepare()
+            except Exception:
+                log.exception("could not prepare the editor; the first edit will")
             while not self.stop.is_set():
                 try:
                     if self.epoch is None or self._lost.is_set():
