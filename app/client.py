@@ -118,7 +118,12 @@ class Client:
         return self._call("GET", f"/versions/{version_id}")
 
     def restore(self, version_id: int) -> dict:
-        return self._call("POST", f"/versions/{version_id}/restore")
+        """Waits (up to the server's RESTORE_WAIT_S) and returns the restore; status `queued` if it
+        is not done by then (follow it with `restore_status`)."""
+        return self._call("POST", f"/versions/{version_id}/restore", json={})
+
+    def restore_status(self, restore_id: int) -> dict:
+        return self._call("GET", f"/restores/{restore_id}")
 
     # ----- health -----
     def health(self) -> dict:

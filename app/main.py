@@ -17,7 +17,8 @@ from baft_core.checkpoint import CheckpointError
 
 from .api.routes import edits, generate, health, versions
 from .api.routes import openai as openai_routes
-from .runtime import NotFound
+from .limits import BodyLimit
+from .runtime import NotFound, Unavailable
 from .service import Service
 from .settings import Settings, get_settings
 
@@ -47,6 +48,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound):
         return _error(404, str(exc))
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(_: Request, exc: Unavailable):
+        return _error(503, str(exc), headers={"Retry-After": "30"})
 
     @app.exception_handler(CheckpointError)
     async def bad_checkpoint(_: Request, exc: CheckpointError):
@@ -90,4 +95,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_routes.router)
     # The console: static files that call the API above from the browser (no build step).
     app.mount("/console", StaticFiles(directory=Path(__file__).parent / "console", html=True), name="console")
+    app.include_router(versions.restores)
+
+    @app.middleware("http")
+    async def count_responses(request: Request, call_next):
+        response = await call_next(request)
+        service = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.runtime.metrics.responses.labels(str(response.status_code)).inc()
+        return response
+
+    # Outermost: an oversized body is refused before anything reads it.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -4,7 +4,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -17,7 +28,7 @@ class Base(DeclarativeBase):
 
 
 class Checkpoint(Base):
-    """An adapter state on disk, named by the sha256 of its safetensors file."""
+    """An adapter state, named by the sha256 of its safetensors file."""
 
     __tablename__ = "checkpoints"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -26,8 +37,31 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class Blob(Base):
+    """A checkpoint file (adapter, manifest or sealed segment) named by its sha256: with
+    CHECKPOINT_STORAGE=database every replica fetches checkpoints from here."""
+
+    __tablename__ = "blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Chain(Base):
+    """The one row that says which version is current (the head) and which worker may extend the
+    history (the trainer lease). A version is added in the transaction that moves the head from
+    its parent, conditionally on the head and on the lease epoch: two trainers cannot fork it."""
+
+    __tablename__ = "chain"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    head_version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    trainer: Mapped[str | None] = mapped_column(String(200))  # the lease holder's worker name
+    epoch: Mapped[int] = mapped_column(Integer, default=0)  # +1 on each takeover: fences the old holder
+    lease_expires: Mapped[float] = mapped_column(Float, default=0.0)  # database clock, Unix seconds
+    heartbeat: Mapped[float] = mapped_column(Float, default=0.0)  # the holder's last renewal
+
+
 class Version(Base):
-    """One adapter state in the append-only history; the newest row is the current version."""
+    """One adapter state in the append-only history; `chain.head_version_id` is the current one."""
 
     __tablename__ = "versions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -60,7 +94,7 @@ class Edit(Base):
     idempotency_position: Mapped[int | None] = mapped_column(Integer)
     fingerprint: Mapped[str | None] = mapped_column(String(64))  # body hash, for key reuse checks
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claim_epoch: Mapped[int | None] = mapped_column(Integer)  # the lease epoch that set `applying`
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -79,6 +113,8 @@ class Restore(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     target_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")  # queued|done|failed
+    # The newest edit id when the restore was accepted: it runs after those edits, before later ones.
+    after_edit_id: Mapped[int] = mapped_column(Integer, default=0)
     version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

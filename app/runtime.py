@@ -16,13 +16,14 @@ from jinja2 import TemplateError
 from sqlalchemy.orm import Session
 
 from baft_core import EditConfig, EditRequest, Editor, load_model
-from baft_core.checkpoint import Checkpoint
+from baft_core.checkpoint import Checkpoint, CheckpointError
 from baft_core.encoding import encode_prompt
 from baft_core.generation import ContinuousBatch, Row
 from baft_core.metrics import evaluate, with_subject_probes
 
 from . import crud
 from .db import make_engine, make_sessionmaker, migrate
+from .metrics import Metrics
 from .models import Version
 from .scheduler import FairLock, Scheduler
 from .settings import Settings
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class NotFound(LookupError):
     """An unknown edit or version id."""
+
+
+class Unavailable(RuntimeError):
+    """The current version's state cannot be loaded: generation from it waits for a restore."""
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Runtime:
         self.trainer: Editor | None = None
         self.store: CheckpointStore | None = None
         self.scheduler: Scheduler | None = None
+        self.metrics = Metrics()
         # evaluate() measures the adapter attached to the reader, so measuring an older version
         # swaps it in there: one measurement at a time.
         self._measure_lock = threading.Lock()
@@ -90,7 +96,8 @@ class Runtime:
         self.scheduler = Scheduler(batch, s.decode_batch_size)
         self.scheduler.start()
         device = next(loaded.model.parameters()).device
-        self.store = CheckpointStore(s.checkpoints_dir, loaded.identity, device)
+        shared = self.sessions if s.checkpoint_storage == "database" else None
+        self.store = CheckpointStore(s.checkpoints_dir, loaded.identity, device, sessions=shared)
         crud.ensure_base_version(self.sessions, self._save_base)
         self.ready.set()
 
@@ -117,7 +124,14 @@ class Runtime:
             )
         if version is None:
             raise NotFound(f"version {version_id} does not exist" if version_id else "no version yet")
-        return version, self.store.load(version.checkpoint_sha256)
+        try:
+            return version, self.store.load(version.checkpoint_sha256)
+        except CheckpointError as err:
+            if version_id is not None:
+                raise  # that version only: the client may ask for another
+            raise Unavailable(
+                f"the current version {version.id} cannot be loaded ({err}); restore a version to recover"
+            ) from err
 
     # ----- generation -----
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -194,6 +208,7 @@ class Runtime:
         start = time.perf_counter()
         generation = self.stream(self.prompt_ids(prompt), max_new_tokens, **options)
         text = "".join(generation.pieces)
+        self.metrics.observe_generation(len(generation.token_ids), time.perf_counter() - start)
         return {
             "text": text,
             "version": generation.version,

@@ -106,7 +106,10 @@ class EditOut(BaseModel):
     object: str
     prompt: str
     error: str | None = Field(None, description="why the edit failed")
-    version: int | None = Field(None, description="the version that contains this edit")
+    version: int | None = Field(None, description="the version that applied this edit")
+    in_current_version: bool = Field(
+        description="the current version holds this edit (false once a restore went back before it)"
+    )
     attempts: int
     created_at: datetime
     started_at: datetime | None
@@ -115,7 +118,8 @@ class EditOut(BaseModel):
     train_seconds: float | None
 
     @classmethod
-    def from_row(cls, row) -> "EditOut":
+    def from_row(cls, row, current: set[int]) -> "EditOut":
+        """`current`: the versions whose edits the current version holds."""
         created, started, finished = _utc(row.created_at), _utc(row.started_at), _utc(row.finished_at)
         return cls(
             id=row.id,
@@ -127,6 +131,7 @@ class EditOut(BaseModel):
             prompt=row.request["prompt"],
             error=row.error,
             version=row.version_id,
+            in_current_version=row.status == "applied" and row.version_id in current,
             attempts=row.attempts,
             created_at=created,
             started_at=started,
@@ -242,6 +247,12 @@ class VersionPage(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class RestoreIn(BaseModel):
+    """A JSON body (may be `{}`): a browser cannot send one cross-site without a CORS preflight."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class RestoreOut(BaseModel):

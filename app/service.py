@@ -1,12 +1,15 @@
-"""One API process: its runtime, the queue it publishes to, and (without Redis) the worker
-thread that applies edits in the same process."""
+"""One API process: its runtime, the doorbell it rings, and (without Redis) a worker thread in
+the same process (the trainer, or a standby when another process holds the trainer lease)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
+from datetime import timedelta
 
 from . import crud
-from .queue import EditQueue
+from .models import utcnow
+from .queue import Doorbell
 from .runtime import Runtime
 from .schemas import EditIn
 from .settings import Settings
@@ -20,13 +23,16 @@ class Service:
         self.settings = settings
         in_process = not settings.redis_url
         self.runtime = Runtime(settings, train=in_process)
-        self.queue = (
-            None if in_process else EditQueue(settings.redis_url, settings.redis_stream, settings.redis_group)
+        self.doorbell = (
+            None if in_process else Doorbell(settings.redis_url, settings.redis_stream, settings.redis_stream_maxlen)
         )
         self.wake = threading.Event()
         self.worker: Worker | None = None
         self.migrated = threading.Event()
+        self.runtime.metrics.watch_database(self.runtime.sessions)
         self._thread: threading.Thread | None = None
+        self._state: tuple[int | None, set[int]] = (None, set())
+        self._state_lock = threading.Lock()
 
     def start(self) -> None:
         """Migrates and loads the model in the background: /health answers at once, /ready once
@@ -43,7 +49,7 @@ class Service:
             log.exception("start-up failed")
             self.runtime.load_error = f"{type(err).__name__}: {err}"
             return
-        if self.queue is None:
+        if self.doorbell is None:
             self.worker = Worker(self.runtime, wake=self.wake)
             self.worker.run()
 
@@ -52,12 +58,22 @@ class Service:
             self.worker.stop.set()
         self.wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=self.settings.shutdown_grace_s)
         self.runtime.close()
         self.runtime.engine.dispose()
 
     def worker_alive(self) -> bool:
         return self.worker is not None and self._thread is not None and self._thread.is_alive()
+
+    def trainer_status(self) -> str:
+        """"ok" while some worker (here or in another process) holds a live trainer lease."""
+        with self.runtime.session() as session:
+            chain = crud.get_chain(session)
+            now = crud.db_now(session)
+        if chain.trainer is None or chain.lease_expires <= now:
+            silent = f" (last heartbeat {now - chain.heartbeat:.0f} s ago)" if chain.heartbeat else ""
+            return f"no worker holds the trainer lease{silent}"
+        return "ok"
 
     def check_tokens(self, edits: list[EditIn]) -> None:
         """Rejects (ValueError) edits too long for the model's context, once the model is loaded;
@@ -73,15 +89,24 @@ class Service:
                 if not reader.encode(prompt, answer).prompt:
                     raise ValueError(f"prompt {prompt!r} encodes to no tokens")
 
-    def enqueue(self, edit_ids: list[int]) -> None:
-        """After the rows are committed: publish to the stream (the sweeper retries if Redis is
-        down) or wake the in-process worker."""
-        if self.queue is None:
-            self.wake.set()
-            return
-        if self.queue.publish(edit_ids):
-            with self.runtime.session() as session:
-                crud.mark_published(session, edit_ids)
+    def retry_after(self, depth: int, wanted: int) -> int:
+        """Seconds until about `wanted` more edits fit, at the last minute's apply rate."""
+        with self.runtime.session() as session:
+            rate = crud.applied_since(session, utcnow() - timedelta(seconds=60)) / 60
+        excess = depth + wanted - self.settings.max_queue
+        return 30 if rate == 0 else max(1, min(300, math.ceil(excess / rate)))
 
-    def notify_restore(self) -> None:
-        self.wake.set()
+    def in_current_version(self, session) -> set[int]:
+        """The versions whose edits the current version holds (cached per head)."""
+        head = crud.head_id(session)
+        with self._state_lock:
+            if self._state[0] != head:
+                self._state = (head, crud.state_versions(session, head) if head else set())
+            return self._state[1]
+
+    def notify(self, what: str) -> None:
+        """After the rows are committed: wake the worker (without Redis, the in-process one)."""
+        if self.doorbell is None:
+            self.wake.set()
+        else:
+            self.doorbell.ring(what)

@@ -1,25 +1,29 @@
-"""The worker: applies queued edits (one by one, or gathered into batches) and restores, each
-producing a new version. Exactly-once: an edit's row turns `applied`, with its version, in the
-same transaction that adds the version; a redelivered or re-read edit whose row is already
-final is skipped, and one left `applying` by a dead worker is trained again."""
+"""The worker: applies queued edits (one by one, or gathered into batches) and restores, in the
+order they were accepted, each producing a new version.
+
+One trainer per history: a worker trains only while it holds the trainer lease in the database
+(renewed by a heartbeat thread); any number of others stand by, with the model loaded, and take
+over when the holder stops renewing. The database fences a holder that lost the lease without
+knowing it (paused, partitioned): its claims and its versions are conditional on its lease epoch
+and on the head it built on, so it cannot fork the history. Exactly-once: an edit's row turns
+`applied`, with its version, in the transaction that moves the head to that version."""
 from __future__ import annotations
 
 import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 
 import redis
+from prometheus_client import start_http_server
 
 from baft_core import EditRequest
-from baft_core.checkpoint import Checkpoint, CheckpointError
+from baft_core.checkpoint import Checkpoint
 from baft_core.metrics import evaluate, locality_baseline, with_subject_probes
 
 from . import crud
-from .models import Edit, utcnow
-from .queue import EditQueue
+from .models import Edit, Restore
+from .queue import Doorbell
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,153 +31,200 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # an edit whose training crashes this often is marked failed
 
 
-@dataclass
-class Item:
-    edit_id: int
-    message_id: str | None = None  # None in in-process mode (the SQL row is the queue entry)
-    seen_at: float = field(default_factory=time.monotonic)
+class LeaseLost(Exception):
+    """Another worker took the trainer lease over: this one's state is no longer the head's."""
 
 
 class Worker:
-    def __init__(self, runtime: Runtime, queue: EditQueue | None = None, wake: threading.Event | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        doorbell: Doorbell | None = None,
+        wake: threading.Event | None = None,
+    ):
         self.rt = runtime
-        self.queue = queue
+        self.doorbell = doorbell
         self.wake = wake or threading.Event()  # set by an in-process API when work arrives
-        self.stop = threading.Event()
-        self.buffer: list[Item] = []
-        self.version_id: int | None = None
-        self._last_sweep = 0.0
+        self.metrics = runtime.metrics
+        self.stop = threading.Event()  # no new work after the current item
+        self.name = runtime.settings.worker_name
+        self.epoch: int | None = None  # the lease epoch this worker holds
+        self.head_id: int | None = None  # the version whose state the trainer holds
+        self.broken: str | None = None  # why the head's state could not be loaded
+        self._lost = threading.Event()  # the heartbeat found the lease taken over
+        self._finished = threading.Event()  # the main loop has ended: the heartbeat stops
+        self._recover = False  # a step failed: own claims go back to the queue first
+        self._first_seen: dict[int, float] = {}  # when a batched edit was first seen queued
+        self._redis_down = False
 
     # ----- lifecycle -----
     def run(self) -> None:
-        self.resume()
-        try:  # before any edit waits on it; else the first edit computes it itself
-            self.rt.trainer.prepare()
-        except Exception:
-            log.exception("could not prepare the editor; the first edit will")
-        while not self.stop.is_set():
-            try:
-                self.step()
+        heartbeat = threading.Thread(target=self._heartbeat, name="baft-lease", daemon=True)
+        heartbeat.start()
+        settings = self.rt.settings
+        try:
+            try:  # the lease first: /ready waits for a trainer, not for its preparation
+                self._acquire()
+            except Exception:  # the loop tries again; a half-done takeover resumes there
+                log.exception("could not try for the trainer lease yet")
+                self._recover = True
+            try:  # before any edit waits on it (a standby too); else the first edit computes it
+                self.rt.trainer.prepare()
             except Exception:
-                log.exception("worker step failed; resynchronising with the current version")
-                time.sleep(1)
+                log.exception("could not prepare the editor; the first edit will")
+            while not self.stop.is_set():
                 try:
-                    self.resume()
+                    if self.epoch is None or self._lost.is_set():
+                        self.epoch = None
+                        if not self._acquire():
+                            self._idle(settings.poll_interval_s)
+                            continue
+                    if self._recover:
+                        self._requeue_own()
+                    self.step()
+                except LeaseLost as err:
+                    log.warning("worker %s lost the trainer lease: %s; standing by", self.name, err)
+                    self.epoch = None
                 except Exception:
-                    log.exception("could not resynchronise")
+                    log.exception("worker step failed; its edits go back to the queue")
+                    self._recover = True
+                    self.stop.wait(1)
+        finally:
+            self._finished.set()
+            self._release()
+
+    def _acquire(self) -> bool:
+        self._lost.clear()
+        with self.rt.session() as session:
+            epoch = crud.acquire_lease(session, self.name, self.rt.settings.lease_ttl_s)
+        if epoch is None:
+            return False
+        self.epoch = epoch
+        self.resume()
+        log.info("worker %s holds the trainer lease (epoch %d) at version %d", self.name, epoch, self.head_id)
+        return True
+
+    def _release(self) -> None:
+        if self.epoch is None:
+            return
+        try:
+            with self.rt.session() as session:
+                crud.requeue_claims(session, self.epoch)
+                crud.release_lease(session, self.epoch)
+            log.info("worker %s released the trainer lease", self.name)
+        except Exception as err:  # the lease then expires by itself
+            log.warning("could not release the trainer lease: %s", err)
+        self.epoch = None
+
+    def _heartbeat(self) -> None:
+        """Renews the lease while the main thread trains (an edit can outlast the lease)."""
+        ttl = self.rt.settings.lease_ttl_s
+        while not self._finished.wait(ttl / 3):
+            epoch = self.epoch
+            if epoch is None:
+                continue
+            try:
+                with self.rt.session() as session:
+                    held = crud.renew_lease(session, epoch, ttl)
+            except Exception as err:  # the database is away: retried; the fencing keeps it safe
+                log.warning("could not renew the trainer lease: %s", err)
+                continue
+            if not held:
+                self._lost.set()
+
+    def _requeue_own(self) -> None:
+        with self.rt.session() as session:
+            count = crud.requeue_claims(session, self.epoch)
+        if count:
+            log.info("re-queued %d edits of the failed step", count)
+        self.resume()
+        self._recover = False
 
     def resume(self) -> None:
-        """Back to the newest version's state; edits left `applying` are queued again."""
+        """Back to the head version's state. A head that cannot be loaded does not stop the
+        worker: it then runs only restores (the way out), edits wait."""
         with self.rt.session() as session:
-            crud.reset_interrupted(session)
             version = crud.current_version(session)
-        checkpoint = self.rt.store.load(version.checkpoint_sha256)
-        self.rt.trainer.load_state(checkpoint.interventions, checkpoint.history)
-        self.version_id = version.id
+        try:
+            checkpoint = self.rt.store.load(version.checkpoint_sha256)
+            self.rt.trainer.load_state(checkpoint.interventions, checkpoint.history)
+            self.broken = None
+        except Exception as err:
+            self.broken = f"version {version.id} cannot be loaded: {type(err).__name__}: {err}"
+            log.error("%s; edits wait until a version is restored", self.broken)
+        self.head_id = version.id
 
+    def _idle(self, seconds: float) -> None:
+        if self.doorbell is None:
+            self.wake.wait(seconds)
+            self.wake.clear()
+            return
+        try:
+            self.doorbell.wait(int(seconds * 1000))
+            if self._redis_down:
+                log.info("the doorbell is back")
+            self._redis_down = False
+        except redis.RedisError as err:
+            if not self._redis_down:
+                log.warning("doorbell unreachable (%s): polling the database", err)
+            self._redis_down = True
+            self.stop.wait(seconds)
+
+    # ----- the log, in order -----
     def step(self) -> None:
-        self.handle_restores()
-        if self.queue is not None:
-            self.sweep()
-        self.fill(block_ms=0 if self.buffer else 200)
-        if not self.buffer:
-            return
+        if self._lost.is_set():
+            raise LeaseLost("the heartbeat found another epoch")
+        settings = self.rt.settings
         with self.rt.session() as session:
-            rows = {item.edit_id: crud.get_edit(session, item.edit_id) for item in self.buffer}
-        done = [i for i in self.buffer if rows[i.edit_id] is None or rows[i.edit_id].status in crud.FINAL]
-        if done:  # redelivered or stale entries: their edit is already final
-            self._finish(done)
+            if self.broken:
+                edits, restore = [], crud.first_queued_restore(session)
+            else:
+                edits, restore = crud.next_work(session, settings.batch_size * 2)
+        if restore is not None:
+            self.apply_restore(restore)
             return
-        head = rows[self.buffer[0].edit_id]
+        if not edits:
+            self._idle(settings.poll_interval_s)
+            return
+        now = time.monotonic()
+        self._first_seen = {e.id: self._first_seen.get(e.id, now) for e in edits}
+        head = edits[0]
         if head.mode != "batched":
-            self.apply([self.buffer[0]], batched=False)
+            self.apply([head], batched=False)
             return
         run = []
-        for item in self.buffer:
-            if rows[item.edit_id].mode != "batched" or len(run) == self.rt.settings.batch_size:
+        for edit in edits:
+            if edit.mode != "batched" or len(run) == settings.batch_size:
                 break
-            run.append(item)
-        waited_ms = (time.monotonic() - self.buffer[0].seen_at) * 1000
-        wait_left = self.rt.settings.batch_wait_ms - waited_ms
-        if len(run) < self.rt.settings.batch_size and len(run) == len(self.buffer) and wait_left > 0:
-            self.fill(block_ms=int(wait_left) + 1)  # gather more of the batch first
+            run.append(edit)
+        wait_left = settings.batch_wait_ms / 1000 - (now - self._first_seen[head.id])
+        if len(run) < settings.batch_size and len(run) == len(edits) and wait_left > 0:
+            self._idle(wait_left)  # gather more of the batch first
             return
         self.apply(run, batched=True)
 
-    # ----- queue -----
-    def fill(self, block_ms: int) -> None:
-        known = {item.edit_id for item in self.buffer}
-        want = max(1, self.rt.settings.batch_size * 2 - len(self.buffer))
-        if self.queue is None:
-            with self.rt.session() as session:
-                rows = crud.pending_edits(session, want, exclude=known)
-            if not rows and block_ms:
-                self.wake.wait(block_ms / 1000)
-                self.wake.clear()
-                with self.rt.session() as session:
-                    rows = crud.pending_edits(session, want, exclude=known)
-            self.buffer += [Item(row.id) for row in rows]
-            return
-        try:
-            entries = self.queue.fetch(want, block_ms)
-        except redis.RedisError as err:
-            log.warning("queue unreachable (%s); retrying", err)
-            time.sleep(1)
-            return
-        duplicates = []
-        for message_id, edit_id in entries:
-            if edit_id in known:
-                duplicates.append(message_id)
-            else:
-                known.add(edit_id)
-                self.buffer.append(Item(edit_id, message_id))
-        self.queue.ack(duplicates)
-
-    def sweep(self) -> None:
-        """The outbox: publish queued rows the stream never got (Redis was down at POST time, or
-        lost its data), and rows published long ago that are still queued."""
-        if time.monotonic() - self._last_sweep < self.rt.settings.sweep_interval_s:
-            return
-        self._last_sweep = time.monotonic()
-        try:
-            stale_before = utcnow() - timedelta(seconds=self.rt.settings.requeue_after_s)
-            if not self.queue.stream_exists():
-                stale_before = utcnow()
-            known = {item.edit_id for item in self.buffer}
-            with self.rt.session() as session:
-                ids = [e.id for e in crud.edits_to_publish(session, stale_before) if e.id not in known]
-                if ids and self.queue.publish(ids):
-                    crud.mark_published(session, ids)
-                    log.info("re-published %d queued edits", len(ids))
-        except redis.RedisError as err:
-            log.warning("sweep skipped, queue unreachable: %s", err)
-
-    def _finish(self, items: list[Item]) -> None:
-        finished = {id(item) for item in items}
-        self.buffer = [item for item in self.buffer if id(item) not in finished]
-        if self.queue is not None:
-            self.queue.ack([item.message_id for item in items if item.message_id])
-
     # ----- applying -----
-    def apply(self, items: list[Item], batched: bool) -> None:
+    def apply(self, queued: list[Edit], batched: bool) -> None:
         trainer, settings = self.rt.trainer, self.rt.settings
+        began = time.perf_counter()
         with self.rt.session() as session:
-            rows: list[Edit] = [crud.get_edit(session, item.edit_id) for item in items]
-            for row in rows:
-                row.status, row.started_at, row.attempts = "applying", utcnow(), row.attempts + 1
-            session.commit()
+            rows = crud.claim_edits(session, [e.id for e in queued], self.epoch)
+        if not rows:  # taken over, or the rows changed: look again
+            if self._lost.is_set():
+                raise LeaseLost("claim refused")
+            return
         requests, good, bad = [], [], []
-        for item, row in zip(items, rows):
+        for row in rows:
             try:
                 request = EditRequest.from_dict(row.request)
                 if not trainer.encode(request.prompt, request.target).prompt:  # fits the context?
                     raise ValueError("the prompt encodes to no tokens")
                 requests.append(request)
-                good.append((item, row))
+                good.append(row)
             except (ValueError, TypeError) as err:
-                bad.append((item, row, f"invalid edit: {err}"))
+                bad.append((row, f"invalid edit: {err}"))
         if rows[0].attempts > MAX_ATTEMPTS:
-            bad += [(item, row, f"gave up after {MAX_ATTEMPTS} attempts") for item, row in good]
+            bad += [(row, f"gave up after {MAX_ATTEMPTS} attempts") for row in good]
             good, requests = [], []
         self._fail(bad)
         if not good:
@@ -187,72 +238,95 @@ class Worker:
                 metrics = evaluate(trainer, measured, baseline)
             except ValueError as err:  # a probe too long for the context: keep the edit, say why
                 metrics = [{"error": str(err)}] * len(requests)
-        sha256, path = self.rt.store.save(trainer)
+        sha256, path = self.rt.store.save(trainer)  # durable before any row points at it
         state = Checkpoint(trainer.interventions, trainer.config, list(trainer.history), {})
         self.rt.store.put(sha256, state)
+        weights = {str(layer): w for layer, w in result.basis_weights.items()}
         with self.rt.session() as session:
             crud.ensure_checkpoint(session, sha256, str(path), self.rt.store.size(sha256))
-            version = crud.new_version(
-                session, "batch" if batched else "edit", sha256, len(trainer.history), self.version_id
-            )
-            weights = {str(layer): w for layer, w in result.basis_weights.items()}
-            for (item, row), row_metrics in zip(good, metrics):
-                edit = crud.get_edit(session, row.id)
-                edit.status, edit.version_id, edit.finished_at = "applied", version.id, utcnow()
-                edit.steps, edit.loss, edit.train_seconds = result.steps, result.loss, result.seconds
-                edit.losses, edit.basis_weights, edit.metrics = result.losses, weights, row_metrics
+            kind = "batch" if batched else "edit"
+            version = crud.new_version(session, kind, sha256, len(trainer.history), self.head_id)
+            self._advance(session, version.id)
+            for row, row_metrics in zip(good, metrics):
+                claimed = crud.finish_claimed(
+                    session, row.id, self.epoch, status="applied", version_id=version.id,
+                    steps=result.steps, loss=result.loss, train_seconds=result.seconds,
+                    losses=result.losses, basis_weights=weights, metrics=row_metrics,
+                )
+                if not claimed:
+                    session.rollback()
+                    raise LeaseLost(f"edit {row.id} is no longer claimed by epoch {self.epoch}")
             session.commit()
-            self.version_id = version.id
-        log.info("applied edits %s as version %d", [row.id for _, row in good], self.version_id)
-        self._finish([item for item, _ in good])
+        self.head_id = version.id
+        self.metrics.edit_apply_seconds.labels(kind).observe(time.perf_counter() - began)
+        log.info("applied edits %s as version %d", [row.id for row in good], version.id)
 
-    def _fail(self, failures: list[tuple[Item, Edit, str]]) -> None:
+    def _advance(self, session, version_id: int) -> None:
+        if not crud.advance_head(session, self.epoch, self.head_id, version_id):
+            session.rollback()
+            raise LeaseLost(f"version {self.head_id} is no longer the head, or epoch {self.epoch} ended")
+
+    def _fail(self, failures: list[tuple[Edit, str]]) -> None:
         if not failures:
             return
         with self.rt.session() as session:
-            for _, row, reason in failures:
-                edit = crud.get_edit(session, row.id)
-                edit.status, edit.error, edit.finished_at = "failed", reason, utcnow()
+            for row, reason in failures:
+                if not crud.finish_claimed(session, row.id, self.epoch, status="failed", error=reason):
+                    session.rollback()
+                    raise LeaseLost(f"edit {row.id} is no longer claimed by epoch {self.epoch}")
             session.commit()
-        self._finish([item for item, _, _ in failures])
+        log.info("failed edits %s: %s", [row.id for row, _ in failures], failures[0][1])
 
     # ----- restores -----
-    def handle_restores(self) -> None:
+    def apply_restore(self, restore: Restore) -> None:
+        """Any error in loading the target fails the restore with its reason (it must not block
+        the log); database errors leave it queued, to be tried again."""
+        began = time.perf_counter()
         with self.rt.session() as session:
-            restores = crud.queued_restores(session)
-            for restore in restores:
-                target = crud.get_version(session, restore.target_version_id)
-                try:
-                    checkpoint = self.rt.store.load(target.checkpoint_sha256)
-                except CheckpointError as err:
-                    restore.status, restore.error, restore.finished_at = "failed", str(err), utcnow()
-                    session.commit()
-                    continue
-                self.rt.trainer.load_state(checkpoint.interventions, checkpoint.history)
-                version = crud.new_version(
-                    session,
-                    "restore",
-                    target.checkpoint_sha256,
-                    len(checkpoint.history),
-                    self.version_id,
-                    restored_from_id=target.id,
-                )
-                restore.status, restore.version_id, restore.finished_at = "done", version.id, utcnow()
+            target = crud.get_version(session, restore.target_version_id)
+        try:
+            checkpoint = self.rt.store.load(target.checkpoint_sha256)
+            self.rt.trainer.load_state(checkpoint.interventions, checkpoint.history)
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            log.error("restore %d of version %d failed: %s", restore.id, target.id, reason)
+            with self.rt.session() as session:
+                crud.finish_restore(session, restore.id, status="failed", error=reason)
                 session.commit()
-                self.version_id = version.id
-                log.info("restored version %d as version %d", target.id, version.id)
+            if not self.broken:
+                self.resume()  # the trainer may hold part of the target now
+            return
+        with self.rt.session() as session:
+            version = crud.new_version(
+                session, "restore", target.checkpoint_sha256, len(checkpoint.history), self.head_id,
+                restored_from_id=target.id,
+            )
+            self._advance(session, version.id)
+            if not crud.finish_restore(session, restore.id, status="done", version_id=version.id):
+                session.rollback()
+                raise LeaseLost(f"restore {restore.id} is no longer queued")
+            session.commit()
+        self.head_id, self.broken = version.id, None
+        self.metrics.edit_apply_seconds.labels("restore").observe(time.perf_counter() - began)
+        log.info("restored version %d as version %d", target.id, version.id)
 
 
 def run_worker(runtime: Runtime) -> None:
-    """`python -m app worker`: the stand-alone worker of the Redis mode."""
+    """`python -m app worker`: a stand-alone worker (the trainer, or a standby)."""
     settings = runtime.settings
-    if not settings.redis_url:
-        raise SystemExit("REDIS_URL is not set: without it `python -m app` runs the worker itself")
     runtime.migrate()
     runtime.load()
-    queue = EditQueue(settings.redis_url, settings.redis_stream, settings.redis_group, settings.worker_name)
-    worker = Worker(runtime, queue)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: worker.stop.set())
-    log.info("worker %s consuming %s", settings.worker_name, settings.redis_stream)
+    doorbell = Doorbell(settings.redis_url, settings.redis_stream, settings.redis_stream_maxlen) if settings.redis_url else None
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host, registry=runtime.metrics.registry)
+    worker = Worker(runtime, doorbell)
+
+    def graceful(signum, _frame) -> None:
+        # The edit in hand is finished and committed, the lease released for a standby.
+        log.info("signal %d: finishing the current item, then stopping", signum)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, graceful)
+    signal.signal(signal.SIGINT, graceful)
+    log.info("worker %s started (%s)", settings.worker_name, "doorbell " + settings.redis_stream if doorbell else "polling")
     worker.run()

@@ -32,7 +32,7 @@ def tiny_settings(tiny_dir: Path, data_dir: Path, **overrides) -> Settings:
         edit_config=TINY_EDIT_CONFIG,
         batch_wait_ms=300,
         restore_wait_s=30,
-        sweep_interval_s=0.5,
+        poll_interval_s=0.2,
     )
     values.update(overrides)
     return Settings(**values)

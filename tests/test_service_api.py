@@ -27,7 +27,7 @@ def client(http) -> Client:
 
 def test_health_ready_and_base_version(http, client):
     assert http.get("/health").json() == {"status": "ok"}
-    assert http.get("/ready").json()["checks"] == {"model": "ok", "database": "ok", "queue": "ok"}
+    assert http.get("/ready").json()["checks"] == {"model": "ok", "database": "ok", "worker": "ok", "queue": "ok"}
     base = client.version(1)
     assert base["kind"] == "base" and base["parent"] is None and base["edit_count"] == 0
     assert len(base["checkpoint_sha256"]) == 64
@@ -156,7 +156,7 @@ def test_bad_generation_and_unknown_ids(http):
         ("GET", "/edits/999999"), ("GET", "/edits/999999/metrics"), ("GET", "/versions/999999"),
         ("POST", "/versions/999999/restore"),
     ]:
-        response = http.request(method, path)
+        response = http.request(method, path, json={} if method == "POST" else None)
         assert response.status_code == 404 and "does not exist" in response.json()["reason"]
     missing = http.post("/generate", json={"prompt": "hi", "version": 999999})
     assert missing.status_code == 404
@@ -181,7 +181,7 @@ def test_api_keys(tiny_dir, tmp_path):
         denied = http.post("/edits", json=EDIT, headers={"Authorization": "Bearer reader-key"})
         assert denied.status_code == 403 and "read-only" in denied.json()["reason"]
         assert http.post("/edits", json=EDIT).status_code == 401
-        assert http.post("/versions/1/restore", headers={"Authorization": "Bearer reader-key"}).status_code == 403
+        assert http.post("/versions/1/restore", json={}, headers={"Authorization": "Bearer reader-key"}).status_code == 403
         ok = Client(http=http, api_key="admin-key").edit(**EDIT)
         assert ok["status"] == "queued"
         assert http.get("/health").status_code == 200  # probes stay open

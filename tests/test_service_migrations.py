@@ -11,7 +11,7 @@ from app.db import downgrade, migrate
 from app.models import Base
 from service_support import postgres_schema
 
-TABLES = {"checkpoints", "versions", "edits", "restores"}
+TABLES = {"checkpoints", "versions", "edits", "restores", "chain", "blobs"}
 
 
 def _tables(url: str) -> set[str]:

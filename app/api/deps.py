@@ -38,6 +38,15 @@ DbService = Annotated[Service, Depends(database_ready)]
 ReadyRuntime = Annotated[Runtime, Depends(model_ready)]
 
 
+def require_json(request: Request) -> None:
+    """State-changing requests must say Content-Type: application/json. A page on another site
+    can POST text/plain, a form, or a body without a type, but not JSON without a CORS preflight
+    (which this service does not answer): no cross-site edit or restore."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "application/json":
+        raise HTTPException(415, "send the body as JSON with Content-Type: application/json")
+
+
 def _matches(key: str, keys: set[str]) -> bool:
     return any(secrets.compare_digest(key.encode(), k.encode()) for k in keys)
 
@@ -46,7 +55,7 @@ def _check(service: Service, credentials: HTTPAuthorizationCredentials | None, w
     settings = service.settings
     write_keys, read_keys = settings.write_keys, settings.read_keys
     if not write_keys and not read_keys:
-        return  # no keys configured: open (the server binds to 127.0.0.1 by default)
+        return  # no keys: open (python -m app serves so only on loopback, unless ALLOW_UNAUTHENTICATED)
     if credentials is None:
         raise HTTPException(401, "missing Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"})
     key = credentials.credentials

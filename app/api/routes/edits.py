@@ -21,11 +21,11 @@ from ...schemas import (
     MetricsOut,
     Status,
 )
-from ..deps import DbService, ReadyRuntime, require_read, require_write
+from ..deps import DbService, ReadyRuntime, require_json, require_read, require_write
 
 router = APIRouter(prefix="/edits", tags=["edits"])
 EditId = Annotated[int, Path(ge=1, le=MAX_ID)]
-ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 503)}
+ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
 
 
 def _accepted(edits, single: bool) -> EditAccepted | EditsAccepted:
@@ -37,9 +37,9 @@ def _accepted(edits, single: bool) -> EditAccepted | EditsAccepted:
     "",
     status_code=202,
     response_model=EditAccepted | EditsAccepted,
-    dependencies=[Depends(require_write)],
+    dependencies=[Depends(require_write), Depends(require_json)],
     responses=ERRORS,
-    summary="Accept one edit, or a list of edits, for the worker to apply",
+    summary="Accept one edit, or a list of edits, for the worker to apply (429 while MAX_QUEUE wait)",
 )
 def create_edits(
     service: DbService,
@@ -68,11 +68,18 @@ def create_edits(
             for item in items
         ]
         try:
-            edits = crud.add_edits(session, rows, idempotency_key, fingerprint)
+            edits = crud.add_edits(session, rows, idempotency_key, fingerprint, service.settings.max_queue)
         except IntegrityError:  # a concurrent request with the same key won
             session.rollback()
             return _replay(crud.edits_by_key(session, idempotency_key), fingerprint, single)
-    service.enqueue([e.id for e in edits])
+        except crud.QueueFull as full:
+            retry = service.retry_after(full.depth, len(rows))
+            raise HTTPException(
+                429,
+                f"{full.depth} edits are waiting (the limit is {service.settings.max_queue}); retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+            ) from None
+    service.notify(f"edits {edits[0].id}-{edits[-1].id}")
     return _accepted(edits, single)
 
 
@@ -91,7 +98,8 @@ def list_edits(
 ):
     with service.runtime.session() as session:
         rows, total = crud.list_edits(session, status, limit, offset)
-        return EditPage(items=[EditOut.from_row(r) for r in rows], total=total, limit=limit, offset=offset)
+        current = service.in_current_version(session)
+        return EditPage(items=[EditOut.from_row(r, current) for r in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{edit_id}", response_model=EditOut, dependencies=[Depends(require_read)], responses=ERRORS)
@@ -100,7 +108,7 @@ def get_edit(service: DbService, edit_id: EditId):
         row = crud.get_edit(session, edit_id)
         if row is None:
             raise HTTPException(404, f"edit {edit_id} does not exist")
-        return EditOut.from_row(row)
+        return EditOut.from_row(row, service.in_current_version(session))
 
 
 @router.get(

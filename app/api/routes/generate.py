@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
@@ -18,7 +19,7 @@ router = APIRouter(tags=["generate"])
     dependencies=[Depends(require_read)],
     responses={
         200: {"content": {"text/event-stream": {"description": "with stream: true"}}},
-        **{code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 503)},
+        **{code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 422, 503)},
     },
 )
 def generate(body: GenerateIn, runtime: ReadyRuntime):
@@ -28,11 +29,13 @@ def generate(body: GenerateIn, runtime: ReadyRuntime):
     options = dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, version_id=body.version)
     if not body.stream:
         return runtime.generate(body.prompt, body.max_new_tokens, **options)
+    began = time.perf_counter()
     generation = runtime.stream(runtime.prompt_ids(body.prompt), body.max_new_tokens, **options)
 
     def events():
         for piece in generation.pieces:
             yield f"data: {json.dumps({'token': piece})}\n\n"
+        runtime.metrics.observe_generation(len(generation.token_ids), time.perf_counter() - began)
         done = {"version": generation.version, "tokens": len(generation.token_ids)}
         yield f"event: done\ndata: {json.dumps(done)}\n\n"
 

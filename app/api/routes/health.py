@@ -1,12 +1,14 @@
-"""GET /health (the process is up) and GET /ready (model, database and queue all usable)."""
+"""GET /health (the process is up), GET /ready (model, database, queue and a trainer all there)
+and GET /metrics (Prometheus)."""
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ...db import ping
 from ...schemas import Health, Readiness
-from ..deps import ServiceDep
+from ..deps import ServiceDep, require_read
 
 router = APIRouter(tags=["health"])
 
@@ -24,11 +26,23 @@ def ready(service: ServiceDep):
     try:
         ping(runtime.engine)
         checks["database"] = "ok" if service.migrated.is_set() else "not migrated yet"
+        checks["worker"] = service.trainer_status() if service.migrated.is_set() else "not migrated yet"
     except Exception as err:  # any driver error means: not reachable
         checks["database"] = f"unreachable: {type(err).__name__}"
-    if service.queue is not None:
-        checks["queue"] = "ok" if service.queue.ping() else "redis unreachable"
+        checks["worker"] = "unknown: the database is unreachable"
+    if service.doorbell is not None:
+        checks["queue"] = "ok" if service.doorbell.ping() else "redis unreachable"
     else:
         checks["queue"] = "ok" if service.worker_alive() else "in-process worker not running"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(Readiness(ready=ok, checks=checks).model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_read)],
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
+def metrics(service: ServiceDep):
+    return Response(generate_latest(service.runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,20 +1,24 @@
-"""GET /versions, GET /versions/{v}, POST /versions/{v}/restore."""
+"""GET /versions, GET /versions/{v}, POST /versions/{v}/restore, GET /restores/{r}."""
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from ... import crud
 from ...models import Restore
-from ...schemas import MAX_ID, ErrorOut, RestoreOut, VersionOut, VersionPage
-from ..deps import DbService, require_read, require_write
+from ...schemas import MAX_ID, ErrorOut, RestoreIn, RestoreOut, VersionOut, VersionPage
+from ...service import Service
+from ..deps import DbService, require_json, require_read, require_write
 
 router = APIRouter(prefix="/versions", tags=["versions"])
+restores = APIRouter(prefix="/restores", tags=["versions"])
 VersionId = Annotated[int, Path(ge=1, le=MAX_ID)]
-ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 503)}
+ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 503)}
 
 
 @router.get("", response_model=VersionPage, dependencies=[Depends(require_read)], responses=ERRORS)
@@ -41,33 +45,51 @@ def get_version(service: DbService, version_id: VersionId):
 @router.post(
     "/{version_id}/restore",
     response_model=RestoreOut,
-    dependencies=[Depends(require_write)],
+    dependencies=[Depends(require_write), Depends(require_json)],
     responses={202: {"model": RestoreOut, "description": "queued; the worker has not done it yet"}, **ERRORS},
 )
-def restore_version(service: DbService, version_id: VersionId):
-    """The worker swaps that version's adapter in (no restart, no model reload) and records the
-    restore as a new version; waits up to RESTORE_WAIT_S for it."""
-    if service.queue is None and not service.runtime.ready.is_set():
-        raise HTTPException(503, service.runtime.load_error or "the worker is still loading the model")
+async def restore_version(service: DbService, version_id: VersionId, body: RestoreIn):
+    """Queued after every edit accepted before it: the worker swaps that version's adapter in (no
+    restart, no model reload) and records the restore as a new version. Waits up to
+    RESTORE_WAIT_S for it (without holding a server thread); then 202, to follow at
+    GET /restores/{id}. The body is `{}`: JSON, so that no other site can send it."""
+    restore = await run_in_threadpool(_add_restore, service, version_id)
+    await run_in_threadpool(service.notify, f"restore {restore.id}")  # Redis I/O: off the event loop
+    deadline = time.monotonic() + service.settings.restore_wait_s
+    while restore.status == "queued" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        restore = await run_in_threadpool(_get_restore, service, restore.id)
+    return _restore_answer(restore)
+
+
+@restores.get("/{restore_id}", response_model=RestoreOut, dependencies=[Depends(require_read)], responses=ERRORS)
+def get_restore(service: DbService, restore_id: Annotated[int, Path(ge=1, le=MAX_ID)]):
+    restore = _get_restore(service, restore_id)
+    if restore is None:
+        raise HTTPException(404, f"restore {restore_id} does not exist")
+    return _restore_answer(restore)
+
+
+def _add_restore(service: Service, version_id: int) -> Restore:
     with service.runtime.session() as session:
         if crud.get_version(session, version_id) is None:
             raise HTTPException(404, f"version {version_id} does not exist")
-        restore = crud.add_restore(session, version_id)
-    service.notify_restore()
-    deadline = time.monotonic() + service.settings.restore_wait_s
-    while True:
-        with service.runtime.session() as session:
-            restore = session.get(Restore, restore.id)
-        if restore.status != "queued" or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return crud.add_restore(session, version_id)
+
+
+def _get_restore(service: Service, restore_id: int) -> Restore | None:
+    with service.runtime.session() as session:
+        return crud.get_restore(session, restore_id)
+
+
+def _restore_answer(restore: Restore) -> JSONResponse:
+    if restore.status == "failed":
+        raise HTTPException(409, f"restore of version {restore.target_version_id} failed: {restore.error}")
     out = RestoreOut(
         restore_id=restore.id,
         status=restore.status,
         version=restore.version_id,
-        restored_from=version_id,
+        restored_from=restore.target_version_id,
         error=restore.error,
     )
-    if restore.status == "failed":
-        raise HTTPException(409, f"restore of version {version_id} failed: {restore.error}")
     return JSONResponse(out.model_dump(), status_code=200 if restore.status == "done" else 202)

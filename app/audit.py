@@ -1,0 +1,119 @@
+"""`python -m app audit`: checks the history against its invariants and prints what it found.
+
+- the versions form one chain from the base to the head (no version has two children);
+- every applied edit is in exactly one version, edits are applied in acceptance (id) order, and
+  each restore sits between the edits accepted before it and those accepted after;
+- each version's checkpoint holds exactly the edits its rows say (its stored history equals the
+  requests of the edits its lineage adds, in order), and its edit_count says as many."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from baft_core.checkpoint import ADAPTER_FILE, METADATA_KEY
+
+from . import crud
+from .models import Edit, Restore, Version
+
+
+def _stored_history(session: Session, checkpoints_dir: Path, sha256: str) -> list[dict]:
+    path = checkpoints_dir / sha256 / ADAPTER_FILE
+    if not path.is_file():  # another replica's local store: read the blob
+        data = crud.get_blob(session, sha256)
+        if data is None:
+            raise FileNotFoundError(f"checkpoint {sha256} is neither at {path} nor in the database")
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+            handle.write(data)
+            handle.flush()
+            return _history_of(Path(handle.name))
+    return _history_of(path)
+
+
+def _history_of(adapter: Path) -> list[dict]:
+    with safe_open(adapter, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    packed = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else metadata
+    return json.loads(packed["history"])
+
+
+def audit(session: Session, checkpoints_dir: Path) -> dict[str, Any]:
+    """Returns {"ok": bool, "problems": [...], and counts}."""
+    problems: list[str] = []
+    versions = {v.id: v for v in session.scalars(select(Version).order_by(Version.id))}
+    edits = list(session.scalars(select(Edit).order_by(Edit.id)))
+    restores = list(session.scalars(select(Restore).order_by(Restore.id)))
+    head = crud.head_id(session)
+
+    # one chain
+    children: dict[int, list[int]] = {}
+    for v in versions.values():
+        if v.parent_id is not None:
+            children.setdefault(v.parent_id, []).append(v.id)
+    problems += [f"version {p} has several children {c}" for p, c in children.items() if len(c) > 1]
+    chain: list[int] = []
+    current = head
+    while current is not None:
+        chain.append(current)
+        current = versions[current].parent_id
+    chain.reverse()
+    if set(chain) != set(versions):
+        problems.append(f"versions off the chain from the head: {sorted(set(versions) - set(chain))}")
+
+    # edits in versions, in order
+    own: dict[int, list[Edit]] = {}
+    for e in edits:
+        if e.status == "applied":
+            own.setdefault(e.version_id, []).append(e)
+        elif e.version_id is not None:
+            problems.append(f"edit {e.id} is {e.status} but names version {e.version_id}")
+    applied_order = [e.id for vid in chain for e in own.get(vid, [])]
+    if applied_order != sorted(applied_order):
+        problems.append("edits were not applied in acceptance order")
+    position = {vid: i for i, vid in enumerate(chain)}
+    edit_position = {e.id: position[e.version_id] for e in edits if e.status == "applied"}
+    for r in restores:
+        if r.status != "done":
+            continue
+        at = position[r.version_id]
+        early = [i for i, p in edit_position.items() if i <= r.after_edit_id and p > at]
+        late = [i for i, p in edit_position.items() if i > r.after_edit_id and p < at]
+        if early or late:
+            problems.append(f"restore {r.id} out of order: before it {early[:5]} came after, {late[:5]} before")
+
+    # each checkpoint holds exactly its lineage's edits
+    state: dict[int, list[dict]] = {}
+    for vid in chain:
+        v = versions[vid]
+        if v.kind == "base":
+            state[vid] = []
+        elif v.kind == "restore":
+            state[vid] = state.get(v.restored_from_id, [])
+        else:
+            added = own.get(vid, [])
+            if not added:
+                problems.append(f"version {vid} ({v.kind}) adds no edit")
+            state[vid] = state[v.parent_id] + [e.request for e in added]
+        if v.edit_count != len(state[vid]):
+            problems.append(f"version {vid}: edit_count {v.edit_count}, its lineage has {len(state[vid])}")
+        stored = _stored_history(session, checkpoints_dir, v.checkpoint_sha256)
+        if stored != state[vid]:
+            problems.append(f"version {vid}: its checkpoint holds {len(stored)} edits, not the {len(state[vid])} its rows say")
+
+    by_status: dict[str, int] = {}
+    for e in edits:
+        by_status[e.status] = by_status.get(e.status, 0) + 1
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "versions": len(versions),
+        "head": head,
+        "edits": by_status,
+        "restores": {s: sum(1 for r in restores if r.status == s) for s in ("queued", "done", "failed")},
+        "edits_in_head": len(state.get(head, [])) if head else 0,
+    }
