@@ -63,7 +63,7 @@ async function loadVersions() {
 async function restore(id) {
   $("#notice").textContent = `restoring v${id}…`;
   try {
-    const out = await api("POST", `/versions/${id}/restore`);
+    const out = await api("POST", `/versions/${id}/restore`, {});
     $("#notice").textContent = out.status === "done" ? `v${id} restored as v${out.version}` : `restore of v${id} ${out.status}`;
   } catch (error) { showError($("#notice"), error); }
   await refresh();
