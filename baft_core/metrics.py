@@ -92,7 +92,10 @@ def with_subject_probes(editor, requests: list[EditRequest], tokens: int = 4) ->
     """The requests with the editor's own same-subject probes added to their locality (group
     `SUBJECT_PROBE_GROUP`), each answered by the unedited model's greedy decoding (`tokens`
     tokens): what else about the subject an edit may not change, measured like any probe."""
-    prompts = [[p for p in editor.keep_prompts(r) if p not in {q.prompt for q in r.locality}] for r in requests]
+    prompts = []
+    for request in requests:
+        given = {probe.prompt for probe in request.locality}
+        prompts.append([p for p in editor.keep_prompts(request) if p not in given])
     flat = [encode_prompt(editor.tokenizer, p) for per in prompts for p in per]
     answers = iter(generate(editor.model, editor.tokenizer, flat, tokens, lock=editor.lock) if flat else [])
     out = []
