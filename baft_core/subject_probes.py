@@ -13,10 +13,6 @@ import re
 from dataclasses import dataclass
 
 
-# The probe group (`data.Probe.group`) of the prompts the editor made itself.
-SUBJECT_PROBE_GROUP = "Subject_Probes"
-
-
 # The probe group (`data.Probe.group`) of the prompts the editor makes itself.
 SUBJECT_PROBE_GROUP = "Subject_Probes"
 
