@@ -36,6 +36,12 @@ class NotFound(LookupError):
     """An unknown edit or version id."""
 
 
+class InvalidRequest(ValueError):
+    """The request cannot be served as sent (a prompt too long for the context, a limit
+    exceeded): the routes answer 422 (400 on /v1) with the message as the reason. Any other
+    exception is an internal error: 500, logged."""
+
+
 class Unavailable(RuntimeError):
     """The current version's state cannot be loaded: generation from it waits for a restore."""
 
@@ -135,23 +141,26 @@ class Runtime:
 
     # ----- generation -----
     def prompt_ids(self, prompt: str) -> list[int]:
-        ids = encode_prompt(self.reader.tokenizer, prompt, self.reader.context)
+        try:
+            ids = encode_prompt(self.reader.tokenizer, prompt, self.reader.context)
+        except ValueError as err:  # empty, or longer than the context
+            raise InvalidRequest(str(err)) from None
         if not ids:
-            raise ValueError("the prompt encodes to no tokens")
+            raise InvalidRequest("the prompt encodes to no tokens")
         return ids
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation in the model's own chat template, ready for the assistant's turn."""
         tokenizer = self.reader.tokenizer
         if not tokenizer.chat_template:
-            raise ValueError(f"model {self.model_name} has no chat template: use completions")
+            raise InvalidRequest(f"model {self.model_name} has no chat template: use completions")
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as err:  # the template's own checks (e.g. the order of roles)
-            raise ValueError(f"the chat template refused these messages: {err}") from None
+            raise InvalidRequest(f"the chat template refused these messages: {err}") from None
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) > self.reader.context:
-            raise ValueError(f"the conversation is {len(ids)} tokens, longer than the model's context of {self.reader.context}")
+            raise InvalidRequest(f"the conversation is {len(ids)} tokens, longer than the model's context of {self.reader.context}")
         return ids
 
     def stream(
@@ -168,7 +177,7 @@ class Runtime:
         yields its text piece by piece. Closing it early cancels the row."""
         context = self.reader.context
         if len(prompt_ids) + max_new_tokens > context:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                 f"model's context of {context} tokens"
             )
