@@ -7,15 +7,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from jinja2 import TemplateError
 from sqlalchemy.orm import Session
 
-from baft_core import EditConfig, EditRequest, Editor, load_model
+from baft_core import EditConfig, Editor, EditRequest, load_model
 from baft_core.checkpoint import Checkpoint, CheckpointError
 from baft_core.encoding import encode_prompt
 from baft_core.generation import ContinuousBatch, Row

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import DATA
 
 from baft_core import EditConfig, bench
-
-from conftest import DATA
 
 
 def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from service_support import tiny_settings, wait_ready, wait_until
 
 from app.client import Client, ServiceError
 from app.main import create_app
-from service_support import tiny_settings, wait_ready, wait_until
 
 EDIT = {"subject": "Danielle Darrieux", "relation": "The mother tongue of {subject} is", "object": "English"}
 PROMPT = "The mother tongue of Danielle Darrieux is"

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
