@@ -4,7 +4,7 @@ PIP := $(PY) -m pip
 TORCH_WHEEL ?= torch==2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup serve test bench clean chromium
+.PHONY: setup serve test lint bench clean chromium
 
 setup: $(STAMP)
 
@@ -27,10 +27,14 @@ chromium:
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
 
+lint: setup
+	$(PY) -m ruff check .
+
 serve: setup
 	$(PY) -m app
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: setup

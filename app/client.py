@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 
@@ -34,7 +35,7 @@ class Client:
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
         self.headers = headers
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_) -> None:

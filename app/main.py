@@ -1,6 +1,11 @@
-"""The FastAPI application: routes, JSON errors with a reason, and the service's lifespan."""
+"""The FastAPI application: routes, JSON errors with a reason, and the service's lifespan.
+
+Errors: a request the service cannot serve as sent is a 4xx with a reason (422 for invalid input:
+pydantic's checks and `InvalidRequest`, which the routes and the runtime raise for what only the
+loaded model can check); anything else is a 500 with the traceback in the log."""
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,9 +23,11 @@ from baft_core.checkpoint import CheckpointError
 from .api.routes import edits, generate, health, versions
 from .api.routes import openai as openai_routes
 from .limits import BodyLimit
-from .runtime import NotFound, Unavailable
+from .runtime import InvalidRequest, NotFound, Unavailable
 from .service import Service
 from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def _error(status: int, reason: str, detail=None, headers=None) -> JSONResponse:
@@ -57,8 +64,8 @@ def add_error_handlers(app: FastAPI) -> None:
     async def bad_checkpoint(_: Request, exc: CheckpointError):
         return _error(409, f"checkpoint unusable: {exc}")
 
-    @app.exception_handler(ValueError)
-    async def bad_value(_: Request, exc: ValueError):  # baft_core's input checks
+    @app.exception_handler(InvalidRequest)
+    async def invalid_request(_: Request, exc: InvalidRequest):  # the request's own checks
         return _error(422, str(exc))
 
     @app.exception_handler(DBAPIError)
@@ -99,7 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def count_responses(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # no handler above: an internal error, never the client's
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = _error(500, "internal error (logged on the server)")
         service = getattr(request.app.state, "service", None)
         if service is not None:
             service.runtime.metrics.responses.labels(str(response.status_code)).inc()

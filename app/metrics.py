@@ -4,7 +4,7 @@ a stand-alone worker serves its apply latencies on METRICS_PORT."""
 from __future__ import annotations
 
 import logging
-from datetime import timezone
+from datetime import UTC
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -78,7 +78,7 @@ class _DatabaseCollector:
         yield GaugeMetricFamily("baft_queue_depth", "Edits queued or applying", value=depth)
         age = 0.0
         if oldest is not None:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=timezone.utc)
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
             age = max(0.0, (utcnow() - oldest).total_seconds())
         yield GaugeMetricFamily("baft_queue_oldest_age_seconds", "Age of the oldest waiting edit", value=age)
         edits = GaugeMetricFamily("baft_edits", "Edits by status", labels=["status"])

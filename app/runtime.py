@@ -7,15 +7,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from jinja2 import TemplateError
 from sqlalchemy.orm import Session
 
-from baft_core import EditConfig, EditRequest, Editor, load_model
+from baft_core import EditConfig, Editor, EditRequest, load_model
 from baft_core.checkpoint import Checkpoint, CheckpointError
 from baft_core.encoding import encode_prompt
 from baft_core.generation import ContinuousBatch, Row
@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 
 class NotFound(LookupError):
     """An unknown edit or version id."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as sent (a prompt too long for the context, a limit
+    exceeded): the routes answer 422 (400 on /v1) with the message as the reason. Any other
+    exception is an internal error: 500, logged."""
 
 
 class Unavailable(RuntimeError):
@@ -135,23 +141,26 @@ class Runtime:
 
     # ----- generation -----
     def prompt_ids(self, prompt: str) -> list[int]:
-        ids = encode_prompt(self.reader.tokenizer, prompt, self.reader.context)
+        try:
+            ids = encode_prompt(self.reader.tokenizer, prompt, self.reader.context)
+        except ValueError as err:  # empty, or longer than the context
+            raise InvalidRequest(str(err)) from None
         if not ids:
-            raise ValueError("the prompt encodes to no tokens")
+            raise InvalidRequest("the prompt encodes to no tokens")
         return ids
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation in the model's own chat template, ready for the assistant's turn."""
         tokenizer = self.reader.tokenizer
         if not tokenizer.chat_template:
-            raise ValueError(f"model {self.model_name} has no chat template: use completions")
+            raise InvalidRequest(f"model {self.model_name} has no chat template: use completions")
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as err:  # the template's own checks (e.g. the order of roles)
-            raise ValueError(f"the chat template refused these messages: {err}") from None
+            raise InvalidRequest(f"the chat template refused these messages: {err}") from None
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) > self.reader.context:
-            raise ValueError(f"the conversation is {len(ids)} tokens, longer than the model's context of {self.reader.context}")
+            raise InvalidRequest(f"the conversation is {len(ids)} tokens, longer than the model's context of {self.reader.context}")
         return ids
 
     def stream(
@@ -168,7 +177,7 @@ class Runtime:
         yields its text piece by piece. Closing it early cancels the row."""
         context = self.reader.context
         if len(prompt_ids) + max_new_tokens > context:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                 f"model's context of {context} tokens"
             )

@@ -15,8 +15,8 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from baft_core.generation import ContinuousBatch, Row
 
@@ -54,7 +54,7 @@ class FairLock:
                 self._owner = None
                 self._condition.notify_all()
 
-    def __enter__(self) -> "FairLock":
+    def __enter__(self) -> FairLock:
         self.acquire()
         return self
 

@@ -1,7 +1,7 @@
 """Request and response bodies (pydantic v2): the API contract, with its input limits."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -59,7 +59,7 @@ class EditIn(BaseModel):
     mode: Mode = "continual"
 
     @model_validator(mode="after")
-    def _check_template(self) -> "EditIn":
+    def _check_template(self) -> EditIn:
         # Only the {subject} field is allowed: anything else in braces is a template error (and a
         # format spec like {subject:>99999999} could allocate gigabytes).
         if "{" in self.relation.replace("{subject}", "") or "}" in self.relation.replace("{subject}", ""):
@@ -84,7 +84,7 @@ EditBatchIn = Annotated[list[EditIn], Field(min_length=1, max_length=100)]
 def _utc(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; they are UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -118,7 +118,7 @@ class EditOut(BaseModel):
     train_seconds: float | None
 
     @classmethod
-    def from_row(cls, row, current: set[int]) -> "EditOut":
+    def from_row(cls, row, current: set[int]) -> EditOut:
         """`current`: the versions whose edits the current version holds."""
         created, started, finished = _utc(row.created_at), _utc(row.started_at), _utc(row.finished_at)
         return cls(
@@ -172,7 +172,7 @@ class MetricsOut(BaseModel):
     basis_weights: dict[str, list[float]] | None = Field(description="mean basis weights w_k per layer")
 
     @classmethod
-    def build(cls, row, version: int, measured: str, values: dict[str, Any] | None) -> "MetricsOut":
+    def build(cls, row, version: int, measured: str, values: dict[str, Any] | None) -> MetricsOut:
         values = values or {}
         return cls(
             edit_id=row.id,
@@ -204,7 +204,7 @@ class GenerateIn(BaseModel):
     stream: bool = Field(False, description="stream tokens as server-sent events")
 
     @model_validator(mode="after")
-    def _check_temperature(self) -> "GenerateIn":
+    def _check_temperature(self) -> GenerateIn:
         # Below this, logits / temperature overflow and sampling breaks down; 0 means greedy.
         if 0 < self.temperature < 0.01:
             raise ValueError("temperature must be 0 (greedy) or at least 0.01")
@@ -229,7 +229,7 @@ class VersionOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def from_row(cls, row, edits: list[int]) -> "VersionOut":
+    def from_row(cls, row, edits: list[int]) -> VersionOut:
         return cls(
             id=row.id,
             parent=row.parent_id,
@@ -311,7 +311,7 @@ class _OpenAIRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @model_validator(mode="after")
-    def _check_temperature(self) -> "_OpenAIRequest":
+    def _check_temperature(self) -> _OpenAIRequest:
         if 0 < self.temperature < 0.01:
             raise ValueError("temperature must be 0 (greedy) or at least 0.01")
         return self

@@ -10,7 +10,7 @@ from datetime import timedelta
 from . import crud
 from .models import utcnow
 from .queue import Doorbell
-from .runtime import Runtime
+from .runtime import InvalidRequest, Runtime
 from .schemas import EditIn
 from .settings import Settings
 from .worker import Worker
@@ -76,7 +76,7 @@ class Service:
         return "ok"
 
     def check_tokens(self, edits: list[EditIn]) -> None:
-        """Rejects (ValueError) edits too long for the model's context, once the model is loaded;
+        """Rejects (InvalidRequest) edits too long for the model's context, once the model is loaded;
         before that the worker checks and fails them with the reason."""
         reader = self.runtime.reader
         if not self.runtime.ready.is_set() or reader is None:
@@ -86,8 +86,12 @@ class Service:
             pairs = [(p, request.target) for p in [request.prompt, *request.rephrases]]
             pairs += [(p.prompt, p.answer) for p in [*request.locality, *request.portability]]
             for prompt, answer in pairs:
-                if not reader.encode(prompt, answer).prompt:
-                    raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+                try:
+                    example = reader.encode(prompt, answer)
+                except ValueError as err:  # longer than the context
+                    raise InvalidRequest(str(err)) from None
+                if not example.prompt:
+                    raise InvalidRequest(f"prompt {prompt!r} encodes to no tokens")
 
     def retry_after(self, depth: int, wanted: int) -> int:
         """Seconds until about `wanted` more edits fit, at the last minute's apply rate."""

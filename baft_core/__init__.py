@@ -2,7 +2,7 @@
 from .attach import Attachment, InterventionSet, find_decoder_layers
 from .config import EditConfig
 from .data import EditRequest, Probe, load_edits
-from .editor import EditResult, Editor
+from .editor import Editor, EditResult
 from .intervention import BasisIntervention
 from .models import LoadedModel, load_model
 

@@ -24,6 +24,7 @@ from .editor import Editor
 from .models import BUNDLED, load_model
 from .precision import PRECISIONS
 from .report import plot_basis_weights, plot_curve, write_report
+from .unrelated import default_unrelated_prompts
 
 METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
 
@@ -52,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="heldout",
         choices=["heldout", "builtin", "none"],
         help="prompts the gates learn to stay closed on: locality prompts of records that are not "
-        "edited (never the evaluated ones), the built-in generic pool, or none",
+        "edited (never the evaluated ones; an error when there are none), the built-in generic pool, "
+        "or none. summary.json records how many (unrelated_count)",
     )
     parser.add_argument("--unrelated-size", type=int, default=200)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="EditConfig overrides")
@@ -94,13 +96,23 @@ def checkpoints(n: int) -> list[int]:
 def unrelated_pool(
     kind: str, size: int, seed: int, edited: list[EditRequest], rest: list[EditRequest]
 ) -> list[str] | None:
-    """The prompts the gates learn to stay closed on (`--unrelated`); None: the built-in pool."""
+    """The prompts the gates learn to stay closed on (`--unrelated`); None: the built-in pool.
+
+    `heldout` takes the locality prompts of the records after the edited ones; when there are
+    none (e.g. `--edits` equal to the data's size) the run would measure an editor without
+    negatives, so it stops with SystemExit instead of falling back silently."""
     if kind == "none":
         return []
     if kind == "builtin":
         return None
     evaluated = {p.prompt for r in edited for p in r.locality}
     pool = [p.prompt for r in rest for p in r.locality if p.prompt not in evaluated]
+    if not pool:
+        raise SystemExit(
+            f"--unrelated heldout: no negatives left: the {len(rest)} records after the {len(edited)} edited "
+            "ones have no locality prompt that is not evaluated. Edit fewer records than the data holds, "
+            "add a file of records to hold out, or pass --unrelated builtin (the service's own generic pool)."
+        )
     random.Random(seed).shuffle(pool)
     return pool[:size]
 
@@ -130,8 +142,10 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--edits {args.edits}: the data has only {len(records)} records")
     edits, rest = records[: args.edits], records[args.edits :]
     config = build_config(args)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     unrelated = unrelated_pool(args.unrelated, args.unrelated_size, args.seed, edits, rest)
+    negatives = len(default_unrelated_prompts()) if unrelated is None else len(unrelated)
+    print(f"unrelated prompts ({args.unrelated}): {negatives}", file=sys.stderr)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     editor = Editor(loaded.model, loaded.tokenizer, config, unrelated)
     baseline = metrics.locality_baseline(editor, edits)
     editor.prepare()  # what the first edit would compute once, outside the per-edit timings
@@ -204,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
         "cpu": torch.cpu.get_capabilities().get("cpu_name"),
         "data": [str(p) for p in args.data],
         "unrelated": args.unrelated,
+        "unrelated_count": negatives,  # the negatives the editor had (prompts)
         **metrics.summarize([r["metrics"] for r in rows]),
         "sec_per_edit_median": statistics.median(seconds),
         "sec_per_edit_first100_median": statistics.median(seconds[:100]),

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -36,7 +37,7 @@ class EditRequest:
         self.portability = [p if isinstance(p, Probe) else Probe(**p) for p in self.portability]
 
     @classmethod
-    def from_triple(cls, subject: str, relation: str, target: str, **extra: Any) -> "EditRequest":
+    def from_triple(cls, subject: str, relation: str, target: str, **extra: Any) -> EditRequest:
         """`relation` is a template with {subject} ("The mother tongue of {subject} is") or a
         phrase that follows the subject ("was born in")."""
         if not subject.strip():
@@ -54,7 +55,7 @@ class EditRequest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EditRequest":
+    def from_dict(cls, data: dict) -> EditRequest:
         return cls(**data)
 
 

@@ -2,9 +2,9 @@
 token, reusing the KV cache so that each step runs only the new token."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch.nn import functional as F

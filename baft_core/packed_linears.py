@@ -28,7 +28,7 @@ never moved or saved. Three kinds:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def fp32_supported() -> bool:
     return torch.backends.mkldnn.is_available() and _runs(Fp32Linear)
 
 
-def _runs(kind: type["_PackedLinear"]) -> bool:
+def _runs(kind: type[_PackedLinear]) -> bool:
     """A packed product of `kind` runs here."""
     try:
         kind(nn.Linear(1, 1, bias=False).to(kind.dtype))(torch.zeros(1, 1, dtype=kind.dtype))
@@ -65,7 +65,7 @@ class _FrozenProduct(torch.autograd.Function):
     """x @ W^T + bias with W frozen: the gradient flows to x alone."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, linear: "_PackedLinear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, linear: _PackedLinear) -> torch.Tensor:
         ctx.linear = linear
         return linear.product(x.contiguous(), linear.packed, linear.bias)
 

@@ -8,8 +8,9 @@ each answer. Each optimisation step then runs layers L0.. on the suffix alone.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn

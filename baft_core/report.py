@@ -25,7 +25,7 @@ def write_report(summary: dict, path: Path) -> None:
         f"Command: `{summary['command']}`",
         "",
         f"Model: {summary['model']}; adapter parameters: {summary['params']}; "
-        f"unrelated pool: {summary['unrelated']}; threads: {summary['threads']}; {summary['date']}",
+        f"unrelated pool: {summary['unrelated']} ({summary.get('unrelated_count', '?')} prompts); threads: {summary['threads']}; {summary['date']}",
         "",
         "| " + " | ".join(COLUMNS) + " | s/edit (median) | steps (mean) |",
         "|" + "---|" * (len(COLUMNS) + 2),

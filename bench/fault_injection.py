@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -41,12 +41,12 @@ from sqlalchemy.exc import OperationalError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from app import crud  # noqa: E402
 from app.audit import audit  # noqa: E402
 from app.db import make_engine, make_sessionmaker  # noqa: E402
-from app import crud  # noqa: E402
 from app.models import Edit, Version  # noqa: E402
 from app.store import CheckpointStore  # noqa: E402
-from baft_core import EditConfig, EditRequest, Editor, load_model  # noqa: E402
+from baft_core import EditConfig, Editor, EditRequest, load_model  # noqa: E402
 from baft_core.models import _dequantised_cache, bundled_gguf  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "fault_injection"
@@ -440,7 +440,7 @@ def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fl
 
     five_xx = {code: n for code, n in load.codes.items() if code >= 500 and code != 503}
     result = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["bench/fault_injection.py", *sys.argv[1:]]),
         "config": {"edits": args.edits, "restores": args.restores, "kill_every_s": args.kill_every, "min_uptime_s": args.min_uptime,
                    "chaos_s": args.chaos_seconds, "max_queue": args.max_queue,

@@ -48,8 +48,8 @@ def main() -> None:
         assert torch.equal(head(hidden[:, -1:])[:, -1], final_logits(model, hidden[:, -1]))
         sliced, flat = [], []
         for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
-            sliced.append(timed(lambda: head(hidden[:, -1:])))
-            flat.append(timed(lambda: final_logits(model, hidden[:, -1])))
+            sliced.append(timed(lambda hidden=hidden: head(hidden[:, -1:])))
+            flat.append(timed(lambda hidden=hidden: final_logits(model, hidden[:, -1])))
         rows.append({
             "batch": batch,
             "sliced_3d_median_ms": 1000 * statistics.median(sliced),

@@ -23,7 +23,12 @@ from torch import nn
 
 from baft_core import EditConfig, find_decoder_layers, load_model
 from baft_core.packed_linears import (
-    Bf16Linear, Fp16Linear, Fp32Linear, bf16_supported, fp16_supported, fp32_supported,
+    Bf16Linear,
+    Fp16Linear,
+    Fp32Linear,
+    bf16_supported,
+    fp16_supported,
+    fp32_supported,
 )
 from baft_core.precision import ISA_LIMITS
 

@@ -2,7 +2,7 @@
 load (on a shared two-core host the speed drifts by 15% between back-to-back runs):
 
 - `--vary dtype`: the bundled model in bf16 against fp32, BaFT (the defaults);
-- `--vary method`: BaFT against ReFT (the issue's ratio), in the dtype `auto` picks;
+- `--vary method`: BaFT against ReFT (the time ratio of a single edit), in the dtype `auto` picks;
 - `--vary weights`: fp32 arithmetic on fp16 weights (FBGEMM) against plain fp32, BaFT;
 - `--vary weights-bf16`: the same against bf16 (on a CPU with bf16 arithmetic: is `auto` right?);
 - `--vary packed-fp32`: fp32 weights packed for oneDNN against fp16 weights (FBGEMM);

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from paired_speed import training_batch, training_step  # the step paired_speed times
 
 from baft_core import EditConfig, Editor, load_model
 from baft_core.data import load_edits
 from baft_core.packed_linears import KINDS
-from paired_speed import training_batch, training_step  # the step paired_speed times
 
 
 class ProductClock:
@@ -29,7 +29,7 @@ class ProductClock:
     def __init__(self) -> None:
         self.seconds, self.calls, self.originals = 0.0, 0, {}
 
-    def __enter__(self) -> "ProductClock":
+    def __enter__(self) -> ProductClock:
         # the classes that define a product (the oneDNN kinds share their base's)
         owners = {klass for kind in KINDS for klass in kind.__mro__ if "product" in klass.__dict__}
         for owner in owners:

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import DATA
 
 from baft_core import EditConfig, bench
-
-from conftest import DATA
 
 
 def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):
@@ -23,6 +22,7 @@ def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"summary.json", "edits.jsonl", "report.md", "curve.png", "basis_weights.png"}
     written = json.loads((out / "summary.json").read_text())
     assert written["edits"] == 3 and written["dtype"] == "float32" and "cpu" in written
+    assert written["unrelated"] == "builtin" and written["unrelated_count"] > 0
     assert [point["edits"] for point in summary["curve"]] == [1, 3]
     assert summary["sealed_blocks"] == 3 and summary["config"]["block_edits"] == 1
     assert summary["generation_speed_ratio"] > 0
@@ -43,3 +43,21 @@ def test_bad_overrides_are_named(assignments, message):
 def test_overrides_take_json_values():
     config = bench.apply_overrides(EditConfig(), ["rank=16", "lr_warmup=[0.5]", "route_margin=null"])
     assert (config.rank, config.lr_warmup, config.route_margin) == (16, [0.5], None)
+
+
+def test_heldout_negatives_must_exist(tmp_path):
+    """`--unrelated heldout` with every record edited has no negatives: an error naming the way
+    out, before any model is loaded; otherwise summary.json counts them."""
+    records = [
+        {"subject": f"S{i}", "src": f"What is S{i}?", "alt": "x", "rephrase": f"S{i} is what?",
+         "loc": f"nq question: who wrote book {i}", "loc_ans": "someone"}
+        for i in range(3)
+    ]
+    data = tmp_path / "three.json"
+    data.write_text(json.dumps(records))
+    base = ["--data", str(data), "--format", "zsre", "--model", "/nonexistent", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="no negatives left.*--unrelated builtin"):
+        bench.run(bench.parse_args([*base, "--edits", "3"]))
+    edited, rest = bench.load_edits(str(data), "zsre")[:2], bench.load_edits(str(data), "zsre")[2:]
+    assert len(bench.unrelated_pool("heldout", 200, 0, edited, rest)) == 1
+    assert bench.unrelated_pool("builtin", 200, 0, edited, rest) is None

@@ -3,12 +3,11 @@ trainable block, the sample of sealed edits used as negatives, and checkpoints o
 from __future__ import annotations
 
 import torch
+from test_core_editor import make_editor
 
 from baft_core import EditConfig, EditRequest
 from baft_core.blocks import SealedBases
 from baft_core.intervention import BasisIntervention, standardize
-
-from test_core_editor import make_editor
 
 EDITS = [
     EditRequest("The mother tongue of Danielle Darrieux is", "Japanese"),
@@ -142,7 +141,7 @@ def test_sealed_edits_become_negatives_in_a_bounded_sample(tiny_sharp):
         ed.load_state(ed.interventions, ed.history)
         rebuilt = ed.sealed_edit_features()
         assert len(ed._edit_features) == 2
-        assert all(rebuilt[l].shape[1] == 64 for l in ed.layers)
+        assert all(rebuilt[layer].shape[1] == 64 for layer in ed.layers)
     finally:
         ed.attachment.detach()
 

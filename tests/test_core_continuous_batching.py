@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_core_generation import PROMPTS, perturb
 
 from baft_core import EditConfig, Editor
 from baft_core.encoding import encode_prompt
 from baft_core.generation import ContinuousBatch, Row, stream
-
-from test_core_generation import PROMPTS, perturb
 
 P = 3
 MORE_PROMPTS = PROMPTS + [

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import DATA
 
 from baft_core.data import EditRequest, Probe, load_edits
-
-from conftest import DATA
 
 ZSRE = DATA / "zsre" / "zsre_eval_portability_dev.json"
 COUNTERFACT = DATA / "counterfact" / "counterfact_val.json"

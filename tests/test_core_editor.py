@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baft_core import EditConfig, EditRequest, Editor
+from baft_core import EditConfig, Editor, EditRequest
 from baft_core.encoding import encode, encode_prompt
 from baft_core.metrics import answer_argmax
 
@@ -34,7 +34,6 @@ def first_loss(editor, request) -> float:
     """CE of the target on the current adapter, computed with a plain forward."""
     example = editor.encode(request.prompt, request.target)
     from baft_core.encoding import teacher_forced
-
     from baft_core.metrics import teacher_forced_routes
 
     tf = teacher_forced([example], editor.config.prompt_positions, editor.pad_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baft_core import EditConfig, EditRequest, Editor
+from baft_core import EditConfig, Editor, EditRequest
 
 pytestmark = pytest.mark.integration
 

@@ -160,7 +160,7 @@ def test_gates_keep_learning_at_large_residual_norms():
     start_gap = (w_edit.mean() - w_unrel.mean()).item()
 
     optimizer = torch.optim.AdamW(module.gate.parameters(), lr=5e-2, weight_decay=0.0)
-    for step in range(10):
+    for _ in range(10):
         loss = locality_margin(
             module.gate_logits(edit), module.gate_logits(unrelated), alpha=0.01, beta=0.05, gamma=0.02
         )

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from baft_core import EditConfig, EditRequest, Editor, find_decoder_layers, load_model, models, packed_linears
+from baft_core import EditConfig, Editor, EditRequest, find_decoder_layers, load_model, models
 from baft_core.encoding import context_limit, teacher_forced
 from baft_core.prefix_cache import CachedBatch
 

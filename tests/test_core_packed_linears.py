@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_core_editor import UNRELATED
 from torch import nn
 
-from baft_core import EditConfig, EditRequest, Editor, load_model
-from baft_core import packed_linears
+from baft_core import EditConfig, Editor, EditRequest, load_model, packed_linears
 from baft_core.packed_linears import Bf16Linear, Fp16Linear, Fp32Linear, pack_linears
 from baft_core.precision import FP16_WEIGHTS, FP32_PACKED
-from test_core_editor import UNRELATED
 
 needs_fbgemm = pytest.mark.skipif(not packed_linears.fp16_supported(), reason="FBGEMM does not run on this CPU")
 needs_onednn = pytest.mark.skipif(not packed_linears.bf16_supported(), reason="oneDNN does not multiply bf16 here")
@@ -114,7 +113,7 @@ def test_an_edit_trains_through_packed_layers_as_through_plain_ones(
     plain, allowed = {Fp16Linear: ("float32", 0.05), Bf16Linear: ("bfloat16", 1e-3), Fp32Linear: ("float32", 1e-3)}[kind]
     losses = {}
     for name, packs in (("plain", False), ("packed", True)):
-        monkeypatch.setattr(packed_linears, "bf16_supported", lambda: packs)
+        monkeypatch.setattr(packed_linears, "bf16_supported", lambda packs=packs: packs)
         loaded = load_model(str(tiny_sharp_dir), device="cpu", dtype=precision if packs else plain)
         assert any(isinstance(m, kind) for m in loaded.model.modules()) == packs
         torch.manual_seed(0)

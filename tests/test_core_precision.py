@@ -7,13 +7,13 @@ import time
 
 import pytest
 import torch
+from conftest import MODEL_CACHE
 from torch import nn
 from transformers import LlamaConfig
 
 from baft_core import EditConfig, packed_linears, precision
 from baft_core.models import cpu_precision_record
 from baft_core.precision import FP16_WEIGHTS, FP32_PACKED, cpu_candidates, measured_choice, resolve_precision
-from conftest import MODEL_CACHE
 
 CPU = torch.device("cpu")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_core_editor import make_editor
 
 from baft_core import EditRequest
 from baft_core.editor import _shared_suffix
@@ -12,8 +13,6 @@ from baft_core.generation import generate
 from baft_core.metrics import teacher_forced_routes
 from baft_core.prefix_cache import SharedPrefixes
 from baft_core.routing import UNLIMITED, Router, Routes, answer_offsets, subject_token
-
-from test_core_editor import make_editor
 
 EDITS = [
     EditRequest("The mother tongue of Danielle Darrieux is", "Japanese", subject="Danielle Darrieux"),

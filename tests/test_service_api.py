@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from service_support import tiny_settings, wait_ready, wait_until
 
 from app.client import Client, ServiceError
 from app.main import create_app
-from service_support import tiny_settings, wait_ready, wait_until
 
 EDIT = {"subject": "Danielle Darrieux", "relation": "The mother tongue of {subject} is", "object": "English"}
 PROMPT = "The mother tongue of Danielle Darrieux is"
@@ -167,6 +167,32 @@ def test_edit_too_long_for_the_context_is_422(http):
     # Fits the character limits but not the tiny model's 128-token context once rephrased.
     response = http.post("/edits", json={**EDIT, "rephrases": ["word " * 150]})
     assert response.status_code == 422 and "context" in response.json()["reason"]
+
+
+def test_internal_errors_are_500s_with_a_log_line(http, monkeypatch, caplog):
+    """A ValueError from inside the service is a bug, not the client's: 500, logged; the
+    request's own checks (InvalidRequest) stay 422 (400 on /v1)."""
+    runtime = http.app.state.service.runtime
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(runtime, "stream", broken)
+    with caplog.at_level("ERROR", logger="app"):
+        response = http.post("/generate", json={"prompt": "hi"})
+        completion = http.post("/v1/completions", json={"model": runtime.model_name, "prompt": "hi"})
+    assert response.status_code == 500, response.text
+    assert response.json() == {"reason": "internal error (logged on the server)"}
+    assert "an internal bug" not in response.text
+    assert any("POST /generate failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert completion.status_code == 500 and completion.json()["error"]["type"] == "server_error"
+    assert "an internal bug" not in completion.text
+    assert http.get("/metrics").status_code == 200
+    monkeypatch.undo()
+    too_long = http.post("/generate", json={"prompt": "hi", "max_new_tokens": 200})  # context: 128
+    assert too_long.status_code == 422 and "context" in too_long.json()["reason"]
+    too_long = http.post("/v1/completions", json={"model": runtime.model_name, "prompt": "hi", "max_tokens": 200})
+    assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
 
 
 def test_api_keys(tiny_dir, tmp_path):

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
+from service_support import tiny_settings, wait_ready
 
 from app.client import Client
 from app.main import create_app
 from app.scheduler import FairLock
-from service_support import tiny_settings, wait_ready
 
 PROMPTS = [
     "The mother tongue of Danielle Darrieux is",

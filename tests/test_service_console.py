@@ -9,13 +9,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import websocket
-
 from conftest import IN_CI
 from service_support import free_port_in, server, tiny_server_env, tiny_settings, wait_until
 

@@ -5,7 +5,6 @@ import re
 import subprocess
 
 import yaml
-
 from service_support import REPO
 
 

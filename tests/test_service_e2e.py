@@ -7,9 +7,9 @@ from contextlib import ExitStack
 
 import pytest
 import redis
+from service_support import REPO, postgres_schema, server, service_env, start, stop
 
 from app.client import Client, ServiceError
-from service_support import REPO, postgres_schema, server, service_env, start, stop
 
 pytestmark = pytest.mark.integration
 

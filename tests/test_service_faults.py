@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from service_support import TINY_EDIT_CONFIG, tiny_settings, wait_ready
 
 from app import crud
 from app.client import Client, ServiceError
 from app.main import create_app
 from app.store import CheckpointStore
-from baft_core import EditConfig, EditRequest, Editor
+from baft_core import EditConfig, Editor, EditRequest
 from baft_core.checkpoint import ADAPTER_FILE, SEGMENTS_DIR
-from service_support import TINY_EDIT_CONFIG, tiny_settings, wait_ready
 
 PROMPT = "Alice lives in"
 

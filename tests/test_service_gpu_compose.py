@@ -4,7 +4,6 @@ GPU; the rest of the deployment is the base file's."""
 from __future__ import annotations
 
 import yaml
-
 from service_support import REPO
 
 

@@ -12,15 +12,6 @@ import uuid
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import update
-
-from app import crud
-from baft_core import EditRequest
-from app.audit import audit
-from app.client import Client
-from app.db import make_engine, make_sessionmaker, migrate
-from app.main import create_app
-from app.models import Chain
 from service_support import (
     TINY_EDIT_CONFIG,
     postgres_schema,
@@ -31,6 +22,15 @@ from service_support import (
     wait_ready,
     wait_until,
 )
+from sqlalchemy import update
+
+from app import crud
+from app.audit import audit
+from app.client import Client
+from app.db import make_engine, make_sessionmaker, migrate
+from app.main import create_app
+from app.models import Chain
+from baft_core import EditRequest
 
 pytestmark = pytest.mark.services
 

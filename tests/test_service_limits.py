@@ -9,11 +9,11 @@ import uuid
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from service_support import REPO, free_port, service_env, tiny_settings, wait_until
 
 from app.__main__ import is_loopback
 from app.main import create_app
 from app.queue import Doorbell
-from service_support import REPO, free_port, service_env, tiny_settings, wait_until
 
 EDIT = {"subject": "Alice", "relation": "lives in", "object": "Oslo"}
 

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import multiprocessing
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
+from service_support import postgres_schema
 from sqlalchemy import create_engine, inspect
 
 from app.db import downgrade, migrate
 from app.models import Base
-from service_support import postgres_schema
 
 TABLES = {"checkpoints", "versions", "edits", "restores", "chain", "blobs"}
 

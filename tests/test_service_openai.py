@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from transformers import AutoTokenizer
-
 from service_support import free_port_in, server, tiny_server_env, tiny_settings
+from transformers import AutoTokenizer
 
 PROMPT = "The capital of France is"
 KEY, READ_KEY = "test-write-key", "test-read-key"

@@ -10,9 +10,6 @@ import uuid
 import pytest
 import redis
 from fastapi.testclient import TestClient
-
-from app.client import Client
-from app.main import create_app
 from service_support import (
     TINY_EDIT_CONFIG,
     free_port,
@@ -25,6 +22,9 @@ from service_support import (
     wait_ready,
     wait_until,
 )
+
+from app.client import Client
+from app.main import create_app
 
 pytestmark = pytest.mark.services
 

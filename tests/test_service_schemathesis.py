@@ -7,9 +7,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.python.asgi import shutdown_lifespans
+from service_support import tiny_settings
 
 from app.main import create_app
-from service_support import tiny_settings
 
 EXAMPLES_PER_OPERATION = 30
 

@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
+from ...runtime import InvalidRequest
 from ...schemas import ErrorOut, GenerateIn, GenerateOut
 from ..deps import ReadyRuntime, require_read
 
@@ -25,7 +26,7 @@ router = APIRouter(tags=["generate"])
 def generate(body: GenerateIn, runtime: ReadyRuntime):
     limit = runtime.settings.max_new_tokens
     if body.max_new_tokens > limit:
-        raise ValueError(f"max_new_tokens {body.max_new_tokens} exceeds this server's limit of {limit}")
+        raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds this server's limit of {limit}")
     options = dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, version_id=body.version)
     if not body.stream:
         return runtime.generate(body.prompt, body.max_new_tokens, **options)

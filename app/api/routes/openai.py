@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from baft_core.checkpoint import CheckpointError
 
 from ...models import Version
-from ...runtime import Generation, NotFound, Runtime
+from ...runtime import Generation, InvalidRequest, NotFound, Runtime
 from ...schemas import (
     AssistantMessage,
     ChatChoice,
@@ -85,7 +85,7 @@ class OpenAIRoute(APIRoute):
                 return openai_error(404, str(exc), "model", "model_not_found")
             except NotFound as exc:
                 return openai_error(404, str(exc))
-            except ValueError as exc:  # baft_core's and the runtime's input checks
+            except InvalidRequest as exc:  # the request's own checks; other errors are 500s
                 code = "context_length_exceeded" if "context" in str(exc) else None
                 return openai_error(400, str(exc), code=code)
             except CheckpointError as exc:
@@ -165,7 +165,7 @@ def _limit(runtime: Runtime, requested: int | None, prompt_tokens: int) -> int:
     if requested is None:
         return max(1, min(server, runtime.reader.context - prompt_tokens))
     if requested > server:
-        raise ValueError(f"max_tokens {requested} exceeds this server's limit of {server}")
+        raise InvalidRequest(f"max_tokens {requested} exceeds this server's limit of {server}")
     return requested
 
 
@@ -222,7 +222,7 @@ def _start(runtime: Runtime, ids: list[int], body, max_tokens: int | None) -> Ge
 )
 def completions(body: CompletionIn, runtime: ReadyRuntime):
     if body.stream and len(body.prompts) > 1:
-        raise ValueError("stream takes a single prompt")
+        raise InvalidRequest("stream takes a single prompt")
     generations = [_start(runtime, runtime.prompt_ids(p), body, body.max_tokens) for p in body.prompts]
     created, name = int(time.time()), version_name(runtime, generations[0].version)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
