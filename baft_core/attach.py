@@ -6,8 +6,8 @@ boolean [batch, seq] mask. Outside that context the model runs unedited.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -151,7 +151,7 @@ class InterventionSet(nn.Module):
     def calibrated(self) -> bool:
         return int(self.edit_count) > 0 or self.sealed_blocks > 0
 
-    def fork(self) -> "InterventionSet":
+    def fork(self) -> InterventionSet:
         """A copy to train: the trainable blocks are copied, the sealed bases shared (they are
         never written in place)."""
         frozen = [t for sealed in self.sealed.values() for t in sealed.buffers()] + list(self.router.buffers())

@@ -199,5 +199,5 @@ class EditConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EditConfig":
+    def from_dict(cls, data: dict) -> EditConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

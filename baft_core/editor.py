@@ -29,7 +29,6 @@ from .routing import Router, routable, subject_token
 from .subject_probes import probe_prompts
 from .unrelated import default_unrelated_prompts
 
-
 Statistics = tuple[torch.Tensor, torch.Tensor]  # per-coordinate center and scale (`intervention.statistics`)
 
 
@@ -372,11 +371,11 @@ class Editor:
             states = self._prompt_states(probes + contexts)  # one pass for both
 
             def inputs(part: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
-                return {l: interventions[l].gate_inputs(torch.cat([s[l] for s in part])) for l in layers}
+                return {layer: interventions[layer].gate_inputs(torch.cat([s[layer] for s in part])) for layer in layers}
 
             return inputs(states[: len(probes)]), inputs(states[len(probes) :]) if contexts else None
         sealed_edits = self.sealed_edit_features()
-        return {l: interventions[l].gate_inputs(torch.cat([features[l], sealed_edits[l]])) for l in layers}, None
+        return {layer: interventions[layer].gate_inputs(torch.cat([features[layer], sealed_edits[layer]])) for layer in layers}, None
 
     def _fit(
         self,
@@ -414,7 +413,7 @@ class Editor:
         for intervention in interventions.by_layer.values():
             intervention.gate_follows_edit = cfg.gate_follows_edit
         steps, parts = 0, {}
-        for steps in range(1, max_steps + 1):
+        for steps in range(1, max_steps + 1):  # noqa: B007 (the count is read after the loop)
             with self.lock:
                 step = batch.forward()
             logits, record = step.logits, step.record
@@ -508,22 +507,22 @@ class Editor:
         cfg = self.config
         layers = interventions.layers
         optimizer = torch.optim.Adam(
-            [p for l in layers for p in interventions[l].gate.parameters()], lr=cfg.gate_lr
+            [p for layer in layers for p in interventions[layer].gate.parameters()], lr=cfg.gate_lr
         )
         with torch.no_grad():
-            inputs = {l: interventions[l].gate_inputs(record[l][1]) for l in layers}
-            anchor = {l: interventions[l].gate(inputs[l][on_edit]) for l in layers}
+            inputs = {layer: interventions[layer].gate_inputs(record[layer][1]) for layer in layers}
+            anchor = {layer: interventions[layer].gate(inputs[layer][on_edit]) for layer in layers}
         margin = torch.zeros(())
         for _ in range(cfg.gate_polish_steps):
             margin, drift = torch.zeros(()), torch.zeros(())
-            for l in layers:
-                logits = interventions[l].gate(inputs[l])
-                closed = torch.cat([interventions[l].gate(unrelated[l]), logits[~on_edit]])
+            for layer in layers:
+                logits = interventions[layer].gate(inputs[layer])
+                closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
                 edit_logits = logits[on_edit]
                 if opened is not None:
-                    edit_logits = torch.cat([edit_logits, interventions[l].gate(opened[l])])
+                    edit_logits = torch.cat([edit_logits, interventions[layer].gate(opened[layer])])
                 margin = margin + locality_margin(edit_logits, closed, cfg.alpha, cfg.beta, cfg.gamma)
-                drift = drift + (logits[on_edit] - anchor[l]).pow(2).mean()
+                drift = drift + (logits[on_edit] - anchor[layer]).pow(2).mean()
             if margin.item() / len(layers) <= cfg.polish_tolerance:
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -572,7 +571,7 @@ class Editor:
             return
         for j in range(count):
             index = len(self.history) + j
-            features = {l: record[l][1][(rows == j) & on_edit].float().clone() for l in self.layers}
+            features = {layer: record[layer][1][(rows == j) & on_edit].float().clone() for layer in self.layers}
             if len(self._edit_features) < capacity:
                 self._edit_features.append((index, features))
             else:  # reservoir sampling: every edit so far is in the sample with equal odds
@@ -659,7 +658,7 @@ class Editor:
                 Example(p, c if len(c) > 1 else c + [self.pad_id]) for p, c in zip(chunk, continuations)
             ]
         per_example = self._hidden_states(examples)
-        self._unrelated_features = {l: torch.cat([f[l] for f in per_example]) for l in self.layers}
+        self._unrelated_features = {layer: torch.cat([f[layer] for f in per_example]) for layer in self.layers}
         return self._unrelated_features
 
     def _prompt_states(self, prompts: list[str]) -> list[dict[int, torch.Tensor]]:
@@ -683,7 +682,7 @@ class Editor:
                 )
             mask = tf.intervene.to(self.device)
             for row in range(mask.shape[0]):
-                out.append({l: result.hidden_states[l + 1][row][mask[row]].float() for l in self.layers})
+                out.append({layer: result.hidden_states[layer + 1][row][mask[row]].float() for layer in self.layers})
         return out
 
     # ----- using the edited model -----

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
 # The probe group (`data.Probe.group`) of the prompts the editor makes itself.
 SUBJECT_PROBE_GROUP = "Subject_Probes"
 

@@ -9,10 +9,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from service_support import postgres_schema, tiny_settings, wait_ready, wait_until
 
 from app.client import Client
 from app.main import create_app
-from service_support import postgres_schema, tiny_settings, wait_ready, wait_until
 
 PROMPT = "Alice lives in"
 
