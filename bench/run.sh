@@ -31,6 +31,15 @@ bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edi
 wait
 bench --data $ZSRE --format zsre --method baft --mode single --edits 100 --out $OUT/zsre-single-100-baft
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_window.json
+# KnowEdit (other facts of the edited subject) and a same-subject set, with the service's own
+# negatives (--unrelated builtin).
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --out $OUT/knowedit-counterfact-continual-714-baft &
+bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \
+  --threads 1 --unrelated builtin --out $OUT/knowedit-recent-continual-285-baft &
+wait
+bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \
+  --edits 200 --threads 1 --unrelated builtin --out $OUT/same-subject-continual-200-baft
 
 # ReFT (one block for all edits, W = I). Committed results: older code (2026-11-29, fp32 host).
 pair DATA-continual-100-reft --method reft
