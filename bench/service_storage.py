@@ -19,7 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -134,7 +134,7 @@ def main() -> None:
     report = {
         "command": f"python bench/service_storage.py {' '.join(sys.argv[1:])}",
         "checkout": f"{checkout} ({subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=checkout, capture_output=True, text=True).stdout.strip()})",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "settings": {"model": "smollm2 (bundled, CPU)", "edit_config": env["EDIT_CONFIG"], "mode": "continual",
                      "evaluate_on_apply": False, "edits": args.edits, "data": "counterfact_train.json, first records"},

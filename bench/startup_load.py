@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from app.store import CheckpointStore  # noqa: E402
-from baft_core import EditConfig, EditRequest, Editor, load_model  # noqa: E402
+from baft_core import EditConfig, Editor, EditRequest, load_model  # noqa: E402
 
 DATA = Path(os.environ.get("BAFT_DATA", "/work/shared/data")) / "counterfact" / "counterfact_train.json"
 OUT = REPO / "bench" / "results" / "service"
@@ -163,7 +163,7 @@ def main() -> None:
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         report = {
             "command": f"python bench/startup_load.py {' '.join(sys.argv[1:])}",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "synthetic": "random sealed blocks and route keys of the default config's sizes; CounterFact requests as the history",
             "edits": args.edits,

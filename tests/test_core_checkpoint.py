@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from baft_core import EditConfig, EditRequest, Editor
+from baft_core import EditConfig, Editor, EditRequest
 from baft_core.checkpoint import (
     ADAPTER_FILE,
     MANIFEST_FILE,

@@ -6,13 +6,13 @@ import json
 
 import torch
 from fastapi.testclient import TestClient
+from service_support import tiny_settings, wait_ready
 
 from app.audit import audit
 from app.client import Client
 from app.main import create_app
 from app.store import CheckpointStore
 from baft_core.checkpoint import ADAPTER_FILE, read_metadata
-from service_support import tiny_settings, wait_ready
 
 PROMPT = "Bob lives in"
 
