@@ -4,7 +4,9 @@
 - every applied edit is in exactly one version, edits are applied in acceptance (id) order, and
   each restore sits between the edits accepted before it and those accepted after;
 - each version's checkpoint holds exactly the edits its rows say (its stored history equals the
-  requests of the edits its lineage adds, in order), and its edit_count says as many."""
+  requests of the edits its lineage adds, in order), and its edit_count says as many. A checkpoint
+  that extends a parent must extend its parent version's: what it adds is checked against that
+  version's own edits, the rest where the parent version was checked."""
 from __future__ import annotations
 
 import json
@@ -12,17 +14,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from baft_core.checkpoint import ADAPTER_FILE, METADATA_KEY
+from baft_core.checkpoint import ADAPTER_FILE, read_metadata
 
 from . import crud
 from .models import Edit, Restore, Version
 
 
-def _stored_history(session: Session, checkpoints_dir: Path, sha256: str) -> list[dict]:
+def _stored(session: Session, checkpoints_dir: Path, sha256: str) -> tuple[list[dict], str | None]:
+    """The edits a checkpoint adds and the parent it adds them to (None: it holds them all)."""
     path = checkpoints_dir / sha256 / ADAPTER_FILE
     if not path.is_file():  # another replica's local store: read the blob
         data = crud.get_blob(session, sha256)
@@ -31,15 +33,10 @@ def _stored_history(session: Session, checkpoints_dir: Path, sha256: str) -> lis
         with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
             handle.write(data)
             handle.flush()
-            return _history_of(Path(handle.name))
-    return _history_of(path)
-
-
-def _history_of(adapter: Path) -> list[dict]:
-    with safe_open(adapter, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    packed = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else metadata
-    return json.loads(packed["history"])
+            metadata = read_metadata(handle.name)
+    else:
+        metadata = read_metadata(path)
+    return json.loads(metadata["history"]), metadata.get("parent")
 
 
 def audit(session: Session, checkpoints_dir: Path) -> dict[str, Any]:
@@ -101,9 +98,18 @@ def audit(session: Session, checkpoints_dir: Path) -> dict[str, Any]:
             state[vid] = state[v.parent_id] + [e.request for e in added]
         if v.edit_count != len(state[vid]):
             problems.append(f"version {vid}: edit_count {v.edit_count}, its lineage has {len(state[vid])}")
-        stored = _stored_history(session, checkpoints_dir, v.checkpoint_sha256)
-        if stored != state[vid]:
-            problems.append(f"version {vid}: its checkpoint holds {len(stored)} edits, not the {len(state[vid])} its rows say")
+        if v.kind == "restore" and v.checkpoint_sha256 == versions[v.restored_from_id].checkpoint_sha256:
+            continue  # the state checked at the version it restores
+        stored, parent = _stored(session, checkpoints_dir, v.checkpoint_sha256)
+        if parent is None:
+            holds = stored
+        elif v.kind in ("edit", "batch") and parent == versions[v.parent_id].checkpoint_sha256:
+            holds = state[v.parent_id] + stored  # that checkpoint checked at the parent version
+        else:
+            problems.append(f"version {vid}: its checkpoint extends {parent[:12]}..., not its parent version's")
+            continue
+        if holds != state[vid]:
+            problems.append(f"version {vid}: its checkpoint holds {len(holds)} edits, not the {len(state[vid])} its rows say")
 
     by_status: dict[str, int] = {}
     for e in edits:

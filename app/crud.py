@@ -327,13 +327,17 @@ def ensure_base_version(sessions: sessionmaker[Session], save_base) -> Version:
 def put_blob(session: Session, sha256: str, data: bytes) -> None:
     """Stores a checkpoint file unless present (committed at once: content-addressed, so a blob
     nobody points at yet is harmless)."""
-    if session.scalar(select(Blob.sha256).where(Blob.sha256 == sha256)) is not None:
+    if has_blob(session, sha256):
         return
     session.add(Blob(sha256=sha256, data=data))
     try:
         session.commit()
     except IntegrityError:  # another process stored the same bytes
         session.rollback()
+
+
+def has_blob(session: Session, sha256: str) -> bool:
+    return session.scalar(select(Blob.sha256).where(Blob.sha256 == sha256)) is not None
 
 
 def get_blob(session: Session, sha256: str) -> bytes | None:

@@ -2,6 +2,10 @@
 once each under DATA_DIR/checkpoints/segments/ (shared by every version that holds them), with an
 in-memory cache of loaded states so that generating from a version costs no disk read.
 
+A version's checkpoint names its parent (the checkpoint the trainer's state was loaded from) and
+holds only what it adds (baft_core.checkpoint, format 6): storage per version follows the edits
+it adds, not all edits before it. Loading one reads its ancestors and their segments.
+
 Durable before the database points at them: every file and directory of a checkpoint is fsynced
 before `save` returns, and files found already on disk are reused only after their hash checks.
 With CHECKPOINT_STORAGE=database the files also go, content-addressed, into the SQL database that
@@ -18,18 +22,18 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from safetensors import safe_open
 from sqlalchemy.orm import Session, sessionmaker
 
 from baft_core import Editor
 from baft_core.checkpoint import (
     ADAPTER_FILE,
     MANIFEST_FILE,
-    METADATA_KEY,
     SEGMENTS_DIR,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    read_metadata,
+    save_checkpoint,
 )
 
 from . import crud
@@ -61,11 +65,13 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 
 def segment_ids(adapter: Path) -> list[str]:
-    """The sealed segments an adapter file lists."""
-    with safe_open(adapter, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    packed = json.loads(metadata.get(METADATA_KEY, "{}"))
-    return json.loads(packed.get("segments", metadata.get("segments", "[]")))
+    """The sealed segments an adapter file adds to its parent's."""
+    return json.loads(read_metadata(adapter).get("segments", "[]"))
+
+
+def parent_of(adapter: Path) -> str | None:
+    """The checkpoint an adapter file extends (None: it holds its whole state)."""
+    return read_metadata(adapter).get("parent")
 
 
 class CheckpointStore:
@@ -89,18 +95,25 @@ class CheckpointStore:
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._cache: OrderedDict[str, Checkpoint] = OrderedDict()
         self._lock = threading.Lock()
-        self._durable: set[str] = set()  # segment ids this process hash-checked and fsynced
+        # Segment ids this process hash-checked, and knows fsynced: written here, or read for a
+        # checkpoint that loaded (nothing points at a checkpoint before its files are fsynced).
+        self._durable: set[str] = set()
         self._uploaded: set[str] = set()  # blob ids this process knows the database holds
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256
 
-    def save(self, editor: Editor) -> tuple[str, Path]:
-        """Writes the editor's state durably; identical states land in one directory."""
+    def save(self, editor: Editor, parent: str | None = None) -> tuple[str, Path]:
+        """Writes the editor's state durably and caches it; identical states land in one
+        directory. `parent`: the checkpoint the editor's state was loaded from, which the new
+        one then extends (None: a checkpoint that holds the whole state)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        base = self.load(parent) if parent else None
         self._drop_corrupt_segments(editor.interventions.segment_ids)
         staging = self.root / ".staging" / uuid.uuid4().hex
-        manifest = editor.save(staging, base_model=self.base_model, segments=self.segments)
+        manifest = save_checkpoint(
+            staging, editor.interventions, editor.config, self.base_model, editor.history, self.segments, base
+        )
         sha256 = manifest["sha256"]
         self._sync_segments(segment_ids(staging / ADAPTER_FILE))
         for name in (ADAPTER_FILE, MANIFEST_FILE):
@@ -122,6 +135,7 @@ class CheckpointStore:
             _fsync(self.root)
         if self.sessions is not None:
             self._upload(sha256)
+        self.put(sha256, Checkpoint(editor.interventions, editor.config, list(editor.history), manifest))
         return sha256, target
 
     def _intact(self, directory: Path, sha256: str) -> bool:
@@ -151,42 +165,62 @@ class CheckpointStore:
             self._durable.update(fresh)
 
     def _upload(self, sha256: str) -> None:
-        adapter = self.path(sha256) / ADAPTER_FILE
-        files = [(i, self.segments / f"{i}.safetensors") for i in segment_ids(adapter)] + [(sha256, adapter)]
+        """Puts the checkpoint into the database, with each ancestor the database lacks (saved
+        before CHECKPOINT_STORAGE=database), oldest first and each one's segments before it: a
+        checkpoint in the database has its whole lineage there."""
         with self.sessions() as session:
-            for blob_id, path in files:  # segments first: the adapter's blob names them
-                if blob_id not in self._uploaded:
-                    crud.put_blob(session, blob_id, path.read_bytes())
-                    self._uploaded.add(blob_id)
+            missing, current = [], sha256
+            while current is not None and current not in self._uploaded and not crud.has_blob(session, current):
+                missing.append(current)
+                current = parent_of(self.path(current) / ADAPTER_FILE)
+            for blob_id in reversed(missing):
+                adapter = self.path(blob_id) / ADAPTER_FILE
+                for segment_id in segment_ids(adapter):
+                    if segment_id not in self._uploaded:
+                        crud.put_blob(session, segment_id, (self.segments / f"{segment_id}.safetensors").read_bytes())
+                        self._uploaded.add(segment_id)
+                crud.put_blob(session, blob_id, adapter.read_bytes())
+                self._uploaded.add(blob_id)
 
     def _download(self, sha256: str) -> None:
-        """Fills the local cache from the database: the adapter, then each segment it lists that
-        is missing here or corrupt."""
+        """Fills the local cache from the database: the checkpoint and each ancestor that is
+        missing here or corrupt, and each segment they list that is missing here or corrupt."""
+        current: str | None = sha256
         with self.sessions() as session:
-            data = crud.get_blob(session, sha256)
-            if data is None or hashlib.sha256(data).hexdigest() != sha256:
-                raise CheckpointError(f"checkpoint {sha256} is not in the database")
-            staging = self.root / ".staging" / uuid.uuid4().hex
-            staging.mkdir(parents=True)
-            _write_durably(staging / ADAPTER_FILE, data)
-            # load_checkpoint checks the adapter against the manifest's hash
-            manifest = json.dumps({"sha256": sha256, "base_model": self.base_model, "fetched": "database"})
-            _write_durably(staging / MANIFEST_FILE, manifest.encode())
-            self.segments.mkdir(parents=True, exist_ok=True)
-            for segment_id in segment_ids(staging / ADAPTER_FILE):
-                path = self.segments / f"{segment_id}.safetensors"
-                if path.is_file() and _sha256(path) == segment_id:
-                    continue
-                blob = crud.get_blob(session, segment_id)
-                if blob is None or hashlib.sha256(blob).hexdigest() != segment_id:
-                    raise CheckpointError(f"segment {segment_id} is not in the database")
-                _write_durably(path, blob)
+            while current is not None:
+                adapter = self.path(current) / ADAPTER_FILE
+                if not (adapter.is_file() and _sha256(adapter) == current):
+                    self._fetch(session, current)
+                self._fetch_segments(session, segment_ids(adapter))
+                current = parent_of(adapter)
+        log.info("fetched checkpoint %s from the database", sha256[:12])
+
+    def _fetch(self, session: Session, sha256: str) -> None:
+        data = crud.get_blob(session, sha256)
+        if data is None or hashlib.sha256(data).hexdigest() != sha256:
+            raise CheckpointError(f"checkpoint {sha256} is not in the database")
+        staging = self.root / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        _write_durably(staging / ADAPTER_FILE, data)
+        # load_checkpoint checks the adapter against the manifest's hash
+        manifest = json.dumps({"sha256": sha256, "base_model": self.base_model, "fetched": "database"})
+        _write_durably(staging / MANIFEST_FILE, manifest.encode())
         target = self.path(sha256)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
         _fsync(self.root)
-        log.info("fetched checkpoint %s from the database", sha256[:12])
+
+    def _fetch_segments(self, session: Session, ids: list[str]) -> None:
+        self.segments.mkdir(parents=True, exist_ok=True)
+        for segment_id in ids:
+            path = self.segments / f"{segment_id}.safetensors"
+            if path.is_file() and _sha256(path) == segment_id:
+                continue
+            blob = crud.get_blob(session, segment_id)
+            if blob is None or hashlib.sha256(blob).hexdigest() != segment_id:
+                raise CheckpointError(f"segment {segment_id} is not in the database")
+            _write_durably(path, blob)
 
     def size(self, sha256: str) -> int:
         return (self.path(sha256) / ADAPTER_FILE).stat().st_size
@@ -206,6 +240,8 @@ class CheckpointStore:
             self._download(sha256)
             checkpoint = load_checkpoint(self.path(sha256), self.base_model, self.device, self.segments)
         checkpoint.interventions.eval()
+        with self._lock:  # read and hash-checked: saves need not check them again
+            self._durable.update(checkpoint.interventions.segment_ids)
         self.put(sha256, checkpoint)
         return checkpoint
 

@@ -18,7 +18,6 @@ import redis
 from prometheus_client import start_http_server
 
 from baft_core import EditRequest
-from baft_core.checkpoint import Checkpoint
 from baft_core.metrics import evaluate, locality_baseline, with_subject_probes
 
 from . import crud
@@ -238,9 +237,9 @@ class Worker:
                 metrics = evaluate(trainer, measured, baseline)
             except ValueError as err:  # a probe too long for the context: keep the edit, say why
                 metrics = [{"error": str(err)}] * len(requests)
-        sha256, path = self.rt.store.save(trainer)  # durable before any row points at it
-        state = Checkpoint(trainer.interventions, trainer.config, list(trainer.history), {})
-        self.rt.store.put(sha256, state)
+        with self.rt.session() as session:  # the checkpoint the trainer's state was loaded from
+            parent = crud.get_version(session, self.head_id).checkpoint_sha256
+        sha256, path = self.rt.store.save(trainer, parent)  # durable before any row points at it
         weights = {str(layer): w for layer, w in result.basis_weights.items()}
         with self.rt.session() as session:
             crud.ensure_checkpoint(session, sha256, str(path), self.rt.store.size(sha256))

@@ -78,7 +78,9 @@ class InterventionSet(nn.Module):
 
     def _fresh_blocks(self) -> dict[str, BasisIntervention]:
         """A new trainable block per layer: every layer's bases drawn before any gate (see
-        `BasisIntervention.add_gates`)."""
+        `BasisIntervention.add_gates`). The generator's state before the draw is kept: a
+        checkpoint stores a block that holds no edit as that state, not as its values."""
+        self.draw_state = torch.get_rng_state()
         blocks = {str(layer): BasisIntervention(self.hidden_size, self.rank, gated=False) for layer in self.layers}
         if self.gated:
             for block in blocks.values():

@@ -6,26 +6,40 @@ give identical bytes and one content hash.
 
 Sealed blocks never change, so each is stored once, as a segment file named by its own sha256
 in a segments directory that checkpoints can share: the adapter file lists its segments in
-order. A service keeping one checkpoint per version then stores each edit's block once, not once
-per later version (which would grow with the square of the number of edits)."""
+order.
+
+A checkpoint may name a parent (format 6): the checkpoint whose state it extends, found in the
+directory beside its own named by the parent's sha256. It then holds only what it adds: the
+edits after the parent's, the segments after the parent's, and the tensors that differ from the
+parent's. A service keeping one checkpoint per version so stores each version in proportion to
+what it adds, not to every edit before it (which grows with the square of the number of edits).
+A trainable block that holds no edit (the fresh block after a seal) is stored as the random
+generator's state it was drawn from (5 KB, not the block's 500 KB) and drawn again on load."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import threading
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import save, save_file
 
 from .attach import InterventionSet
 from .config import EditConfig
 from .data import EditRequest
 from .routing import UNLIMITED
+
+log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 # safetensors writes its metadata map in hash-map order, which varies from one save to the next:
@@ -36,11 +50,19 @@ MANIFEST_FILE = "manifest.json"
 # which routing leaves open). 4: routing reads its own layer with its own standardisation, and
 # each key names its edit (format 3 routed at the first edited layer, one key per edit in order).
 # 5: segments carry their block's answer window (older ones load as blocks without a window).
-FORMAT_VERSION = 5
+# 6: a checkpoint may name its parent and hold only what it adds; a trainable block without
+# edits may be stored as the generator state it was drawn from.
+FORMAT_VERSION = 6
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
 _KEY_EDIT, _BLOCK_SPAN = "router.key_edit", "router.block_span"
+_DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class CheckpointError(ValueError):
@@ -52,7 +74,7 @@ class Checkpoint:
     interventions: InterventionSet
     config: EditConfig
     history: list[EditRequest]
-    manifest: dict
+    manifest: dict  # as saved; "sha256" names the adapter file (and the checkpoint)
 
 
 def _sha256(path: Path) -> str:
@@ -68,6 +90,54 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _read(path: Path, what: str) -> bytearray:
+    """A file's bytes, writable (tensors are views of them). CheckpointError if missing."""
+    try:
+        with open(path, "rb") as handle:
+            data = bytearray(os.fstat(handle.fileno()).st_size)
+            handle.readinto(data)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} is missing") from None
+    return data
+
+
+def _read_verified(path: Path, sha256: str, what: str) -> bytearray:
+    data = _read(path, what)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{what} {path} is corrupt: its sha256 does not match its name")
+    return data
+
+
+def _parse(data: bytearray | memoryview, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file read into memory, the tensors as views of
+    `data`: reading 10,000 segments, a parser that copies each tensor costs a copy of them all."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(bytes(data[8 : 8 + size]))
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {}
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            dtype = _DTYPES[info["dtype"]]
+            if end == begin:  # frombuffer refuses a count of 0
+                tensors[name] = torch.empty(info["shape"], dtype=dtype)
+                continue
+            count = (end - begin) // dtype.itemsize
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + begin).view(info["shape"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    if METADATA_KEY in metadata:  # else the earlier layout, one metadata entry per field
+        metadata = json.loads(metadata[METADATA_KEY])
+    return metadata, tensors
+
+
+def read_metadata(path: str | Path) -> dict:
+    """An adapter file's metadata: "history" and "segments" (JSON lists) are what it adds to its
+    "parent" (a sha256, absent for a checkpoint that holds its whole state)."""
+    path = Path(path)
+    return _parse(_read(path, "adapter"), path)[0]
 
 
 def _sealed_key(layer: int, name: str) -> str:
@@ -92,54 +162,172 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
     return save(tensors)
 
 
-def _write_segments(interventions: InterventionSet, segments: Path) -> list[str]:
-    """Stores the sealed blocks missing from `segments`; returns every block's segment id
-    (sha256). Ids already computed are kept on the adapter, so a save serialises and hashes only
-    new blocks (and blocks whose file this directory lacks)."""
-    ids = interventions.segment_ids
+def _write_segments(
+    interventions: InterventionSet, segments: Path, start: int = 0
+) -> tuple[list[str], dict[str, int]]:
+    """Stores the sealed blocks from `start` on that `segments` lacks; returns every block's
+    segment id (sha256), and the CRC-32 of those it wrote. Ids already computed are kept on the
+    adapter, so a save serialises and hashes only new blocks (and blocks whose file this
+    directory lacks)."""
+    ids, checksums = interventions.segment_ids, {}
     del ids[interventions.sealed_blocks :]  # a restored, shorter state keeps only its own
     segments.mkdir(parents=True, exist_ok=True)
-    for block in range(interventions.sealed_blocks):
+    for block in range(min(start, len(ids)), interventions.sealed_blocks):
         path = segments / f"{ids[block]}.safetensors" if block < len(ids) else None
         if path is not None and path.exists():
             continue
         data = _segment_bytes(interventions, block)
         segment_id = hashlib.sha256(data).hexdigest()
-        _atomic_write(segments / f"{segment_id}.safetensors", lambda tmp: Path(tmp).write_bytes(data))
+        _atomic_write(segments / f"{segment_id}.safetensors", lambda tmp, data=data: Path(tmp).write_bytes(data))
+        checksums[segment_id] = zlib.crc32(data)
         if block == len(ids):
             ids.append(segment_id)
-    return list(ids)
+    return list(ids), checksums
 
 
-def _read_segments(segments: Path, ids: list[str], layers: list[int]) -> dict[str, torch.Tensor]:
-    """The sealed rows of every layer, the route keys with their blocks and each block's answer
-    window, concatenated in block order, each segment hash-checked."""
-    parts: dict[str, list[torch.Tensor]] = {_sealed_key(l, n): [] for l in layers for n in _SEALED_ROWS}
-    parts[_ROUTE_KEYS], parts[_KEY_THRESHOLD], parts[_KEY_BLOCK], parts[_KEY_EDIT] = [], [], [], []
-    parts[_BLOCK_SPAN] = []
-    for block, segment_id in enumerate(ids):
+def _checksum(segments: Path, segment_id: str, written: dict[str, int]) -> int:
+    """A segment's CRC-32, from bytes that match its sha256."""
+    if segment_id not in written:
         path = segments / f"{segment_id}.safetensors"
-        if not path.is_file():
-            raise CheckpointError(f"segment {path} is missing")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != segment_id:
-            raise CheckpointError(f"segment {path} is corrupt: its sha256 does not match its name")
-        tensors = load(data)
-        parts[_BLOCK_SPAN].append(tensors.pop("answer_span", torch.tensor([UNLIMITED])))
+        written[segment_id] = zlib.crc32(_read_verified(path, segment_id, "segment"))
+    return written[segment_id]
+
+
+class _SegmentReader:
+    """Reads segments into tensors sized for all blocks (every segment holds the same rows, a
+    block's share of each), several at once: reading, hashing and copying release the GIL, and
+    10,000 segments are 5 GB. Each thread reads into its own buffer, used again for its next
+    segment: fresh memory for every file cost as much as the reading."""
+
+    def __init__(self, segments: Path, held: list[tuple[str, int | None]]):
+        """`held`: each segment's id and CRC-32 (None: check its sha256)."""
+        self.segments, self.held = segments, held
+        self.rows: dict[str, torch.Tensor] = {}
+        self._buffers = threading.local()
+
+    def _tensors(self, block: int) -> tuple[Path, dict[str, torch.Tensor]]:
+        segment_id, checksum = self.held[block]
+        path = self.segments / f"{segment_id}.safetensors"
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                buffer = getattr(self._buffers, "data", None)
+                if buffer is None or len(buffer) < size:
+                    buffer = self._buffers.data = bytearray(size)
+                data = memoryview(buffer)[:size]
+                handle.readinto(data)
+        except FileNotFoundError:
+            raise CheckpointError(f"segment {path} is missing") from None
+        if checksum is not None:
+            intact = zlib.crc32(data) == checksum
+        else:
+            intact = hashlib.sha256(data).hexdigest() == segment_id
+        if not intact:
+            raise CheckpointError(f"segment {path} is corrupt: its checksum does not match")
+        return path, _parse(data, path)[1]
+
+    def _place(self, block: int) -> dict[str, torch.Tensor]:
+        """Copies the block's sealed rows into place; returns its route keys, their thresholds and
+        edits, and its answer window (copies: the buffer is read into again)."""
+        path, tensors = self._tensors(block)
+        own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
+        for name in ("route_keys", "route_thresholds", "route_key_edits"):
+            if name in tensors:
+                own[name] = tensors.pop(name).clone()
+        if block == 0:
+            count = len(self.held)
+            for key, value in tensors.items():
+                layer, name = key.split(".", 1)
+                self.rows[_sealed_key(int(layer), name)] = value.new_empty((count * len(value), *value.shape[1:]))
+        if len(tensors) != len(self.rows):
+            raise CheckpointError(f"segment {path} holds other rows than the first segment")
         for key, value in tensors.items():
-            if key == "route_keys":
-                parts[_ROUTE_KEYS].append(value)
-                parts[_KEY_BLOCK].append(torch.full((len(value),), block, dtype=torch.long))
-                continue
-            if key == "route_thresholds":
-                parts[_KEY_THRESHOLD].append(value)
-                continue
-            if key == "route_key_edits":
-                parts[_KEY_EDIT].append(value)
-                continue
             layer, name = key.split(".", 1)
-            parts[_sealed_key(int(layer), name)].append(value)
-    return {key: torch.cat(values) for key, values in parts.items() if values}
+            target = self.rows.get(_sealed_key(int(layer), name))
+            step = 0 if target is None else len(target) // len(self.held)
+            if target is None or value.shape != (step, *target.shape[1:]) or value.dtype != target.dtype:
+                raise CheckpointError(f"segment {path}: {key} does not match the first segment's")
+            target[block * step : (block + 1) * step].copy_(value)
+        return own
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """The sealed rows of every layer, the route keys with their blocks and each block's
+        answer window, in block order, each segment checked against its CRC-32 or sha256."""
+        first = self._place(0)  # sizes the rows
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            owns = [first, *pool.map(self._place, range(1, len(self.held)))]
+        keys = [(block, own["route_keys"]) for block, own in enumerate(owns) if "route_keys" in own]
+        parts = {
+            _ROUTE_KEYS: [k for _, k in keys],
+            _KEY_BLOCK: [torch.full((len(k),), block, dtype=torch.long) for block, k in keys],
+            _KEY_THRESHOLD: [own["route_thresholds"] for own in owns if "route_thresholds" in own],
+            _KEY_EDIT: [own["route_key_edits"] for own in owns if "route_key_edits" in own],
+            _BLOCK_SPAN: [own["answer_span"] for own in owns],
+        }
+        return {**self.rows, **{key: torch.cat(values) for key, values in parts.items() if values}}
+
+
+def _own_state(interventions: InterventionSet) -> dict[str, torch.Tensor]:
+    """The state an adapter file holds: all but the sealed blocks' (their segments hold those)."""
+    sealed = {_sealed_key(layer, n) for layer in interventions.layers for n in _SEALED_ROWS}
+    sealed |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN}
+    return {k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed}
+
+
+def _drawn_keys(interventions: InterventionSet) -> set[str]:
+    """The trainable block's parameters: what a fresh draw sets (its gate standardisation is
+    copied from the block before, not drawn)."""
+    return {name for name, _ in interventions.by_layer.named_parameters(prefix="by_layer")}
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+def _draw(interventions: InterventionSet, state: torch.Tensor, threads: int) -> dict[str, torch.Tensor]:
+    """The trainable block's parameters as drawn from generator state `state`, with `threads`
+    threads: the QR that makes the bases orthonormal gives other last bits with another count.
+    The global generator and the adapter's own `draw_state` are left as they were."""
+    kept = interventions.draw_state
+    with torch.random.fork_rng(devices=[]), _threads(threads):
+        torch.set_rng_state(state)
+        blocks = interventions._fresh_blocks()
+    interventions.draw_state = kept
+    return {
+        f"by_layer.{layer}.{name}": value.detach()
+        for layer, block in blocks.items()
+        for name, value in block.named_parameters()
+    }
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))).hexdigest()
+
+
+def _as_draw(interventions: InterventionSet) -> tuple[torch.Tensor, dict] | None:
+    """(generator state, {"threads", "sha256" of the drawn values}) when the trainable block is
+    exactly what that state draws in this process, else None (it holds edits)."""
+    state = getattr(interventions, "draw_state", None)
+    if state is None:
+        return None
+    threads = torch.get_num_threads()
+    drawn = _draw(interventions, state, threads)
+    live = dict(interventions.by_layer.named_parameters(prefix="by_layer"))
+    if live.keys() != drawn.keys() or any(not torch.equal(live[k].detach().cpu(), v) for k, v in drawn.items()):
+        return None
+    return state, {"threads": threads, "sha256": _digest(drawn)}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def save_checkpoint(
@@ -149,17 +337,19 @@ def save_checkpoint(
     base_model: str,
     history: list[EditRequest],
     segments: str | Path | None = None,
+    parent: Checkpoint | None = None,
 ) -> dict:
     """Writes adapter.safetensors and manifest.json into `directory`, sealed blocks into
-    `segments` (default: `directory/segments`); returns the manifest."""
+    `segments` (default: `directory/segments`); returns the manifest. With `parent` (a checkpoint
+    this state extends, saved in a directory beside `directory`) the adapter file holds only what
+    the state adds to it; without, the whole state."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    segment_ids = _write_segments(interventions, Path(segments) if segments else directory / SEGMENTS_DIR)
-    sealed_rows = {_sealed_key(l, n) for l in interventions.layers for n in _SEALED_ROWS}
-    sealed_rows |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN}  # stored in the segments
-    tensors = {
-        k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed_rows
-    }
+    segments = Path(segments) if segments else directory / SEGMENTS_DIR
+    # The parent's segments are there: it loaded, or was saved, with them.
+    known = len(parent.interventions.segment_ids) if parent is not None else 0
+    segment_ids, written = _write_segments(interventions, segments, known)
+    tensors, drawn_keys = _own_state(interventions), _drawn_keys(interventions)
     first = interventions[interventions.layers[0]]
     metadata = {
         "format_version": str(FORMAT_VERSION),
@@ -170,25 +360,93 @@ def save_checkpoint(
         "hidden_size": str(first.hidden_size),
         "rank": str(first.rank),
         "gated": json.dumps(first.gated),
-        "history": json.dumps([r.to_dict() for r in history], sort_keys=True),
-        "segments": json.dumps(segment_ids),
+        "edits": str(len(history)),
+        "sealed_blocks": str(len(segment_ids)),
     }
+    own_history, own_segments = list(history), segment_ids
+    if parent is not None:
+        edits, blocks = len(parent.history), len(parent.interventions.segment_ids)
+        if list(history[:edits]) != list(parent.history) or segment_ids[:blocks] != parent.interventions.segment_ids:
+            raise CheckpointError(f"the state does not extend its parent checkpoint {parent.manifest['sha256'][:12]}...")
+        own_history, own_segments = own_history[edits:], segment_ids[blocks:]
+        inherited = _own_state(parent.interventions)
+        # The trainable block is always stored whole (or as its draw): a draw replaces it at once.
+        tensors = {k: v for k, v in tensors.items() if k in drawn_keys or not _same(v, inherited.get(k))}
+        metadata["parent"] = parent.manifest["sha256"]
+    draw = _as_draw(interventions)
+    if draw is not None:
+        tensors = {k: v for k, v in tensors.items() if k not in drawn_keys}
+        tensors[_DRAW_STATE] = draw[0]
+        metadata["draw"] = json.dumps(draw[1], sort_keys=True)
+    metadata["history"] = json.dumps([r.to_dict() for r in own_history], sort_keys=True)
+    metadata["segments"] = json.dumps(own_segments)
+    # Loading checks segments against these (5 GB in 1 s, where sha256 took 4 s); each was
+    # computed from bytes that match the segment's sha256, and this file's own hash covers them.
+    metadata["segment_crc32"] = json.dumps([_checksum(segments, i, written) for i in own_segments])
     adapter = directory / ADAPTER_FILE
     packed = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     _atomic_write(adapter, lambda tmp: save_file(tensors, tmp, metadata=packed))
     manifest = {
         "format_version": FORMAT_VERSION,
         "sha256": _sha256(adapter),
+        "parent": metadata.get("parent"),
         "base_model": base_model,
         "method": config.method,
         "layers": interventions.layers,
         "rank": first.rank,
         "edits": len(history),
         "sealed_blocks": len(segment_ids),
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
     }
     _atomic_write(directory / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
     return manifest
+
+
+def _lineage(directory: Path, metadata: dict, tensors: dict) -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
+    """The checkpoint's own (metadata, tensors), then each ancestor's, newest first, each
+    ancestor's file hash-checked against the name its child gives it."""
+    yield metadata, tensors
+    while parent := metadata.get("parent"):
+        path = directory.parent / parent / ADAPTER_FILE
+        metadata, tensors = _parse(_read_verified(path, parent, "parent checkpoint"), path)
+        yield metadata, tensors
+
+
+def _fold(
+    directory: Path, metadata: dict, tensors: dict, drawn_keys: set[str]
+) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, dict] | None, list[dict], list[tuple[str, int | None]]]:
+    """A checkpoint and its ancestors as one state: (tensors, the trainable block's draw if that
+    is how the newest checkpoint that sets it stores it, history entries, (segment id, CRC-32 or
+    None)). Newest
+    first, so a tensor is the newest checkpoint's that holds it."""
+    state: dict[str, torch.Tensor] = {}
+    draw, block_set = None, False
+    histories, segment_lists = [], []
+    edits_left = int(metadata["edits"]) if "edits" in metadata else None
+    blocks_left = int(metadata["sealed_blocks"]) if "sealed_blocks" in metadata else None
+    for own_metadata, own in _lineage(directory, metadata, tensors):
+        history, segment_ids = json.loads(own_metadata["history"]), json.loads(own_metadata.get("segments", "[]"))
+        # Formats before 6 name their segments by sha256 alone.
+        checksums = json.loads(own_metadata.get("segment_crc32", "null")) or [None] * len(segment_ids)
+        if edits_left is not None:
+            if own_metadata.get("edits", str(edits_left)) != str(edits_left) or own_metadata.get(
+                "sealed_blocks", str(blocks_left)
+            ) != str(blocks_left):
+                raise CheckpointError(f"the lineage of {directory} does not add up: an ancestor holds other edits")
+            edits_left, blocks_left = edits_left - len(history), blocks_left - len(segment_ids)
+        histories.append(history)
+        segment_lists.append(list(zip(segment_ids, checksums)))
+        generator_state = own.pop(_DRAW_STATE, None)
+        if generator_state is not None and not block_set:
+            draw = generator_state.clone(), json.loads(own_metadata["draw"])
+        for key, value in own.items():
+            if not (block_set and key in drawn_keys):
+                state.setdefault(key, value)
+        block_set = block_set or generator_state is not None or not drawn_keys.isdisjoint(own)
+    if edits_left not in (None, 0) or blocks_left not in (None, 0):
+        raise CheckpointError(f"the lineage of {directory} does not add up: its root lacks edits or segments")
+    history = [entry for part in reversed(histories) for entry in part]
+    return state, draw, history, [segment for part in reversed(segment_lists) for segment in part]
 
 
 def load_checkpoint(
@@ -197,8 +455,8 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     segments: str | Path | None = None,
 ) -> Checkpoint:
-    """Reads a checkpoint, checking the file's and every segment's hash and, if given, the base
-    model identity. `segments` as given to save_checkpoint."""
+    """Reads a checkpoint with its ancestors, checking every file's and every segment's hash and,
+    if given, the base model identity. `segments` as given to save_checkpoint."""
     directory = Path(directory)
     adapter, manifest_path = directory / ADAPTER_FILE, directory / MANIFEST_FILE
     if not adapter.is_file() or not manifest_path.is_file():
@@ -207,20 +465,14 @@ def load_checkpoint(
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{manifest_path} is not valid JSON: {err}") from None
-    actual = _sha256(adapter)
+    data = _read(adapter, "adapter")
+    actual = hashlib.sha256(data).hexdigest()
     if manifest.get("sha256") != actual:
         raise CheckpointError(
             f"{adapter} is corrupt: sha256 {actual[:16]}... does not match the manifest's "
             f"{str(manifest.get('sha256'))[:16]}..."
         )
-    try:
-        with safe_open(adapter, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(adapter)
-        if METADATA_KEY in metadata:  # else the earlier layout, one metadata entry per field
-            metadata = json.loads(metadata[METADATA_KEY])
-    except (SafetensorError, OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{adapter} cannot be read: {err}") from None
+    metadata, tensors = _parse(data, adapter)
     if base_model is not None and metadata["base_model"] != base_model:
         raise CheckpointError(
             f"checkpoint was made for base model {metadata['base_model']}, not {base_model}"
@@ -239,19 +491,37 @@ def load_checkpoint(
         sealed_gates=config.sealed_gates,
         routing_layer=int(metadata.get("routing_layer", layers[0])),
     )
-    segment_ids = json.loads(metadata.get("segments", "[]"))
-    if segment_ids:
-        segments = Path(segments) if segments else directory / SEGMENTS_DIR
-        tensors.update(_read_segments(segments, segment_ids, layers))
+    tensors, draw, history_entries, segments_held = _fold(directory, metadata, tensors, _drawn_keys(interventions))
+    segment_ids = [segment_id for segment_id, _ in segments_held]
+    interventions.draw_state = None  # unknown for a block stored whole: it is then stored whole again
+    if draw is not None:
+        generator_state, recorded = draw
+        # Another thread drawing from the global generator meanwhile spoils a draw: try again.
+        for _ in range(3):
+            drawn = _draw(interventions, generator_state, recorded["threads"])
+            if _digest(drawn) == recorded["sha256"]:
+                break
+        else:
+            # A block without edits acts as the identity, drawn either way: this state differs
+            # from the saved one only in the last bits of its next edit's starting point.
+            log.warning("%s: this machine draws the empty trainable block with other last bits", directory)
+        tensors.update(drawn)
+        interventions.draw_state = generator_state
     # Checkpoints of format 1 predate sealed blocks, those of format 2 routing: what they lack
     # keeps its empty default (no routing threshold: every block's gates decide alone).
     missing, unexpected = interventions.load_state_dict(tensors, strict=False)
+    if segment_ids:
+        sealed = _SegmentReader(Path(segments) if segments else directory / SEGMENTS_DIR, segments_held).read()
+        for key, value in sealed.items():  # taken as they are: load_state_dict would copy 5 GB again
+            module, name = key.rsplit(".", 1)
+            setattr(interventions.get_submodule(module), name, value)
+        missing = [key for key in missing if key not in sealed]
     if unexpected or any(not key.startswith(("sealed.", "router.")) for key in missing):
         raise CheckpointError(
             f"{adapter} does not match its metadata: missing {missing}, unexpected {unexpected}"
         )
     interventions.segment_ids.extend(segment_ids)
-    history = [EditRequest.from_dict(r) for r in json.loads(metadata["history"])]
+    history = [EditRequest.from_dict(r) for r in history_entries]
     if "router.center" not in tensors and interventions.gated:
         _route_like_format_3(interventions, len(history))
     return Checkpoint(interventions.to(device), config, history, manifest)

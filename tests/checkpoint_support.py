@@ -36,4 +36,5 @@ def strip_segments(directory: Path, metadata: dict, names: tuple[str, ...]) -> d
         data = save({k: v for k, v in load(path.read_bytes()).items() if k not in names})
         segment_ids.append(hashlib.sha256(data).hexdigest())
         (directory / SEGMENTS_DIR / f"{segment_ids[-1]}.safetensors").write_bytes(data)
-    return {**metadata, "segments": json.dumps(segment_ids)}
+    # Formats before 6 named segments by their sha256 alone, without a CRC-32 beside.
+    return {**{k: v for k, v in metadata.items() if k != "segment_crc32"}, "segments": json.dumps(segment_ids)}

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from baft_core import EditConfig, Editor, EditRequest
-from baft_core.checkpoint import ADAPTER_FILE, MANIFEST_FILE, CheckpointError, load_checkpoint
+from baft_core.checkpoint import (
+    ADAPTER_FILE,
+    MANIFEST_FILE,
+    SEGMENTS_DIR,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 
 PROMPTS = ["The mother tongue of Danielle Darrieux is", "The capital of France is", "Hi"]
 
@@ -63,8 +72,6 @@ def test_identical_states_identical_hash(tiny_sharp, edited, tmp_path):
     assert (tmp_path / "a" / ADAPTER_FILE).read_bytes() == (tmp_path / "b" / ADAPTER_FILE).read_bytes()
     # re-saving a loaded state gives the same content hash
     checkpoint = load_checkpoint(tmp_path / "a", tiny_sharp.identity)
-    from baft_core.checkpoint import save_checkpoint
-
     c = save_checkpoint(tmp_path / "c", checkpoint.interventions, checkpoint.config, tiny_sharp.identity,
                         checkpoint.history)
     assert c["sha256"] == a["sha256"]
@@ -114,3 +121,99 @@ def test_other_layers_raise(tiny_sharp, edited, tmp_path):
             other.load(tmp_path / "ckpt", base_model=tiny_sharp.identity)
     finally:
         other.attachment.detach()
+
+
+def _save_in(root, editor, identity, parent=None) -> Checkpoint:
+    """Saves into root/<sha256>/, as the service's store lays checkpoints out, and loads it back."""
+    staging = root / "staging"
+    manifest = save_checkpoint(
+        staging, editor.interventions, editor.config, identity, editor.history, root / SEGMENTS_DIR, parent
+    )
+    staging.rename(root / manifest["sha256"])
+    return load_checkpoint(root / manifest["sha256"], identity, segments=root / SEGMENTS_DIR)
+
+
+def _states_equal(a, b) -> bool:
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_chain_of_checkpoints_loads_byte_for_byte(tiny_sharp, tmp_path):
+    """Each version names its parent and holds only what it adds (one history entry, one segment,
+    the fresh block as its draw), loads to the very adapter that was saved, and saves again to the
+    same bytes as the whole state saved at once; an old version restores exactly."""
+    editor = Editor(tiny_sharp.model, tiny_sharp.tokenizer, EditConfig(max_steps=5, rank=6), unrelated_prompts=PROMPTS[1:2])
+    identity = tiny_sharp.identity
+    try:
+        chain = [_save_in(tmp_path, editor, identity)]
+        states = [editor.interventions]
+        for subject, target in (("Danielle Darrieux", "Japanese"), ("Toko Yasuda", "piano")):
+            editor.edit(EditRequest.from_triple(subject, "The mother tongue of {subject} is", target))
+            chain.append(_save_in(tmp_path, editor, identity, chain[-1]))
+            states.append(editor.interventions)  # each edit publishes a new adapter object
+        for checkpoint, state in zip(chain, states):
+            assert _states_equal(checkpoint.interventions, state)
+            assert torch.equal(checkpoint.interventions.draw_state, state.draw_state)
+        head = read_metadata(tmp_path / chain[2].manifest["sha256"] / ADAPTER_FILE)
+        assert head["parent"] == chain[1].manifest["sha256"]
+        assert len(json.loads(head["history"])) == 1 and len(json.loads(head["segments"])) == 1
+        assert "draw" in head and chain[2].history == editor.history
+        whole = save_checkpoint(tmp_path / "whole", editor.interventions, editor.config, identity, editor.history)
+        again = save_checkpoint(tmp_path / "again", chain[2].interventions, chain[2].config, identity, chain[2].history)
+        assert whole["sha256"] == again["sha256"]
+        # the version before, loaded afresh (nothing cached), is the state it was
+        editor.load(tmp_path / chain[1].manifest["sha256"], identity, segments=tmp_path / SEGMENTS_DIR)
+        assert _states_equal(editor.interventions, states[1]) and editor.history == chain[1].history
+    finally:
+        editor.attachment.detach()
+
+
+def test_a_block_holding_edits_is_stored_whole(tiny_sharp, tmp_path):
+    editor = Editor(tiny_sharp.model, tiny_sharp.tokenizer, EditConfig(max_steps=5, rank=6, block_edits=2), unrelated_prompts=[])
+    try:
+        base = _save_in(tmp_path, editor, tiny_sharp.identity)
+        editor.edit(EditRequest.from_triple("Danielle Darrieux", "The mother tongue of {subject} is", "Japanese"))
+        assert editor.interventions.sealed_blocks == 0  # the edit is in the trainable block
+        child = _save_in(tmp_path, editor, tiny_sharp.identity, base)
+        assert "draw" not in read_metadata(tmp_path / child.manifest["sha256"] / ADAPTER_FILE)
+        assert _states_equal(child.interventions, editor.interventions)
+    finally:
+        editor.attachment.detach()
+
+
+def test_format_5_checkpoints_still_load(tiny_sharp, edited, tmp_path):
+    """Format 5 held the whole state in each file: the trainable block's values, no draw."""
+    from checkpoint_support import rewrite_adapter
+
+    def format_5(metadata, tensors):
+        for key in ("draw", "edits", "sealed_blocks"):
+            metadata.pop(key)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("draw.")}
+        tensors.update({k: v.detach() for k, v in edited.interventions.by_layer.named_parameters(prefix="by_layer")})
+        return {**metadata, "format_version": "5"}, tensors
+
+    edited.save(tmp_path, tiny_sharp.identity)
+    rewrite_adapter(tmp_path, format_5)
+    loaded = load_checkpoint(tmp_path, tiny_sharp.identity)
+    assert _states_equal(loaded.interventions, edited.interventions) and loaded.history == edited.history
+    assert loaded.interventions.draw_state is None  # so its next save stores the block whole
+
+
+def test_a_broken_lineage_is_refused(tiny_sharp, edited, tmp_path):
+    base = _save_in(tmp_path, edited, tiny_sharp.identity)
+    edited.interventions.segment_ids.clear()  # the next save finds them again
+    child = save_checkpoint(tmp_path / "child", edited.interventions, edited.config, tiny_sharp.identity,
+                            edited.history + edited.history, tmp_path / SEGMENTS_DIR, base)
+    assert child["parent"] == base.manifest["sha256"]
+    parent = tmp_path / base.manifest["sha256"] / ADAPTER_FILE
+    data = bytearray(parent.read_bytes())
+    data[-1] ^= 0x01
+    parent.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="parent checkpoint .* is corrupt"):
+        load_checkpoint(tmp_path / "child", segments=tmp_path / SEGMENTS_DIR)
+    parent.unlink()
+    with pytest.raises(CheckpointError, match="parent checkpoint .* is missing"):
+        load_checkpoint(tmp_path / "child", segments=tmp_path / SEGMENTS_DIR)
+    with pytest.raises(CheckpointError, match="does not extend"):
+        save_checkpoint(tmp_path / "other", edited.interventions, edited.config, tiny_sharp.identity, [],
+                        tmp_path / SEGMENTS_DIR, base)

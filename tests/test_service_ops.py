@@ -94,7 +94,8 @@ def test_replicas_share_checkpoints_through_the_database(tiny_dir, tmp_path, pos
             wait_ready(a)
             with TestClient(create_app(second)) as b:
                 wait_ready(b)
-                edit = Client(http=a).wait(Client(http=a).edit("Alice", "lives in", "Oslo")["id"], timeout=60)
+                for subject in ("Alice", "Bob"):  # a chain: base, the first edit's version, the second's
+                    edit = Client(http=a).wait(Client(http=a).edit(subject, "lives in", "Oslo")["id"], timeout=60)
                 sha256 = Client(http=a).version(edit["version"])["checkpoint_sha256"]
                 texts = [Client(http=h).generate(PROMPT, max_new_tokens=4) for h in (a, b)]
                 assert texts[0] == {**texts[1], "seconds": texts[0]["seconds"]}
