@@ -90,8 +90,7 @@ class CheckpointStore:
         self.base_model = base_model
         self.device = device
         self.sessions = sessions
-        # Adapters grow with their sealed blocks (83 KB an edit by default): bound the cache by
-        # bytes as well as by count.
+        # Adapters grow with their sealed blocks: bound the cache by bytes as well as by count.
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._cache: OrderedDict[str, Checkpoint] = OrderedDict()
         self._lock = threading.Lock()

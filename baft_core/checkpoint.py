@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from .attach import InterventionSet
+from .blocks import GATE_ROWS
 from .config import EditConfig
 from .data import EditRequest
 from .routing import UNLIMITED
@@ -151,6 +152,7 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         f"{layer}.{name}": getattr(interventions.sealed[str(layer)], name)[rows].detach().cpu().contiguous()
         for layer in interventions.layers
         for name in _SEALED_ROWS
+        if interventions.sealed_gates or name not in GATE_ROWS
     }
     router = interventions.router
     own = router.key_block == block
@@ -199,9 +201,10 @@ class _SegmentReader:
     10,000 segments are 5 GB. Each thread reads into its own buffer, used again for its next
     segment: fresh memory for every file cost as much as the reading."""
 
-    def __init__(self, segments: Path, held: list[tuple[str, int | None]]):
-        """`held`: each segment's id and CRC-32 (None: check its sha256)."""
-        self.segments, self.held = segments, held
+    def __init__(self, segments: Path, held: list[tuple[str, int | None]], gates: bool):
+        """`held`: each segment's id and CRC-32 (None: check its sha256). `gates`: keep the
+        blocks' gate rows (segments written before ungated blocks dropped them still hold them)."""
+        self.segments, self.held, self.gates = segments, held, gates
         self.rows: dict[str, torch.Tensor] = {}
         self._buffers = threading.local()
 
@@ -230,6 +233,8 @@ class _SegmentReader:
         """Copies the block's sealed rows into place; returns its route keys, their thresholds and
         edits, and its answer window (copies: the buffer is read into again)."""
         path, tensors = self._tensors(block)
+        if not self.gates:
+            tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[-1] not in GATE_ROWS}
         own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
         for name in ("route_keys", "route_thresholds", "route_key_edits"):
             if name in tensors:
@@ -511,7 +516,9 @@ def load_checkpoint(
     # keeps its empty default (no routing threshold: every block's gates decide alone).
     missing, unexpected = interventions.load_state_dict(tensors, strict=False)
     if segment_ids:
-        sealed = _SegmentReader(Path(segments) if segments else directory / SEGMENTS_DIR, segments_held).read()
+        sealed = _SegmentReader(
+            Path(segments) if segments else directory / SEGMENTS_DIR, segments_held, interventions.sealed_gates
+        ).read()
         for key, value in sealed.items():  # taken as they are: load_state_dict would copy 5 GB again
             module, name = key.rsplit(".", 1)
             setattr(interventions.get_submodule(module), name, value)

@@ -6,6 +6,9 @@ import json
 
 import pytest
 import torch
+from checkpoint_support import rewrite_adapter
+from safetensors import safe_open
+from safetensors.torch import load, save
 
 from baft_core import EditConfig, Editor, EditRequest
 from baft_core.checkpoint import (
@@ -183,7 +186,6 @@ def test_a_block_holding_edits_is_stored_whole(tiny_sharp, tmp_path):
 
 def test_format_5_checkpoints_still_load(tiny_sharp, edited, tmp_path):
     """Format 5 held the whole state in each file: the trainable block's values, no draw."""
-    from checkpoint_support import rewrite_adapter
 
     def format_5(metadata, tensors):
         for key in ("draw", "edits", "sealed_blocks"):
@@ -217,3 +219,38 @@ def test_a_broken_lineage_is_refused(tiny_sharp, edited, tmp_path):
     with pytest.raises(CheckpointError, match="does not extend"):
         save_checkpoint(tmp_path / "other", edited.interventions, edited.config, tiny_sharp.identity, [],
                         tmp_path / SEGMENTS_DIR, base)
+
+
+def safetensors_keys(path) -> set[str]:
+    with safe_open(path, framework="pt") as handle:
+        return set(handle.keys())
+
+
+def test_blocks_without_gates_keep_no_gate_rows(tiny_sharp, edited, tmp_path):
+    """Routed blocks act without their gates by default: nothing reads a sealed gate, so neither
+    memory nor segments hold one, and segments written when they did still load."""
+    sealed = edited.interventions.sealed[str(edited.layers[0])]
+    assert not sealed.use_gates and sealed.num_bases == edited.config.rank
+    assert sealed.gate_weight.shape[0] == 0 and sealed.gate_bias.shape[0] == 0
+    edited.save(tmp_path, tiny_sharp.identity)
+    metadata = read_metadata(tmp_path / ADAPTER_FILE)
+    (segment_id,) = json.loads(metadata["segments"])
+    held = safetensors_keys(tmp_path / SEGMENTS_DIR / f"{segment_id}.safetensors")
+    assert f"{edited.layers[0]}.rotation" in held and not any("gate" in key for key in held)
+
+    def with_gate_rows(metadata, tensors):  # as segments were written before
+        path = tmp_path / SEGMENTS_DIR / f"{segment_id}.safetensors"
+        rows = load(path.read_bytes())
+        for layer in edited.layers:
+            rows[f"{layer}.gate_weight"] = torch.randn(edited.config.rank, sealed.hidden_size)
+            rows[f"{layer}.gate_bias"] = torch.randn(edited.config.rank)
+        data = save(rows)
+        old_id = hashlib.sha256(data).hexdigest()
+        (tmp_path / SEGMENTS_DIR / f"{old_id}.safetensors").write_bytes(data)
+        kept = {k: v for k, v in metadata.items() if k != "segment_crc32"}
+        return {**kept, "segments": json.dumps([old_id])}, tensors
+
+    rewrite_adapter(tmp_path, with_gate_rows)
+    loaded = load_checkpoint(tmp_path, tiny_sharp.identity)
+    assert _states_equal(loaded.interventions, edited.interventions)
+    assert loaded.interventions.sealed[str(edited.layers[0])].gate_weight.shape[0] == 0
