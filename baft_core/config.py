@@ -37,14 +37,6 @@ class EditConfig:
     # Optimisation
     lr: float = 1e-2
     gate_lr: float = 5e-3
-    # AdamW's first-moment decay. 0.5 left the steps of an edit as they were (100 continual ZsRE
-    # edits: 7.90 against 7.86) and CounterFact generality within 0.01; fewer steps came only with
-    # a smaller learning rate, at a cost in generality (bench/results/ablation.md).
-    adam_beta1: float = 0.9
-    # Learning-rate factors of the first optimizer steps of an edit (then 1). Off: smaller early
-    # steps cut BaFT's steps, but CounterFact generality fell with them (100 continual edits:
-    # 0.86 with none, 0.80 with [1, 0.5], 0.63 with [0.3, 0.6]; bench/results/ablation.md).
-    lr_warmup: list[float] = field(default_factory=list)
     weight_decay: float = 0.0  # applied to A only; never to R (it would collapse the rotation)
     max_steps: int = 40
     max_steps_batched: int = 70
@@ -56,7 +48,7 @@ class EditConfig:
     # `sealed_cutoff`, so an edit's own gates must clear it with room (0.2 against 0.1).
     beta: float = 0.2
     gamma: float = 0.02
-    # The gates learn from the margins alone (gate_follows_edit=False), so with Adam this weight
+    # The gates learn from the margins alone (the edit loss does not reach them), so with Adam this weight
     # only sets how far the margins must be met before the early stop: 0.1 makes a residual
     # margin of 0.1 (a few unrelated positions just above alpha) count as 0.01.
     locality_weight: float = 0.1
@@ -78,9 +70,6 @@ class EditConfig:
     # rep 0.70/0.58/0.64/0.68, CounterFact 0.92/0.94/0.94/0.90; bench/results/ablation.md).
     continuation_weight: float = 1.0
     continuation_tokens: int = 1
-    # False: the edit loss does not train the gates. Letting it do so made the gates open on
-    # unrelated inputs (locality 0.67 vs 0.99 on 8 ZsRE edits) and the loss oscillate.
-    gate_follows_edit: bool = False
     gate_polish_steps: int = 100  # gate-only steps after training, until the margins hold
     polish_tolerance: float = 0.0  # mean margin (in logits) left at which the polish may stop
     unrelated_generate_tokens: int = 4  # generated positions of each unrelated prompt the gates see
@@ -106,9 +95,6 @@ class EditConfig:
     route_layer: int | None = None  # None: ROUTE_LAYER_FRACTION of the model's depth
     # Each edit leaves a route key for its prompt and one for its prompt after each of these.
     route_contexts: list[str] = field(default_factory=lambda: list(ROUTE_CONTEXTS))
-    # Also train each edit after each route context (ROME's augmentation): its block then acts
-    # on paraphrases that say something before the subject the way it acts on the prompt.
-    train_in_contexts: bool = False
     # Each key's threshold is also this far above its nearest unrelated prompt position (None:
     # every key has route_threshold). On 100 CounterFact edits it cut the locality prompts that
     # open some block from 0.06 to 0.01 (loc 0.98 to 0.99) at the same generality.
@@ -176,12 +162,6 @@ class EditConfig:
             raise ValueError("route_neighbours must be >= 0")
         if min(self.lr, self.gate_lr) <= 0:
             raise ValueError("lr and gate_lr must be > 0")
-        if not isinstance(self.lr_warmup, (list, tuple)) or not all(
-            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in self.lr_warmup
-        ):
-            raise ValueError("lr_warmup must be a list of factors in (0, 1]")
-        if not 0 <= self.adam_beta1 < 1:
-            raise ValueError("adam_beta1 must be in [0, 1)")
         if not isinstance(self.answer_window, bool):  # JSON "false" would otherwise read as on
             raise ValueError("answer_window must be true or false")
         if self.continuation_weight < 0:

@@ -158,8 +158,6 @@ class Editor:
         new = [self.encode(r.prompt, r.target) for r in requests]
         keys, owners = self._route_states(requests) if self.interventions.router.enabled else (None, None)
         replayed = [self.encode(r.prompt, r.target) for r in earlier + self._neighbours(keys)]
-        if cfg.train_in_contexts:
-            replayed += [self.encode(f"{c} {r.prompt}", r.target) for r in requests for c in cfg.route_contexts]
         working = self.interventions.fork()
         # A routed block acts within its answers' window (routing.py), while it trains too: a
         # block sealed now is not there after the answer to be trained.
@@ -294,17 +292,11 @@ class Editor:
         ]
         if gates:
             groups.append({"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups, betas=(float(cfg.adam_beta1), 0.999))
+        optimizer = torch.optim.AdamW(groups)
         # Keep every R orthonormal after each step, whoever drives this optimizer.
         optimizer.register_step_post_hook(
             lambda *_: [i.orthonormalize() for i in interventions.by_layer.values()]
         )
-        warmup = [float(f) for f in cfg.lr_warmup]
-        if warmup:  # step k runs at warmup[k] times each group's rate
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: warmup[step] if step < len(warmup) else 1.0
-            )
-            optimizer.register_step_post_hook(lambda *_: schedule.step())
         return optimizer
 
     def _train(
@@ -410,8 +402,10 @@ class Editor:
         on_edit = ~batch.after_answer
         optimizer = self._optimizer(interventions)
         interventions.train()
+        # The edit loss does not train the gates, only the margins do: letting it made the gates
+        # open on unrelated inputs (locality 0.67 against 0.99 on 8 ZsRE edits) and the loss swing.
         for intervention in interventions.by_layer.values():
-            intervention.gate_follows_edit = cfg.gate_follows_edit
+            intervention.gate_follows_edit = False
         steps, parts = 0, {}
         for steps in range(1, max_steps + 1):  # noqa: B007 (the count is read after the loop)
             with self.lock:
@@ -481,7 +475,7 @@ class Editor:
         cfg = self.config
         for intervention in interventions.by_layer.values():
             intervention.cutoff = cfg.sealed_cutoff
-            intervention.gate_follows_edit = cfg.gate_follows_edit
+            intervention.gate_follows_edit = False
         interventions.train()
         try:
             for extra in range(max_steps + 1):

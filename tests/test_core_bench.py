@@ -33,7 +33,7 @@ def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "assignments, message",
-    [(["rnk=3"], "no field 'rnk'"), (["rank=3x"], "not JSON"), (["rank=0"], "rank must be"), (["lr_warmup=[2]"], "lr_warmup")],
+    [(["rnk=3"], "no field 'rnk'"), (["rank=3x"], "not JSON"), (["rank=0"], "rank must be"), (["route_contexts=[1]"], "route_contexts")],
 )
 def test_bad_overrides_are_named(assignments, message):
     with pytest.raises(ValueError, match=message):
@@ -41,8 +41,8 @@ def test_bad_overrides_are_named(assignments, message):
 
 
 def test_overrides_take_json_values():
-    config = bench.apply_overrides(EditConfig(), ["rank=16", "lr_warmup=[0.5]", "route_margin=null"])
-    assert (config.rank, config.lr_warmup, config.route_margin) == (16, [0.5], None)
+    config = bench.apply_overrides(EditConfig(), ["rank=16", 'route_contexts=["Notes:"]', "route_margin=null"])
+    assert (config.rank, config.route_contexts, config.route_margin) == (16, ["Notes:"], None)
 
 
 def test_heldout_negatives_must_exist(tmp_path):
