@@ -53,6 +53,7 @@ pair ablation/DATA-continual-100-nowindow --set answer_window=false
 # sealed_gates: committed results were made while it was the default (2026-12-05); the KnowEdit
 # and same-subject runs use the service's own negatives (--unrelated builtin).
 pair ablation/DATA-continual-100-baft-gated --set sealed_gates=true
+$PY bench/paired_speed.py --vary gates --edits 60 --threads 1 --out $OUT/gates_speed.json
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
   --threads 1 --unrelated builtin --set sealed_gates=true \
   --out $OUT/ablation/knowedit-counterfact-continual-714-baft-gated &
