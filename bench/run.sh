@@ -94,6 +94,9 @@ $PY bench/precision_probe.py --out $OUT/precision_probe.json
 $PY bench/repeat_baseline.py --out $OUT/repeat_baseline.json
 
 $PY bench/summarize.py
+# Routing's cost per prompt at 10, 1,000 and 10,000 synthetic edits (docs/results.md).
+$PY bench/routing_cost.py
+
 # The service's measurements (docs/serving.md, docs/operations.md) have their own commands:
 # bench/service_bench.py and bench/fault_injection.py (see bench/results/service/ and
 # bench/results/fault_injection/).
