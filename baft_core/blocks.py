@@ -28,6 +28,31 @@ _BIASES = ("source_bias", "gate_bias")  # [bases]
 GATE_ROWS = ("gate_weight", "gate_bias")
 
 
+def appended(rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`rows` followed by `new`, as a view of a larger tensor with room to spare. Concatenating
+    copied every sealed row at every seal, a time per edit that grew with the edits (0.47 s of a
+    0.79 s edit after 3,000). The new rows are written in place only if `rows` ends where what was
+    written into its tensor ends: adapters forked from one another share these tensors, and one
+    that another has already extended from the same point copies instead, so no view ever sees its
+    rows change."""
+    base, count = rows._base, len(rows)
+    if (
+        base is not None
+        and getattr(base, "written", None) == count
+        and rows.data_ptr() == base.data_ptr()
+        and len(base) >= count + len(new)
+    ):
+        base[count : count + len(new)] = new
+    else:
+        # Room for half as many rows again: a copy every few seals early on, then rarely (on the
+        # CPU the untouched room is not resident until written).
+        base = rows.new_empty((3 * (count + len(new)) // 2, *rows.shape[1:]))
+        base[:count] = rows
+        base[count : count + len(new)] = new
+    base.written = count + len(new)
+    return base[: count + len(new)]
+
+
 class SealedBases(nn.Module):
     def __init__(self, hidden_size: int, cutoff: float, use_gates: bool = True):
         super().__init__()
@@ -51,8 +76,8 @@ class SealedBases(nn.Module):
 
     @torch.no_grad()
     def append(self, block: BasisIntervention) -> None:
-        """Freeze a block's bases. New tensors, not in-place writes: an adapter forked before
-        this call (an older published version) keeps its own bases."""
+        """Freeze a block's bases (`appended`: an adapter forked before this call, such as an
+        older published version, keeps its own bases)."""
         new = {
             "rotation": block.rotation.weight,
             "source_weight": block.source.weight,
@@ -63,7 +88,8 @@ class SealedBases(nn.Module):
         for name, value in new.items():
             if name in GATE_ROWS and not self.use_gates:
                 continue
-            setattr(self, name, torch.cat([getattr(self, name), value.detach().to(getattr(self, name))]))
+            current = getattr(self, name)
+            setattr(self, name, appended(current, value.detach().to(current)))
 
     def weights(self, gate_inputs: torch.Tensor, bases: torch.Tensor | None = None) -> torch.Tensor:
         """w [n, bases] (or only the columns `bases`) with gates below the cutoff exactly 0."""

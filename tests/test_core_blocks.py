@@ -2,6 +2,8 @@
 trainable block, the sample of sealed edits used as negatives, and checkpoints of sealed state."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from test_core_editor import make_editor
 
@@ -224,3 +226,26 @@ def test_checkpoint_without_sealed_buffers_still_loads(tiny_sharp, tmp_path):
         assert ed.generate([EDITS[0].prompt], max_new_tokens=6) == expected
     finally:
         ed.attachment.detach()
+
+
+def test_appending_writes_in_place_and_forks_keep_their_rows():
+    """Sealing writes into spare room instead of copying every sealed row; an adapter forked
+    earlier (an older version) never sees its rows change, whichever of the two seals next."""
+    torch.manual_seed(0)
+    sealed = SealedBases(16, cutoff=0.1)
+    for _ in range(4):
+        sealed.append(random_block(16, 3, 0.0))
+    storage = sealed.rotation.data_ptr()
+    older = copy.deepcopy(sealed, {id(t): t for t in sealed.buffers()})  # as InterventionSet.fork
+    kept = {name: tensor.clone() for name, tensor in older.state_dict().items() if tensor.dim()}
+    newer = random_block(16, 3, 0.0)
+    sealed.append(newer)
+    assert sealed.rotation.data_ptr() == storage  # written in place
+    assert torch.equal(sealed.rotation[-3:], newer.rotation.weight.detach())
+    other = random_block(16, 3, 1.0)
+    older.append(other)  # the room after its rows is taken: it copies
+    assert older.rotation.data_ptr() != storage
+    assert torch.equal(sealed.rotation[-3:], newer.rotation.weight.detach())
+    assert torch.equal(older.rotation[-3:], other.rotation.weight.detach())
+    assert all(torch.equal(older.state_dict()[name][: len(kept[name])], kept[name]) for name in kept)
+    assert sealed.num_bases == older.num_bases == 15
