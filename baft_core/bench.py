@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import metrics
 from .config import EditConfig
@@ -23,8 +22,14 @@ from .data import EditRequest, load_edits
 from .editor import Editor
 from .models import BUNDLED, load_model
 from .precision import PRECISIONS
-from .report import plot_basis_weights, plot_curve, write_report
 from .unrelated import default_unrelated_prompts
+
+try:  # an optional extra: the library and the service need neither tqdm nor matplotlib
+    from tqdm import tqdm
+
+    from .report import plot_basis_weights, plot_curve, write_report
+except ImportError as err:
+    raise SystemExit(f"the benchmark needs its extra ({err.name} is missing): pip install 'baft-edit[bench]'") from None
 
 METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
 
