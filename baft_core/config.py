@@ -7,11 +7,9 @@ from typing import Literal
 Method = Literal["baft", "reft"]
 
 # The paper's upper three intervention layers on a 32-layer model (18, 24, 28 of 9, 18, 24, 28),
-# as depth fractions so that any depth gets the same relative placement. Dropping the lowest
-# layer cut a training step from 0.16 s to 0.10 s on SmolLM2 (layers below the first edited one
-# are not recomputed) with equal reliability and locality, on 12 ZsRE edits (no committed table yet).
-# Dropping the next one as well (22, 26) cut an edit to 0.73-0.81x the time, but CounterFact
-# generality to 0.79 over 100 continual edits (bench/results/ablation.md).
+# as depth fractions so that any depth gets the same relative placement. Without the paper's
+# lowest layer a training step is cheaper (layers below the first edited one are not recomputed)
+# at equal reliability and locality; without the next one as well, CounterFact generality fell.
 DEFAULT_LAYER_FRACTIONS = (0.56, 0.75, 0.875)
 # Where route keys are read, as a depth fraction (layer 4 of SmolLM2's 30): early enough that a
 # subject's state carries little of the text around it (routing.py).
@@ -28,7 +26,7 @@ class EditConfig:
     # comparison of the two measures the gates, not a rank. On 100 single CounterFact edits
     # generality rose with the rank (4: 0.57, 8: 0.63, 12: 0.73, 16: 0.82, 24: 0.85) at locality
     # 1.00; the price is ZsRE portability (0.30 at rank 4, 0.18 at 24), the answer said again more
-    # often after itself, and 6x the stored values per edit (bench/results/ablation.md). ReFT ran
+    # often after itself, and 6x the stored values per edit (docs/results.md). ReFT ran
     # at the paper's 12 before; those runs are kept there (`--set rank=12`).
     rank: int = 24
     layers: list[int] | None = None  # None: DEFAULT_LAYER_FRACTIONS of the model's depth
@@ -60,14 +58,13 @@ class EditConfig:
     # before, and greedy decoding said the answer again ("Argentina Argentina ..."): over 100
     # continual edits the answer came again after itself for 0.45 of ZsRE's prompts and 0.90 of
     # CounterFact's, against 0.12 and 0.31 with the window, which also needs no continuation
-    # term (6.59 steps an edit against 7.60 on ZsRE; bench/results/ablation.md).
+    # term (6.59 steps an edit against 7.60 on ZsRE; docs/results.md).
     answer_window: bool = True
     # Blocks trained without gates that act after the answer (ReFT; routed blocks without
     # `answer_window`) must keep the unedited model's next-token distribution there
     # (`objective.continuation_drift`), over the answer's last position and this many tokens the
     # unedited model says after it. 0 weight turns that off. Each token costs a decoding step per
-    # edit; on 50 single edits 0, 1, 2 or 4 tokens left `rep` and generality within noise (ZsRE
-    # rep 0.70/0.58/0.64/0.68, CounterFact 0.92/0.94/0.94/0.90; bench/results/ablation.md).
+    # edit, and more than one left `rep` and generality within noise.
     continuation_weight: float = 1.0
     continuation_tokens: int = 1
     gate_polish_steps: int = 100  # gate-only steps after training, until the margins hold
@@ -81,7 +78,7 @@ class EditConfig:
     # Capacity in fixed-size blocks: a block (rank `rank` at each layer) holds this many edits,
     # then it is sealed (frozen) and a fresh block takes the next ones. 0: one block for all
     # edits, as in the paper. A block per edit kept 100 continual ZsRE edits at rel 0.98 where
-    # one shared block fell to 0.49 (bench/results/ablation.md). None: 1 for BaFT, 0 for ReFT
+    # one shared block fell to 0.49 (docs/results.md). None: 1 for BaFT, 0 for ReFT
     # (ungated blocks would all act on every input).
     block_edits: int | None = None
     # In sealed blocks a gate below this is exactly off (thousands of small leaks add up).
@@ -109,7 +106,7 @@ class EditConfig:
     sealed_gates: bool = False
     # Sealed edits whose route key is within the threshold of a new edit's key (at most this
     # many, nearest first) are replayed while training it: their prompts will open the new block
-    # too. Without it, 100 ZsRE edits kept rel 0.96 instead of 1.00 (bench/results/ablation.md).
+    # too. Without it, 100 ZsRE edits kept rel 0.96 instead of 1.00 (docs/results.md).
     route_neighbours: int = 8
 
     # Same-subject probes (subject_probes.py): the gates of a routed block learn to stay closed on

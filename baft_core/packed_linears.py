@@ -12,18 +12,13 @@ never moved or saved. Three kinds:
   accumulation on weights rounded to fp16 (11-bit significand, against bf16's 8), widened to fp32
   in registers. FBGEMM pads each copy's inner dimension to a multiple of 512 (SmolLM2's 576 to
   1024) in memory, not in what a product reads: the two copies take about 1.5x the fp32 weight's
-  bytes (0.8 GB against 0.54 GB on SmolLM2). Its kernel is built for a few rows: on hundreds it
-  is slower than fp32. Run on both threads (torch's older op ran on one), an edit took 0.92x as
-  long on an AVX2-only EPYC (ablation/fp16_threads_speed-epyc-zen3-avx2.json).
+  bytes. Its kernel is built for a few rows: on hundreds it is slower than fp32.
 - `Bf16Linear` (`bfloat16` on a CPU, oneDNN): the bf16 model's own products, with weights packed
-  for oneDNN's kernels (AMX tiles where the CPU has them). On an Intel Xeon with AMX-BF16 a
-  step's frozen products (ten rows through layers 17-29 and the head, forward and back) took
-  27.5 ms packed against 37.2 ms plain, 70.5 ms in FBGEMM fp16 and 66.8 ms in fp32
-  (bench/results/packed_products.json).
-- `Fp32Linear` (`fp32-packed`, oneDNN): fp32 throughout, the weights in oneDNN's layout. On an
-  AMD EPYC with AVX512-BF16 the same products took 20.8 ms packed against 61.4 ms plain (14.5
-  ms packed bf16, 22.1 ms FBGEMM fp16; ablation/packed_products-epyc-avx512bf16.json); on the
-  Xeon 0.81x plain, but 1.38x at one row (ablation/packed_products-fp32-onednn.json).
+  for oneDNN's kernels (AMX tiles where the CPU has them).
+- `Fp32Linear` (`fp32-packed`, oneDNN): fp32 throughout, the weights in oneDNN's layout.
+
+Which is fastest depends on the CPU (its bf16 and AMX support above all), so none is chosen here:
+`precision.py` times them on the host.
 """
 from __future__ import annotations
 

@@ -1,19 +1,15 @@
 """The number format the frozen model runs in: the caller's choice, bf16 on CUDA, and on a CPU
 whichever candidate runs a training step fastest on this host, measured once and remembered.
 
-`auto` used to read a table of CPU features, and new kinds of host kept proving it wrong:
-packed bf16 beat fp16 weights on an Intel Xeon with AMX (an edit 1.43x as long on fp16
-weights, bench/results/amx_bf16_speed.json), which the table then learned, and on an AMD EPYC
-with AVX512-BF16, where it still chose fp16 weights (1.11x,
-ablation/weights_bf16_speed-epyc-avx512bf16.json); FBGEMM's fp16 weights halved an fp32 edit on
-the EPYCs and gained nothing on the Xeon. So `auto` times the real thing: the decoder layers a
-step runs and the output head, in the model's own architecture, randomly initialised (speed
-does not depend on the values), each candidate packed as `load_model` packs it, running a
-training step's forward and backward on a few rows. Every operation counts, not only the
-products: bf16 that a CPU emulates is slow in all of them. It takes four to six seconds (up to
-20 on a slow AVX2-only host), once per host, model shape, torch version, thread count,
-instruction-set cap and kernel set; the timings and the choice stay in a JSON file beside the
-model cache.
+`auto` does not read a table of CPU features: which format wins depends on more than the
+features say (packed bf16 beat fp16 weights on a CPU with AMX and lost on one with AVX512-BF16;
+fp16 weights halved an fp32 edit on some CPUs and gained nothing on others). It times the real
+thing: the decoder layers a step runs and the output head, in the model's own architecture,
+randomly initialised (speed does not depend on the values), each candidate packed as
+`load_model` packs it, running a training step's forward and backward on a few rows. Every
+operation counts, not only the products: bf16 that a CPU emulates is slow in all of them. It
+takes a few seconds, once per host, model shape, torch version, thread count, instruction-set
+cap and kernel set; the timings and the choice stay in a JSON file beside the model cache.
 """
 from __future__ import annotations
 

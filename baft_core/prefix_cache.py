@@ -25,8 +25,7 @@ from .routing import Routes, answer_offsets
 def training_attention(dtype: torch.dtype, device: torch.device) -> SDPBackend | None:
     """The attention kernel for training steps, None for torch's own choice. On a CPU with bf16
     (or fp16) activations: the math kernel, whose backward on these few-token batches is cheaper
-    than flash attention's (a training step 0.94x as long); in fp32 flash is the faster
-    (bench/results/attention_kernel_speed.json)."""
+    than flash attention's; in fp32 flash is the faster (`bench/attention_kernel_speed.py`)."""
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return SDPBackend.MATH
     return None

@@ -19,7 +19,7 @@ and after each of a few generic prefixes (`EditConfig.route_contexts`), since pa
 text before the subject. On 100 CounterFact edits this raised the share of paraphrases that open
 their own edit's block from 0.52 (one key, at the first edited layer 17) to 0.89 (one key at
 layer 4) and 0.98 (with the context keys), with locality prompts opening some block 0.02 of the
-time against 0.01 (bench/results/ablation.md).
+time against 0.01 (docs/results.md).
 
 A block acts at the positions its edit was trained on: on a prompt it opens, the last P prompt
 positions and the first T - 1 answer tokens fed after them (T: the block's longest answer in
