@@ -33,7 +33,6 @@ from baft_core.checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_metadata,
-    save_checkpoint,
 )
 
 from . import crud
@@ -110,9 +109,7 @@ class CheckpointStore:
         base = self.load(parent) if parent else None
         self._drop_corrupt_segments(editor.interventions.segment_ids)
         staging = self.root / ".staging" / uuid.uuid4().hex
-        manifest = save_checkpoint(
-            staging, editor.interventions, editor.config, self.base_model, editor.history, self.segments, base
-        )
+        manifest = editor.save(staging, self.base_model, self.segments, parent=base)
         sha256 = manifest["sha256"]
         self._sync_segments(segment_ids(staging / ADAPTER_FILE))
         for name in (ADAPTER_FILE, MANIFEST_FILE):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attach import Attachment, InterventionSet, text_config
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import EditConfig
 from .data import EditRequest
 from .encoding import (
@@ -116,10 +116,11 @@ class Editor:
         self.history = list(history)
         self._edit_features = None
 
-    def save(self, directory, base_model: str, segments=None) -> dict:
+    def save(self, directory, base_model: str, segments=None, parent: Checkpoint | None = None) -> dict:
         """Checkpoint the adapter state; returns the manifest (with the file's sha256). Sealed
-        blocks go to `segments` (default: inside `directory`), which checkpoints may share."""
-        return save_checkpoint(directory, self.interventions, self.config, base_model, self.history, segments)
+        blocks go to `segments` (default: inside `directory`), which checkpoints may share.
+        `parent`: a saved checkpoint this state extends, so that only what it adds is written."""
+        return save_checkpoint(directory, self.interventions, self.config, base_model, self.history, segments, parent)
 
     def load(self, directory, base_model: str | None = None, segments=None) -> dict:
         """Swap in a saved adapter state (no reload of the base model); returns its manifest."""
