@@ -6,6 +6,7 @@ boolean [batch, seq] mask. Outside that context the model runs unedited.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,16 +56,17 @@ class InterventionSet(nn.Module):
         route_threshold: float = 0.0,
         sealed_gates: bool = True,
         routing_layer: int | None = None,
+        seed: int = 0,
     ):
         """`routing_layer` (default: the first edited layer) must not be above it: routes are
-        decided before any block acts."""
+        decided before any block acts. `seed` fixes every block's random draw (`block_generator`)."""
         super().__init__()
         routing_layer = min(layers) if routing_layer is None else routing_layer
         if routing_layer > min(layers):
             raise ValueError(f"routing layer {routing_layer} is above the first edited layer {min(layers)}")
-        self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
+        self.hidden_size, self.rank, self.gated, self.seed = hidden_size, rank, gated, seed
         self.layers = list(layers)
-        self.by_layer = nn.ModuleDict(self._fresh_blocks())
+        self.by_layer = nn.ModuleDict(self._fresh_blocks(self.block_generator(0)))
         self.sealed = nn.ModuleDict(
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates) for layer in self.layers}
         )
@@ -76,15 +78,26 @@ class InterventionSet(nn.Module):
         # sha256 of each sealed block as stored by checkpoint.py, filled as blocks are saved.
         self.segment_ids: list[str] = []
 
-    def _fresh_blocks(self) -> dict[str, BasisIntervention]:
-        """A new trainable block per layer: every layer's bases drawn before any gate (see
-        `BasisIntervention.add_gates`). The generator's state before the draw is kept: a
-        checkpoint stores a block that holds no edit as that state, not as its values."""
-        self.draw_state = torch.get_rng_state()
-        blocks = {str(layer): BasisIntervention(self.hidden_size, self.rank, gated=False) for layer in self.layers}
+    def block_generator(self, index: int) -> torch.Generator:
+        """The generator that draws block `index` (0: the first trainable block, n: the one that
+        follows the n-th seal): a function of the seed and the index alone, so that an adapter
+        reloaded halfway through a history draws the same blocks as one that never was (a replay
+        of the edit log gives the same adapter, bit for bit)."""
+        digest = hashlib.sha256(f"baft-block:{self.seed}:{index}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def _fresh_blocks(self, generator: torch.Generator) -> dict[str, BasisIntervention]:
+        """A new trainable block per layer, drawn on the CPU from `generator`: every layer's bases
+        before any gate (see `BasisIntervention.add_gates`). The generator's state before the draw
+        is kept: a checkpoint stores a block that holds no edit as that state, not its values."""
+        self.draw_state = generator.get_state()
+        blocks = {
+            str(layer): BasisIntervention(self.hidden_size, self.rank, gated=False, generator=generator)
+            for layer in self.layers
+        }
         if self.gated:
             for block in blocks.values():
-                block.add_gates()
+                block.add_gates(generator=generator)
         return blocks
 
     def __getitem__(self, layer: int) -> BasisIntervention:
@@ -137,8 +150,8 @@ class InterventionSet(nn.Module):
     def seal(self) -> None:
         """Freeze the trainable block into the sealed bases and start a fresh one, standardising
         its gate input like the others."""
+        fresh_blocks = self._fresh_blocks(self.block_generator(self.sealed_blocks + 1))
         self.router.seal(self.sealed_blocks)
-        fresh_blocks = self._fresh_blocks()
         for layer in self.layers:
             block = self[layer]
             self.sealed[str(layer)].append(block)

@@ -52,8 +52,10 @@ MANIFEST_FILE = "manifest.json"
 # each key names its edit (format 3 routed at the first edited layer, one key per edit in order).
 # 5: segments carry their block's answer window (older ones load as blocks without a window).
 # 6: a checkpoint may name its parent and hold only what it adds; a trainable block without
-# edits may be stored as the generator state it was drawn from.
-FORMAT_VERSION = 6
+# edits may be stored as the generator state it was drawn from. 7: that state is the block's own
+# generator's (`InterventionSet.block_generator`), not the global one's; a format-6 draw state
+# loads as another empty block (the identity either way).
+FORMAT_VERSION = 7
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
@@ -300,11 +302,12 @@ def _threads(count: int) -> Iterator[None]:
 def _draw(interventions: InterventionSet, state: torch.Tensor, threads: int) -> dict[str, torch.Tensor]:
     """The trainable block's parameters as drawn from generator state `state`, with `threads`
     threads: the QR that makes the bases orthonormal gives other last bits with another count.
-    The global generator and the adapter's own `draw_state` are left as they were."""
+    The adapter's own `draw_state` is left as it was."""
     kept = interventions.draw_state
-    with torch.random.fork_rng(devices=[]), _threads(threads):
-        torch.set_rng_state(state)
-        blocks = interventions._fresh_blocks()
+    generator = torch.Generator()
+    generator.set_state(state)
+    with _threads(threads):
+        blocks = interventions._fresh_blocks(generator)
     interventions.draw_state = kept
     return {
         f"by_layer.{layer}.{name}": value.detach()
@@ -495,21 +498,19 @@ def load_checkpoint(
         route_threshold=config.route_threshold if config.block_edits else 0.0,
         sealed_gates=config.sealed_gates,
         routing_layer=int(metadata.get("routing_layer", layers[0])),
+        seed=config.seed,
     )
     tensors, draw, history_entries, segments_held = _fold(directory, metadata, tensors, _drawn_keys(interventions))
     segment_ids = [segment_id for segment_id, _ in segments_held]
     interventions.draw_state = None  # unknown for a block stored whole: it is then stored whole again
     if draw is not None:
         generator_state, recorded = draw
-        # Another thread drawing from the global generator meanwhile spoils a draw: try again.
-        for _ in range(3):
-            drawn = _draw(interventions, generator_state, recorded["threads"])
-            if _digest(drawn) == recorded["sha256"]:
-                break
-        else:
+        drawn = _draw(interventions, generator_state, recorded["threads"])
+        if _digest(drawn) != recorded["sha256"]:
             # A block without edits acts as the identity, drawn either way: this state differs
-            # from the saved one only in the last bits of its next edit's starting point.
-            log.warning("%s: this machine draws the empty trainable block with other last bits", directory)
+            # from the saved one only in its next edit's starting point (other last bits of the
+            # QR on another machine, or another draw from a checkpoint older than format 7).
+            log.warning("%s: this machine draws the empty trainable block differently", directory)
         tensors.update(drawn)
         interventions.draw_state = generator_state
     # Checkpoints of format 1 predate sealed blocks, those of format 2 routing: what they lack

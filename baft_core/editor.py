@@ -90,7 +90,6 @@ class Editor:
         return self.attachment.interventions
 
     def new_interventions(self) -> InterventionSet:
-        torch.manual_seed(self.config.seed)
         text = text_config(self.model)
         cfg = self.config
         interventions = InterventionSet(
@@ -102,6 +101,7 @@ class Editor:
             cfg.route_threshold if cfg.block_edits else 0.0,
             cfg.sealed_gates,
             cfg.resolved_route_layer(text.num_hidden_layers),
+            cfg.seed,
         )
         return interventions.to(self.device)
 

@@ -29,7 +29,15 @@ def statistics(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class BasisIntervention(nn.Module):
-    def __init__(self, hidden_size: int, rank: int, gated: bool = True, gate_bias: float = -5.6):
+    def __init__(
+        self,
+        hidden_size: int,
+        rank: int,
+        gated: bool = True,
+        gate_bias: float = -5.6,
+        generator: torch.Generator | None = None,
+    ):
+        """`generator` draws R (and the gates' weights); None: the global one."""
         super().__init__()
         if rank > hidden_size:
             raise ValueError(f"rank {rank} exceeds hidden size {hidden_size}")
@@ -39,7 +47,7 @@ class BasisIntervention(nn.Module):
         # Gates below this act as exactly 0, as in a sealed block (set while fitting before sealing).
         self.cutoff = 0.0
         self.rotation = nn.Linear(hidden_size, rank, bias=False)
-        nn.init.orthogonal_(self.rotation.weight)
+        nn.init.orthogonal_(self.rotation.weight, generator=generator)
         self.source = nn.Linear(hidden_size, rank)  # A h + b
         with torch.no_grad():
             # A = R and b = 0 make a fresh intervention the identity, whatever the gates say.
@@ -47,9 +55,9 @@ class BasisIntervention(nn.Module):
             self.source.bias.zero_()
         self.gated = False
         if gated:
-            self.add_gates(gate_bias)
+            self.add_gates(gate_bias, generator)
 
-    def add_gates(self, gate_bias: float = -5.6) -> None:
+    def add_gates(self, gate_bias: float = -5.6, generator: torch.Generator | None = None) -> None:
         """Gives every basis its gate (W(h)). Separate from the constructor so that a set of
         blocks can draw all its bases first: then BaFT and ReFT with one seed start from the same
         R, A and b, and a comparison of the two measures the gates, not two random draws."""
@@ -61,7 +69,7 @@ class BasisIntervention(nn.Module):
         # basis closed (below the locality margin alpha = 0.01).
         self.gate = nn.Linear(hidden_size, self.rank)
         # Small random weights break the symmetry between bases without opening any gate.
-        nn.init.normal_(self.gate.weight, std=0.3 * hidden_size**-0.5)
+        nn.init.normal_(self.gate.weight, std=0.3 * hidden_size**-0.5, generator=generator)
         nn.init.constant_(self.gate.bias, gate_bias)
         self.register_buffer("gate_center", torch.zeros(hidden_size))
         self.register_buffer("gate_scale", torch.ones(hidden_size))
@@ -98,12 +106,15 @@ class BasisIntervention(nn.Module):
             return h.new_ones(*h.shape[:-1], self.rank)
         return torch.sigmoid(self.gate_logits(h))
 
+    def change(self, h: torch.Tensor) -> torch.Tensor:
+        """(A h + b - R h) [n, rank]: the change at full weight, in the block's coordinates."""
+        return self.source(h) - h @ self.R.T
+
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns Phi(h) and the basis weights w(h). Computed in the parameters' dtype (fp32)."""
         dtype = h.dtype
         h = h.to(self.source.weight.dtype)
-        R = self.R
         w = self.weights(h)
         acting = w * (w > self.cutoff) if self.cutoff else w
-        delta = (self.source(h) - h @ R.T) * (acting if self.gate_follows_edit else acting.detach())
-        return (h + delta @ R).to(dtype), w
+        delta = self.change(h) * (acting if self.gate_follows_edit else acting.detach())
+        return (h + delta @ self.R).to(dtype), w

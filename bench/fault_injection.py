@@ -291,9 +291,9 @@ def chaos(fleet: Fleet, pg: Postgres, stop: threading.Event, every: float, rng: 
 def replay(model_dir: Path, models_dir: Path, database: str, checkpoints: Path, prompts: list[str]) -> dict:
     """Two replays of the log on a fresh editor. `stored`: the head's checkpoint (fetched from
     the database like a new replica would) loaded and asked the same prompts. `retrained`: the
-    head's lineage trained again, version by version as the service grouped it; baft_core draws
-    its sample of sealed-edit features from a random reservoir that a reload rebuilds, so this
-    matches the service bit for bit only where its worker never reloaded (see the README)."""
+    head's lineage trained again, version by version as the service grouped it, in one process
+    that never reloads. Both states are saved whole (the head is stored as additions to its
+    parent): identical states give identical bytes, so equal sha256 means the same adapter."""
     engine = make_engine(database)
     sessions = make_sessionmaker(engine)
     with sessions() as session:
@@ -315,7 +315,11 @@ def replay(model_dir: Path, models_dir: Path, database: str, checkpoints: Path, 
     store = CheckpointStore(checkpoints, loaded.identity, "cpu", sessions=sessions)
     state = store.load(head.checkpoint_sha256)
     editor.load_state(state.interventions, state.history)
-    stored = {"texts": editor.generate(prompts, max_new_tokens=6), "edits": [r.to_dict() for r in state.history]}
+    stored = {
+        "sha256": editor.save(Path(tempfile.mkdtemp()), base_model=loaded.identity)["sha256"],
+        "texts": editor.generate(prompts, max_new_tokens=6),
+        "edits": [r.to_dict() for r in state.history],
+    }
     editor.reset()
     editor.prepare()
     for kind, requests in reversed(lineage):
@@ -461,7 +465,7 @@ def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fl
             "one_row_per_key": len(keys) == len(rows),
             "stored_head_holds_the_log": replayed["stored"]["edits"] == log_edits,
             "stored_head_generations_match_service": replayed["stored"]["texts"] == service_texts,
-            "retrained_sha256_matches_head": replayed["retrained"]["sha256"] == head.checkpoint_sha256,
+            "retrained_sha256_matches_head": replayed["retrained"]["sha256"] == replayed["stored"]["sha256"],
             "retrained_generations_match_service": replayed["retrained"]["texts"] == service_texts,
             "five_xx_other_than_503": five_xx,
         },
@@ -471,7 +475,9 @@ def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fl
     }
     result["ok"] = (report["ok"] and not lost and not unknown and result["checks"]["one_row_per_key"]
                     and result["checks"]["stored_head_holds_the_log"]
-                    and result["checks"]["stored_head_generations_match_service"] and not five_xx)
+                    and result["checks"]["stored_head_generations_match_service"]
+                    and result["checks"]["retrained_sha256_matches_head"]
+                    and result["checks"]["retrained_generations_match_service"] and not five_xx)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "result.json").write_text(json.dumps(result, indent=2, default=str))
     log(f"ok={result['ok']} checks={json.dumps(result['checks'])}")

@@ -171,6 +171,39 @@ def test_a_chain_of_checkpoints_loads_byte_for_byte(tiny_sharp, tmp_path):
         editor.attachment.detach()
 
 
+def test_a_history_replayed_through_a_reload_gives_the_same_adapter(tiny_sharp, tmp_path):
+    """Edits applied by an editor that was saved and reloaded halfway (a restart, a takeover, a
+    restore) give the very adapter of one editor that applied them all in memory, so that the
+    edit log replays bit for bit; and the global generator's use in between changes nothing."""
+    config = EditConfig(max_steps=5, rank=6)
+    requests = [
+        EditRequest.from_triple(subject, "The mother tongue of {subject} is", target)
+        for subject, target in (("Danielle Darrieux", "Japanese"), ("Toko Yasuda", "piano"), ("Jan Smuts", "Dutch"))
+    ]
+
+    def fresh() -> Editor:
+        return Editor(tiny_sharp.model, tiny_sharp.tokenizer, config, unrelated_prompts=PROMPTS[1:2])
+
+    in_memory, first, second = fresh(), fresh(), None
+    try:
+        for request in requests:
+            in_memory.edit(request)
+        first.edit(requests[0])
+        halfway = _save_in(tmp_path, first, tiny_sharp.identity)
+        first.attachment.detach()
+        torch.rand(1000)  # e.g. sampled generation in between
+        second = fresh()
+        second.load(tmp_path / halfway.manifest["sha256"], tiny_sharp.identity, segments=tmp_path / SEGMENTS_DIR)
+        for request in requests[1:]:
+            second.edit(request)
+        assert _states_equal(second.interventions, in_memory.interventions)
+        assert second.history == in_memory.history
+    finally:
+        in_memory.attachment.detach()
+        if second is not None:
+            second.attachment.detach()
+
+
 def test_a_block_holding_edits_is_stored_whole(tiny_sharp, tmp_path):
     editor = Editor(tiny_sharp.model, tiny_sharp.tokenizer, EditConfig(max_steps=5, rank=6, block_edits=2), unrelated_prompts=[])
     try:

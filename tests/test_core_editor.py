@@ -88,8 +88,8 @@ def test_single_edit_learns_the_target(tiny_sharp, method):
 
 
 def test_continual_edit_publishes_a_new_adapter(tiny_sharp):
-    # Gated training on the random tiny model takes 20-40 steps an edit, by the draw of R.
-    editor = make_editor(tiny_sharp, max_steps=40)
+    # Gated training on the random tiny model takes 20-80 steps an edit, by the draw of R.
+    editor = make_editor(tiny_sharp, max_steps=80)
     try:
         first = EditRequest("The mother tongue of Danielle Darrieux is", "Japanese")
         second = EditRequest("What is the product made by UniFirst?", "unmanned aircraft")

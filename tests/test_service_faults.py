@@ -7,11 +7,14 @@ import os
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-from service_support import TINY_EDIT_CONFIG, tiny_settings, wait_ready
+from service_support import TINY_EDIT_CONFIG, tiny_settings, wait_ready, wait_until
+from sqlalchemy.exc import OperationalError
 
 from app import crud
+from app.api.routes import versions
 from app.client import Client, ServiceError
 from app.main import create_app
+from app.models import Restore
 from app.store import CheckpointStore
 from baft_core import EditConfig, Editor, EditRequest
 from baft_core.checkpoint import ADAPTER_FILE, SEGMENTS_DIR
@@ -49,6 +52,29 @@ def test_a_restore_that_cannot_be_done_fails_and_the_log_moves_on(tiny_dir, tiny
         edit = client.wait(client.edit("Bob", "lives in", "Lima")["id"], timeout=60)
         assert edit["status"] == "applied" and edit["in_current_version"]
         assert client.restore(1)["status"] == "done"
+
+
+def test_a_restore_accepted_while_the_database_fails_is_answered_202(tiny_dir, tmp_path, monkeypatch):
+    """Once the restore row is committed the restore is accepted: if its status cannot be read
+    while the request waits for it (the database restarting), the answer is 202 with its id, not
+    a 503 that would have the client send the restore again."""
+    settings = tiny_settings(tiny_dir, tmp_path, evaluate_on_apply=False)
+    with TestClient(create_app(settings)) as http:
+        wait_ready(http)
+        client = Client(http=http)
+        client.wait(client.edit("Alice", "lives in", "Oslo")["id"], timeout=60)
+
+        def unreachable(*_):
+            raise OperationalError("SELECT restores", {}, Exception("server closed the connection"))
+
+        monkeypatch.setattr(versions, "_get_restore", unreachable)
+        response = http.post("/versions/1/restore", json={})
+        assert response.status_code == 202, response.text
+        restore_id = response.json()["restore_id"]
+        monkeypatch.undo()
+        wait_until(lambda: http.get(f"/restores/{restore_id}").json()["status"] == "done", 60, what="the restore")
+        with http.app.state.service.runtime.session() as session:
+            assert session.query(Restore).count() == 1
 
 
 def test_an_unloadable_current_version_does_not_take_the_service_down(tiny_dir, tmp_path):

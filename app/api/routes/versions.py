@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 
 from ... import crud
 from ...models import Restore
@@ -15,6 +17,7 @@ from ...schemas import MAX_ID, ErrorOut, RestoreIn, RestoreOut, VersionOut, Vers
 from ...service import Service
 from ..deps import DbService, require_json, require_read, require_write
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/versions", tags=["versions"])
 restores = APIRouter(prefix="/restores", tags=["versions"])
 VersionId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -58,7 +61,12 @@ async def restore_version(service: DbService, version_id: VersionId, body: Resto
     deadline = time.monotonic() + service.settings.restore_wait_s
     while restore.status == "queued" and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-        restore = await run_in_threadpool(_get_restore, service, restore.id)
+        try:
+            restore = await run_in_threadpool(_get_restore, service, restore.id)
+        except DBAPIError as err:
+            # The restore is accepted (committed): a 503 now would have the client send it again.
+            log.warning("restore %d accepted; its status cannot be read (%s)", restore.id, err)
+            break
     return _restore_answer(restore)
 
 
