@@ -52,8 +52,9 @@ class EditIn(BaseModel):
     locality: list[ProbeIn] = Field(
         default_factory=list,
         max_length=16,
-        description="prompts whose answers must not change: the edit's gates learn to stay closed on them "
-        "(beside the service's own questions about the subject), and they are measured",
+        description="prompts whose answers must not change, each with the answer the model gives now: "
+        "those about the edit's subject are projected out of its block (with sealed_gates, its gates learn "
+        "to stay closed on them), and all are measured",
     )
     portability: list[ProbeIn] = Field(default_factory=list, max_length=16)
     mode: Mode = "continual"

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or none. summary.json records how many (unrelated_count)",
     )
     parser.add_argument("--unrelated-size", type=int, default=200)
+    parser.add_argument(
+        "--send-locality",
+        action="store_true",
+        help="each edit comes with its record's locality prompts, as a user may send them "
+        "(`locality` in POST /edits): `loc` then measures prompts the editor was told to keep",
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="EditConfig overrides")
     parser.add_argument("--out", required=True)
     return parser.parse_args(argv)
@@ -155,9 +161,10 @@ def run(args: argparse.Namespace) -> dict:
     baseline = metrics.locality_baseline(editor, edits)
     editor.prepare()  # what the first edit would compute once, outside the per-edit timings
 
-    # The editor sees what a user of the service sends (prompt, target, subject); the dataset's
-    # rephrases and probes are only for measuring.
-    requests = [EditRequest(r.prompt, r.target, r.subject) for r in edits]
+    # The editor sees what a user of the service sends (prompt, target, subject, and with
+    # --send-locality the prompts to keep); the dataset's rephrases and other probes are only for
+    # measuring.
+    requests = [EditRequest(r.prompt, r.target, r.subject, locality=r.locality if args.send_locality else []) for r in edits]
     rows: list[dict] = [{} for _ in edits]
     curve: list[dict] = []
     progress = tqdm(total=len(edits), desc=f"{args.method} {args.mode}", unit="edit", file=sys.stderr)
@@ -224,6 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": [str(p) for p in args.data],
         "unrelated": args.unrelated,
         "unrelated_count": negatives,  # the negatives the editor had (prompts)
+        "send_locality": args.send_locality,
         **metrics.summarize([r["metrics"] for r in rows]),
         "sec_per_edit_median": statistics.median(seconds),
         "sec_per_edit_first100_median": statistics.median(seconds[:100]),

@@ -28,6 +28,17 @@ def statistics(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden.mean(0), scale
 
 
+@torch.no_grad()
+def kept_span(states: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """What `BasisIntervention.leave_alone` takes for states [n, d] that a block must leave as
+    they are: an orthonormal basis [d + 1, k] of the span of the rows [h, s], with s their mean
+    norm (so that the column that carries b weighs like the others), and s."""
+    scale = states.norm(dim=-1).mean().clamp_min(1e-6).item()
+    rows = torch.cat([states, states.new_full((len(states), 1), scale)], dim=-1).double()
+    basis, sigma, _ = torch.linalg.svd(rows.T, full_matrices=False)
+    return basis[:, sigma > sigma[0] * 1e-6].float(), scale
+
+
 class BasisIntervention(nn.Module):
     def __init__(
         self,
@@ -109,6 +120,15 @@ class BasisIntervention(nn.Module):
     def change(self, h: torch.Tensor) -> torch.Tensor:
         """(A h + b - R h) [n, rank]: the change at full weight, in the block's coordinates."""
         return self.source(h) - h @ self.R.T
+
+    @torch.no_grad()
+    def leave_alone(self, space: torch.Tensor, scale: float) -> None:
+        """Makes the change A h + b - R h zero on every h whose [h, scale] lies in `space` [d + 1, k]
+        (orthonormal columns, `kept_span`): the map's rows lose their components in that span."""
+        change = torch.cat([self.source.weight - self.R, (self.source.bias / scale).unsqueeze(1)], dim=1)
+        change = change - (change @ space) @ space.T
+        self.source.weight.copy_(self.R + change[:, :-1])
+        self.source.bias.copy_(change[:, -1] * scale)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns Phi(h) and the basis weights w(h). Computed in the parameters' dtype (fp32)."""

@@ -50,6 +50,13 @@ pair DATA-continual-100-baft-oneblock --set block_edits=0 rank=12 beta=0.05 repl
 
 # ----- Ablation (docs/results.md, "Ablation"): today's defaults but one lever -----
 pair ablation/DATA-continual-100-nowindow --set answer_window=false
+# The request's own locality prompts, sent as a user would (projected out of the edit's block).
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --send-locality \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-send-locality &
+bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 --send-locality \
+  --out $OUT/ablation/counterfact-continual-100-send-locality &
+wait
 # sealed_gates: committed results were made while it was the default (2026-12-05); the KnowEdit
 # and same-subject runs use the service's own negatives (--unrelated builtin).
 pair ablation/DATA-continual-100-baft-gated --set sealed_gates=true

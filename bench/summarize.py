@@ -122,14 +122,16 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def lever(config: dict, method: str) -> str:
-    """What the run's config sets otherwise than today's defaults (fields since removed aside)."""
+def lever(config: dict, method: str, send_locality: bool = False) -> str:
+    """What the run's config sets otherwise than today's defaults (fields since removed aside),
+    and whether each edit came with its record's locality prompts."""
     defaults = EditConfig(method=method).to_dict()
     changed = [
         f"{key}={json.dumps(value)}"
         for key, value in config.items()
         if key in defaults and key not in IGNORED and value != defaults[key]
     ]
+    changed += ["--send-locality"] if send_locality else []
     return ", ".join(f"`{c}`" for c in changed) or "today's defaults"
 
 
@@ -146,7 +148,7 @@ def row(folder: str, s: dict) -> str:
     )
     return (
         f"| [{folder}]({folder}/report.md) | {data} | {s['method']} {s['mode']} {s['edits']} "
-        f"| {lever(s['config'], s['method'])} | {metrics} | {routed} | {s['sec_per_edit_median']:.3f} | {s['steps_mean']:.2f} "
+        f"| {lever(s['config'], s['method'], s.get('send_locality', False))} | {metrics} | {routed} | {s['sec_per_edit_median']:.3f} | {s['steps_mean']:.2f} "
         f"| {s.get('dtype') or '?'}, {s['threads']} thr, {s.get('date', '?')} | {unrelated} | {note} | `{s['command']}` |"
     )
 

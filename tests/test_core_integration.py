@@ -76,3 +76,22 @@ def test_gates_keep_the_subjects_other_facts(bundled):
         assert editor.generate(SAME_SUBJECT, 8) == before
     finally:
         editor.attachment.detach()
+
+
+def test_the_prompts_an_edit_comes_with_keep_their_answers(bundled):
+    """With the defaults (a block at full weight behind the route), the `locality` prompts a user
+    sends with an edit keep their answers exactly: the block's change is projected out at their
+    states. Without them the same edit sent the subject's other questions through it (" Japanese-
+    American heritage ..."); a paraphrase of the edited relation still gets the new answer."""
+    torch.manual_seed(0)
+    editor = Editor(bundled.model, bundled.tokenizer, EditConfig())
+    try:
+        before = editor.generate(SAME_SUBJECT, 8, edited=False)
+        locality = [{"prompt": p, "answer": a} for p, a in zip(SAME_SUBJECT, before)]
+        request = EditRequest(f"The mother tongue of {SUBJECT} is", " Japanese", subject=SUBJECT, locality=locality)
+        editor.edit(request)
+        after = editor.generate([request.prompt, f"{SUBJECT}'s native language is"], 4)
+        assert all(text.strip().startswith("Japanese") for text in after), after
+        assert editor.generate(SAME_SUBJECT, 8) == before
+    finally:
+        editor.attachment.detach()

@@ -96,3 +96,22 @@ def test_grouped_metrics_are_summarised_per_group_and_as_the_mean_of_groups():
     assert summary["loc/A"] == 1.0 and summary["loc/B"] == 0.0
     assert summary["loc_groups_mean"] == 0.5
     assert summary["loc"] == 0.5
+
+
+def test_a_block_without_gates_leaves_the_requests_locality_states_alone(tiny_sharp):
+    """The routed block's change (A h + b - R h) is zero, to rounding, at every state where it
+    acts on the prompts the request came with, and not zero on the edit's own."""
+    ed = make_editor(tiny_sharp, block_edits=1, max_steps=40)
+    kept = [Probe("Danielle Darrieux sang", " songs"), Probe("The gender of Danielle Darrieux is", " female")]
+    try:
+        ed.edit(EditRequest(EDIT.prompt, EDIT.target, EDIT.subject, locality=kept))
+        assert not ed.interventions.sealed_gates and ed.interventions.sealed_blocks == 1
+        sealed = ed.interventions.sealed[str(ed.layers[0])]
+        for states, expected_zero in ((ed._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)]), True),
+                                      (ed._hidden_states([ed.encode(EDIT.prompt, EDIT.target)])[0], False)):
+            h = states[ed.layers[0]]
+            change = h @ sealed.source_weight.T + sealed.source_bias - h @ sealed.rotation.T
+            relative = (change.norm(dim=-1) / h.norm(dim=-1)).max().item()
+            assert (relative < 1e-4) if expected_zero else (relative > 1e-2), relative
+    finally:
+        ed.attachment.detach()

@@ -15,16 +15,19 @@ pytestmark = pytest.mark.integration
 
 PROMPT = "The mother tongue of Danielle Darrieux is"
 UNRELATED = "The largest planet in the solar system is"
+SAME_SUBJECT = "The profession of Danielle Darrieux is"  # sent with the edit: its answer must stay
 
 
 def _story(client: Client) -> None:
     before = client.generate(PROMPT, max_new_tokens=6)
     unrelated = client.generate(UNRELATED, max_new_tokens=8)
+    same_subject = client.generate(SAME_SUBJECT, max_new_tokens=8)
     assert before["version"] == 1 and "Japanese" not in before["text"]
 
     accepted = client.edit("Danielle Darrieux", "The mother tongue of {subject} is", "Japanese",
                            rephrases=["Danielle Darrieux's mother tongue is"],
-                           locality=[{"prompt": UNRELATED, "answer": "Jupiter"}])
+                           locality=[{"prompt": UNRELATED, "answer": "Jupiter"},
+                                     {"prompt": SAME_SUBJECT, "answer": same_subject["text"]}])
     edit = client.wait(accepted["id"], timeout=240)
     assert edit["status"] == "applied", edit
     metrics = client.metrics(edit["id"])
@@ -36,6 +39,9 @@ def _story(client: Client) -> None:
     assert after["version"] == edit["version"]
     assert after["text"].strip().startswith("Japanese"), after
     unrelated_after = client.generate(UNRELATED, max_new_tokens=8)
+    # The same subject's other fact, sent with the edit, keeps its answer (the block's change is
+    # projected out there); a question about the subject the user did not send may change.
+    assert client.generate(SAME_SUBJECT, max_new_tokens=8)["text"] == same_subject["text"]
     if metrics["locality"] == 1.0:  # the method kept the probe: the service must show it unchanged
         assert unrelated_after["text"] == unrelated["text"]
 
