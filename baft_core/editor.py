@@ -349,13 +349,24 @@ class Editor:
     @torch.no_grad()
     def _kept_states(self, requests: list[EditRequest]) -> dict[int, torch.Tensor] | None:
         """The unedited states, by edited layer, at every position where a block acts on the
-        `locality` prompts the new edits came with that name their edit's subject (their last
-        prompt positions, and their answers' when given); None where there are none. A prompt
-        about another subject does not open the block (routing) and is left out: CounterFact's
-        (other subjects, the same relation), projected out, took most of the edit's paraphrases
-        with them."""
-        probes = [p for r in requests for p in r.locality if not r.subject or r.subject.lower() in p.prompt.lower()]
-        probes = [p for p in probes if len(encode_prompt(self.tokenizer, p.prompt)) < self.context]
+        `locality` prompts that name the new edits' subjects (their last prompt positions, and
+        their answers' when given): those the new edits came with, and those earlier edits of the
+        same subject came with, since the new block opens on that subject too (without them a
+        second edit of a subject undid what the first was told to keep); None where there are
+        none. A prompt about another subject does not open the block (routing) and is left out:
+        CounterFact's (other subjects, the same relation), projected out, took most of the edit's
+        paraphrases with them. Nor is a prompt that a new edit itself asks: its new answer wins."""
+        subjects = {r.subject.strip().lower() for r in requests if r.subject and r.subject.strip()}
+        earlier = [r for r in self.history if r.subject and r.subject.strip().lower() in subjects]
+        asked = {" ".join(r.prompt.lower().split()) for r in requests}
+        probes = [
+            p
+            for r in earlier + requests
+            for p in r.locality
+            if (not r.subject or r.subject.strip().lower() in p.prompt.lower())
+            and " ".join(p.prompt.lower().split()) not in asked
+            and len(encode_prompt(self.tokenizer, p.prompt)) < self.context
+        ]
         if not probes:
             return None
         examples = [

@@ -57,6 +57,12 @@ bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode c
 bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 --send-locality \
   --out $OUT/ablation/counterfact-continual-100-send-locality &
 wait
+bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \
+  --threads 1 --unrelated builtin --send-locality --out $OUT/ablation/knowedit-recent-continual-285-send-locality &
+bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \
+  --edits 200 --threads 1 --unrelated builtin --send-locality \
+  --out $OUT/ablation/same-subject-continual-200-send-locality &
+wait
 # sealed_gates: committed results were made while it was the default (2026-12-05); the KnowEdit
 # and same-subject runs use the service's own negatives (--unrelated builtin).
 pair ablation/DATA-continual-100-baft-gated --set sealed_gates=true

@@ -115,3 +115,26 @@ def test_a_block_without_gates_leaves_the_requests_locality_states_alone(tiny_sh
             assert (relative < 1e-4) if expected_zero else (relative > 1e-2), relative
     finally:
         ed.attachment.detach()
+
+
+def test_a_later_edit_of_the_subject_keeps_what_an_earlier_one_was_told_to_keep(tiny_sharp):
+    """The second edit of a subject opens on it too, so its block is also kept off the prompts the
+    first edit listed; a listed prompt that the new edit itself asks is not kept (the new answer
+    wins)."""
+    ed = make_editor(tiny_sharp, block_edits=1, max_steps=40)
+    kept = [Probe("The gender of Danielle Darrieux is", " female")]
+    try:
+        ed.edit(EditRequest(EDIT.prompt, EDIT.target, EDIT.subject, locality=kept))
+        second = EditRequest("Danielle Darrieux was born in", " Paris", EDIT.subject)
+        ed.edit(second)
+        sealed = ed.interventions.sealed[str(ed.layers[0])]
+        h = ed._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)])[ed.layers[0]]
+        rank = ed.config.rank
+        rotation, source = sealed.rotation[rank : 2 * rank], sealed.source_weight[rank : 2 * rank]
+        change = h @ source.T + sealed.source_bias[rank : 2 * rank] - h @ rotation.T
+        assert (change.norm(dim=-1) / h.norm(dim=-1)).max().item() < 1e-4
+        assert ed._kept_states([EditRequest(kept[0].prompt, " male", EDIT.subject)]) is None
+        assert ed._kept_states([EditRequest("Danielle Darrieux died in", " Rome", EDIT.subject)]) is not None
+        assert ed._kept_states([EditRequest("Jan Smuts died in", " Rome", "Jan Smuts")]) is None
+    finally:
+        ed.attachment.detach()
