@@ -1,10 +1,10 @@
-"""The editor: trains one adapter state with single, continual or batched edits."""
+"""The editor: trains one adapter state with single, continual or batched edits (the
+optimisation of each edit's block is in training.py)."""
 from __future__ import annotations
 
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -22,23 +22,14 @@ from .encoding import (
     teacher_forced,
 )
 from .generation import generate
-from .intervention import kept_span, statistics
-from .objective import continuation_drift, load_balance, locality_margin, target_cross_entropy
-from .prefix_cache import CachedBatch, SharedPrefixes, layer_output
+from .intervention import statistics
+from .prefix_cache import SharedPrefixes, layer_output
 from .routing import Router, routable, subject_token
 from .subject_probes import probe_prompts
+from .training import EditResult, Trainer
 from .unrelated import default_unrelated_prompts
 
 Statistics = tuple[torch.Tensor, torch.Tensor]  # per-coordinate center and scale (`intervention.statistics`)
-
-
-@dataclass
-class EditResult:
-    steps: int
-    loss: float
-    seconds: float = 0.0  # the whole edit (route keys, neighbours, continuations, training)
-    losses: dict[str, float] = field(default_factory=dict)
-    basis_weights: dict[int, list[float]] = field(default_factory=dict)  # mean w_k on the edit
 
 
 class Editor:
@@ -76,10 +67,9 @@ class Editor:
         self._unrelated_keys: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # (routing layer, the route contexts' KV up to it): see `_route_contexts`.
         self._route_context_cache: tuple[int, SharedPrefixes] | None = None
-        # (history index, {layer: hidden states}) of a sample of earlier edits; None: rebuild
-        # from the history when needed (after a state was loaded).
-        self._edit_features: list[tuple[int, dict[int, torch.Tensor]]] | None = []
+        # One seeded stream for the replay sample and the trainer's sample of sealed edits.
         self._rng = random.Random(self.config.seed)
+        self.trainer = Trainer(self, self._rng)
         # Held around every forward through the shared model (training steps, generation steps,
         # evaluation), so that generation interleaves with training at step granularity.
         self.lock = threading.RLock()
@@ -109,12 +99,12 @@ class Editor:
         """Back to the unedited model: a fresh adapter and an empty history."""
         self.attachment.swap(self.new_interventions())
         self.history = []
-        self._edit_features = []
+        self.trainer.edit_features = []
 
     def load_state(self, interventions: InterventionSet, history: list[EditRequest]) -> None:
         self.attachment.swap(interventions.to(self.device))
         self.history = list(history)
-        self._edit_features = None
+        self.trainer.edit_features = None
 
     def save(self, directory, base_model: str, segments=None, parent: Checkpoint | None = None) -> dict:
         """Checkpoint the adapter state; returns the manifest (with the file's sha256). Sealed
@@ -165,7 +155,7 @@ class Editor:
         windowed = cfg.answer_window and working.router.enabled
         if windowed:
             working.router.widen_window(max(len(e.answer) for e in new))
-        result = self._train(
+        result = self.trainer.train(
             working, new, replayed, max_steps, gated, acts_after_answer=not (sealing and windowed), requests=requests
         )
         if keys is not None:
@@ -277,346 +267,9 @@ class Editor:
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
 
-    def _optimizer(self, interventions: InterventionSet) -> torch.optim.Optimizer:
-        cfg = self.config
-        rotations, sources, gates = [], [], []
-        for intervention in interventions.by_layer.values():
-            rotations += list(intervention.rotation.parameters())
-            sources += list(intervention.source.parameters())
-            if intervention.gated:
-                gates += list(intervention.gate.parameters())
-        groups = [
-            # Never decay R: decay pulls it off the orthonormal set (to zero, with torch's
-            # Householder parametrization).
-            {"params": rotations, "lr": cfg.lr, "weight_decay": 0.0},
-            {"params": sources, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        ]
-        if gates:
-            groups.append({"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups)
-        # Keep every R orthonormal after each step, whoever drives this optimizer.
-        optimizer.register_step_post_hook(
-            lambda *_: [i.orthonormalize() for i in interventions.by_layer.values()]
-        )
-        return optimizer
-
-    def _train(
-        self,
-        interventions: InterventionSet,
-        new: list[Example],
-        replayed: list[Example],
-        max_steps: int,
-        gated: bool = True,
-        acts_after_answer: bool = True,
-        requests: list[EditRequest] | None = None,
-    ) -> EditResult:
-        """Trains the new edits (and replayed ones) into the trainable block, with its gates
-        (BaFT's objective) or with every gate fixed at 1 (gated=False, or ReFT).
-        `acts_after_answer`: whether the block will act on what follows the answer (False for a
-        block sealed within its answer's window). `requests`: the new edits, whose prompts about
-        the same subject (`keep_prompts`) the gates learn to stay closed on."""
-        cfg = self.config
-        gated = gated and cfg.method == "baft"
-        features = None
-        if (gated or interventions.router.enabled) and self.unrelated_prompts:
-            features = self.unrelated_features()
-            if not interventions.calibrated:  # the gates' and the routes' standardisation
-                by_layer, routes = self._standardisations(interventions.router)
-                for layer in interventions.layers:
-                    interventions[layer].calibrate(*by_layer[layer])
-                if routes is not None:
-                    interventions.router.calibrate(*routes)
-        unrelated = opened = kept = None
-        if gated and features is not None:
-            unrelated, opened = self._gate_examples(interventions, features, requests or [])
-        elif not gated and interventions.router.enabled:
-            kept = self._kept_states(requests or [])
-        blocks = list(interventions.by_layer.values())
-        for intervention in blocks:
-            intervention.gated = intervention.gated and gated
-        try:
-            # An ungated block that acts after the answer is trained to leave what the unedited
-            # model says there as it was (gated blocks close their gates there instead).
-            continuation = not gated and acts_after_answer and cfg.continuation_weight > 0
-            return self._fit(
-                interventions, new, replayed, max_steps, gated=gated, unrelated=unrelated, continuation=continuation,
-                opened=opened, kept=kept,
-            )
-        finally:
-            for intervention in blocks:
-                intervention.gated = cfg.method == "baft"
-
-    @torch.no_grad()
-    def _kept_states(self, requests: list[EditRequest]) -> dict[int, torch.Tensor] | None:
-        """The unedited states, by edited layer, at every position where a block acts on the
-        `locality` prompts that name the new edits' subjects (their last prompt positions, and
-        their answers' when given): those the new edits came with, and those earlier edits of the
-        same subject came with, since the new block opens on that subject too (without them a
-        second edit of a subject undid what the first was told to keep); None where there are
-        none. A prompt about another subject does not open the block (routing) and is left out:
-        CounterFact's (other subjects, the same relation), projected out, took most of the edit's
-        paraphrases with them. Nor is a prompt that a new edit itself asks: its new answer wins."""
-        subjects = {r.subject.strip().lower() for r in requests if r.subject and r.subject.strip()}
-        earlier = [r for r in self.history if r.subject and r.subject.strip().lower() in subjects]
-        asked = {" ".join(r.prompt.lower().split()) for r in requests}
-        probes = [
-            p
-            for r in earlier + requests
-            for p in r.locality
-            if (not r.subject or r.subject.strip().lower() in p.prompt.lower())
-            and " ".join(p.prompt.lower().split()) not in asked
-            and len(encode_prompt(self.tokenizer, p.prompt)) < self.context
-        ]
-        if not probes:
-            return None
-        examples = [
-            self.encode(p.prompt, p.answer) if p.answer.strip() else Example(encode_prompt(self.tokenizer, p.prompt), [self.pad_id])
-            for p in probes
-        ]
-        states = self._hidden_states(examples)
-        return {layer: torch.cat([s[layer] for s in states]) for layer in self.layers}
-
-    @torch.no_grad()
-    def _gate_examples(
-        self, interventions: InterventionSet, features: dict[int, torch.Tensor], requests: list[EditRequest]
-    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
-        """What the gates learn besides the edit's own positions, as gate inputs by layer: where
-        to stay closed, and where else to open (None: nowhere else).
-
-        A block that routing opens only on its subject's prompts (sealed with gates) must tell
-        the subject's relations apart: it stays closed on other relations of the same subject
-        (`keep_prompts`) and opens on its prompt after each route context, since paraphrases
-        say something before the subject. Other blocks (no routing, or no same-subject
-        prompts) stay closed on the unrelated prompts and on the edits of sealed blocks."""
-        layers = interventions.layers
-        probes = [p for r in requests for p in self.keep_prompts(r)]
-        routed = interventions.router.enabled and interventions.sealed_gates
-        if routed and probes:
-            contexts = [f"{c} {r.prompt}" for r in requests for c in self.config.route_contexts]
-            states = self._prompt_states(probes + contexts)  # one pass for both
-
-            def inputs(part: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
-                return {layer: interventions[layer].gate_inputs(torch.cat([s[layer] for s in part])) for layer in layers}
-
-            return inputs(states[: len(probes)]), inputs(states[len(probes) :]) if contexts else None
-        sealed_edits = self.sealed_edit_features()
-        return {layer: interventions[layer].gate_inputs(torch.cat([features[layer], sealed_edits[layer]])) for layer in layers}, None
-
-    def _fit(
-        self,
-        interventions: InterventionSet,
-        new: list[Example],
-        replayed: list[Example],
-        max_steps: int,
-        *,
-        gated: bool,
-        unrelated: dict[int, torch.Tensor] | None,
-        continuation: bool,
-        opened: dict[int, torch.Tensor] | None = None,
-        kept: dict[int, torch.Tensor] | None = None,
-    ) -> EditResult:
-        """The optimisation itself (see `_train`); `unrelated`: the gate inputs the gates must stay
-        closed on, None for no locality margins; `opened`: gate inputs they must open on beside
-        the edits' own positions; `continuation`: train the distribution after the answer to stay
-        the unedited model's (`objective.continuation_drift`); `kept`: states where the block's
-        change must stay zero (`_kept_states`)."""
-        cfg = self.config
-        keep_after = cfg.continuation_tokens if continuation else None
-        with self.lock, torch.no_grad():
-            batch = CachedBatch(
-                self.model,
-                self.attachment,
-                interventions,
-                new + replayed,
-                cfg.prompt_positions,
-                self.pad_id,
-                keep_after,
-                self.tokenizer.eos_token_id,
-            )
-        is_new = batch.rows < len(new)
-        on_edit = ~batch.after_answer
-        optimizer = self._optimizer(interventions)
-        if kept is not None:
-            # The request's own locality prompts about its subject: after every step the block's
-            # change is made exactly zero at their states (a null-space constraint, as AlphaEdit
-            # puts on its updates). Not the built-in probes (`subject_probes`): projected out too,
-            # they kept the subject's other facts but took most paraphrases with them, as the
-            # gates do (docs/method.md).
-            spans = {layer: kept_span(kept[layer]) for layer in interventions.layers}
-            optimizer.register_step_post_hook(
-                lambda *_: [interventions[layer].leave_alone(*spans[layer]) for layer in interventions.layers]
-            )
-        interventions.train()
-        # The edit loss does not train the gates, only the margins do: letting it made the gates
-        # open on unrelated inputs (locality 0.67 against 0.99 on 8 ZsRE edits) and the loss swing.
-        for intervention in interventions.by_layer.values():
-            intervention.gate_follows_edit = False
-        steps, parts = 0, {}
-        for steps in range(1, max_steps + 1):  # noqa: B007 (the count is read after the loop)
-            with self.lock:
-                step = batch.forward()
-            logits, record = step.logits, step.record
-            ce = target_cross_entropy(logits, batch.targets)
-            loss, parts = ce, {"ce": ce.item()}
-            if continuation:
-                drift = continuation_drift(step.continuation, batch.unedited_continuation)
-                loss = loss + cfg.continuation_weight * drift
-                parts["continuation"] = drift.item()
-            if gated:
-                usage, margin = [], 0.0
-                for layer in interventions.layers:
-                    weights, hidden = record[layer]
-                    usage.append(weights[is_new & on_edit, : interventions.rank].mean(0))
-                    if unrelated is not None:
-                        logits = interventions[layer].gate_logits(hidden)
-                        closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
-                        edit_logits = logits[on_edit]
-                        if opened is not None:
-                            edit_logits = torch.cat([edit_logits, interventions[layer].gate(opened[layer])])
-                        margin = margin + locality_margin(edit_logits, closed, cfg.alpha, cfg.beta, cfg.gamma)
-                balance = load_balance(
-                    torch.stack(usage), interventions.usage_sum, int(interventions.edit_count)
-                )
-                loss = loss + cfg.balance_weight * balance
-                parts["balance"] = balance.item()
-                if unrelated is not None:
-                    margin = margin / len(interventions.layers)
-                    loss = loss + cfg.locality_weight * margin
-                    parts["margin"] = margin.item()
-            parts["loss"] = loss.item()
-            # Stop once the edit is learnt (cross-entropy and balancing): what is left of the
-            # margins then costs the gate polish microseconds, where each step here costs a
-            # forward and backward pass. The continuation's drift shapes the steps but does not
-            # hold the stop: bringing it under 0.01 took 30-40 steps instead of 5.
-            if parts["ce"] + cfg.balance_weight * parts.get("balance", 0.0) < cfg.stop_loss:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        interventions.eval()
-        for intervention in interventions.by_layer.values():
-            intervention.gate_follows_edit = True
-        if unrelated is not None and cfg.gate_polish_steps:
-            parts["margin_polished"] = self._polish_gates(interventions, record, on_edit, unrelated, opened)
-        if gated and cfg.block_edits and interventions.sealed_gates:
-            record, extra, parts["ce_sealed"] = self._fit_under_cutoff(interventions, batch, optimizer, max_steps)
-            steps += extra
-        weights = self._record_usage(interventions, record, is_new & ~batch.after_answer, len(new))
-        self._remember_edit_features(record, batch.rows, on_edit, len(new))
-        return EditResult(
-            steps=steps,
-            loss=parts["loss"],
-            losses=parts,
-            basis_weights=weights,
-        )
-
-    def _fit_under_cutoff(
-        self, interventions: InterventionSet, batch: CachedBatch, optimizer, max_steps: int
-    ) -> tuple[dict, int, float]:
-        """Sealing cuts gates below `sealed_cutoff` to exactly 0, and the polish has moved the
-        gates: fit R, A, b again under the gates as they will be sealed, so that the sealed
-        block does what was trained. Usually the first check already passes. Returns the last
-        forward's record, the extra steps and the edit's cross-entropy as sealed."""
-        cfg = self.config
-        for intervention in interventions.by_layer.values():
-            intervention.cutoff = cfg.sealed_cutoff
-            intervention.gate_follows_edit = False
-        interventions.train()
-        try:
-            for extra in range(max_steps + 1):
-                with self.lock:
-                    logits, _, record = batch.forward()
-                ce = target_cross_entropy(logits, batch.targets)
-                if ce.item() < cfg.stop_loss or extra == max_steps:
-                    return record, extra, ce.item()
-                optimizer.zero_grad(set_to_none=True)
-                ce.backward()  # the gates are untouched: the edit loss does not reach them
-                optimizer.step()
-        finally:
-            interventions.eval()
-            for intervention in interventions.by_layer.values():
-                intervention.cutoff = 0.0
-                intervention.gate_follows_edit = True
-        raise AssertionError("unreachable: the loop returns on its last iteration")
-
-    def _polish_gates(self, interventions, record, on_edit, unrelated, opened) -> float:
-        """Meets the locality margins on the gates alone, from the hidden states of the last
-        training forward: no model forward is needed, so a step costs a few small matrix
-        products. The gates on the edit are held where training left them."""
-        cfg = self.config
-        layers = interventions.layers
-        optimizer = torch.optim.Adam(
-            [p for layer in layers for p in interventions[layer].gate.parameters()], lr=cfg.gate_lr
-        )
-        with torch.no_grad():
-            inputs = {layer: interventions[layer].gate_inputs(record[layer][1]) for layer in layers}
-            anchor = {layer: interventions[layer].gate(inputs[layer][on_edit]) for layer in layers}
-        margin = torch.zeros(())
-        for _ in range(cfg.gate_polish_steps):
-            margin, drift = torch.zeros(()), torch.zeros(())
-            for layer in layers:
-                logits = interventions[layer].gate(inputs[layer])
-                closed = torch.cat([interventions[layer].gate(unrelated[layer]), logits[~on_edit]])
-                edit_logits = logits[on_edit]
-                if opened is not None:
-                    edit_logits = torch.cat([edit_logits, interventions[layer].gate(opened[layer])])
-                margin = margin + locality_margin(edit_logits, closed, cfg.alpha, cfg.beta, cfg.gamma)
-                drift = drift + (logits[on_edit] - anchor[layer]).pow(2).mean()
-            if margin.item() / len(layers) <= cfg.polish_tolerance:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            (margin + drift).backward()
-            optimizer.step()
-        return margin.item() / len(layers)
-
-    @torch.no_grad()
-    def _record_usage(
-        self, interventions: InterventionSet, record: dict, on_new_edit: torch.Tensor, count: int
-    ) -> dict[int, list[float]]:
-        """Adds this edit's mean basis weights to the running usage, and returns them. The weights
-        are the final gates' on the hidden states of the last training forward (no extra pass)."""
-        usage = torch.stack(
-            [
-                interventions[layer].weights(record[layer][1][on_new_edit]).mean(0)
-                for layer in interventions.layers
-            ]
-        )
-        interventions.usage_sum += usage * count
-        interventions.edit_count += count
-        return {layer: usage[i].tolist() for i, layer in enumerate(interventions.layers)}
-
-    # ----- edits of sealed blocks: negatives for the gates of new blocks -----
     def sealed_edit_features(self) -> dict[int, torch.Tensor]:
-        """Hidden states at the intervened positions of a bounded, uniform sample of the edits in
-        sealed blocks (kept by reservoir sampling as edits arrive), stacked per layer."""
-        sealed_count = len(self.history) - int(self.interventions.edit_count)
-        if self._edit_features is None:  # a loaded state: rebuild the sample from the edit log
-            k = min(self.config.negative_edits, sealed_count)
-            sample = sorted(self._rng.sample(range(sealed_count), k))
-            examples = [self.encode(self.history[i].prompt, self.history[i].target) for i in sample]
-            self._edit_features = list(zip(sample, self._hidden_states(examples)))
-        chosen = [features for index, features in self._edit_features if index < sealed_count]
-        hidden = text_config(self.model).hidden_size
-        return {
-            layer: torch.cat([f[layer] for f in chosen]) if chosen else torch.zeros(0, hidden, device=self.device)
-            for layer in self.layers
-        }
-
-    @torch.no_grad()
-    def _remember_edit_features(self, record, rows, on_edit, count: int) -> None:
-        """Adds the new edits' hidden states (from their last training forward) to the sample."""
-        capacity = self.config.negative_edits
-        if not self.config.block_edits or not capacity or self._edit_features is None:
-            return
-        for j in range(count):
-            index = len(self.history) + j
-            features = {layer: record[layer][1][(rows == j) & on_edit].float().clone() for layer in self.layers}
-            if len(self._edit_features) < capacity:
-                self._edit_features.append((index, features))
-            else:  # reservoir sampling: every edit so far is in the sample with equal odds
-                slot = self._rng.randrange(index + 1)
-                if slot < capacity:
-                    self._edit_features[slot] = (index, features)
+        """The trainer's sample of the sealed edits' hidden states (`Trainer.sealed_edit_features`)."""
+        return self.trainer.sealed_edit_features()
 
     # ----- unrelated inputs the gates must stay closed on -----
     def prepare(self) -> None:

@@ -136,13 +136,13 @@ def test_sealed_edits_become_negatives_in_a_bounded_sample(tiny_sharp):
     try:
         for request in EDITS:
             ed.edit(request)
-        assert len(ed._edit_features) == 2  # the sample stays bounded
+        assert len(ed.trainer.edit_features) == 2  # the sample stays bounded
         features = ed.sealed_edit_features()
         assert all(f.shape[0] > 0 and f.shape[1] == 64 for f in features.values())
         # After a state is loaded the sample is rebuilt from the edit log.
         ed.load_state(ed.interventions, ed.history)
         rebuilt = ed.sealed_edit_features()
-        assert len(ed._edit_features) == 2
+        assert len(ed.trainer.edit_features) == 2
         assert all(rebuilt[layer].shape[1] == 64 for layer in ed.layers)
     finally:
         ed.attachment.detach()

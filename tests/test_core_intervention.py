@@ -111,7 +111,7 @@ def test_R_stays_orthonormal_after_100_adamw_steps_with_editor_grouping(tiny):
     editor = Editor(tiny.model, tiny.tokenizer, config, unrelated_prompts=[])
     try:
         interventions = editor.new_interventions()
-        optimizer = editor._optimizer(interventions)
+        optimizer = editor.trainer._optimizer(interventions)
         # the real grouping: no decay on R, decay on A/b, gate params in their own group
         rotation_ids = {
             id(p) for layer in interventions.layers for p in interventions[layer].rotation.parameters()

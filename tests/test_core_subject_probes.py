@@ -107,7 +107,7 @@ def test_a_block_without_gates_leaves_the_requests_locality_states_alone(tiny_sh
         ed.edit(EditRequest(EDIT.prompt, EDIT.target, EDIT.subject, locality=kept))
         assert not ed.interventions.sealed_gates and ed.interventions.sealed_blocks == 1
         sealed = ed.interventions.sealed[str(ed.layers[0])]
-        for states, expected_zero in ((ed._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)]), True),
+        for states, expected_zero in ((ed.trainer._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)]), True),
                                       (ed._hidden_states([ed.encode(EDIT.prompt, EDIT.target)])[0], False)):
             h = states[ed.layers[0]]
             change = h @ sealed.source_weight.T + sealed.source_bias - h @ sealed.rotation.T
@@ -128,13 +128,13 @@ def test_a_later_edit_of_the_subject_keeps_what_an_earlier_one_was_told_to_keep(
         second = EditRequest("Danielle Darrieux was born in", " Paris", EDIT.subject)
         ed.edit(second)
         sealed = ed.interventions.sealed[str(ed.layers[0])]
-        h = ed._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)])[ed.layers[0]]
+        h = ed.trainer._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)])[ed.layers[0]]
         rank = ed.config.rank
         rotation, source = sealed.rotation[rank : 2 * rank], sealed.source_weight[rank : 2 * rank]
         change = h @ source.T + sealed.source_bias[rank : 2 * rank] - h @ rotation.T
         assert (change.norm(dim=-1) / h.norm(dim=-1)).max().item() < 1e-4
-        assert ed._kept_states([EditRequest(kept[0].prompt, " male", EDIT.subject)]) is None
-        assert ed._kept_states([EditRequest("Danielle Darrieux died in", " Rome", EDIT.subject)]) is not None
-        assert ed._kept_states([EditRequest("Jan Smuts died in", " Rome", "Jan Smuts")]) is None
+        assert ed.trainer._kept_states([EditRequest(kept[0].prompt, " male", EDIT.subject)]) is None
+        assert ed.trainer._kept_states([EditRequest("Danielle Darrieux died in", " Rome", EDIT.subject)]) is not None
+        assert ed.trainer._kept_states([EditRequest("Jan Smuts died in", " Rome", "Jan Smuts")]) is None
     finally:
         ed.attachment.detach()
