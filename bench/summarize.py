@@ -30,8 +30,6 @@ NOTES = {
     "zsre-continual-100-reft": OLDER_CODE,
     "counterfact-continual-100-reft": OLDER_CODE,
     "zsre-single-100-reft": OLDER_CODE,
-    "ablation/knowedit-counterfact-continual-714-send-locality": "code of b5b1d4c: a block kept only its own "
-    "edit's prompts, not those earlier edits of its subject were sent with (25 subjects have two records)",
     "ablation/zsre-100-routed-open": "older code: rank 4 with the continuation term (the defaults then); no replay of the edits that share a route",
     "ablation/zsre-100-routed-open-neighbours": "older code: rank 4 with the continuation term (the defaults then), with that replay (`route_neighbours` 8)",
     "ablation/counterfact-100-route4-onekey": "older code: rank 4 (the default then); one route key per edit",
