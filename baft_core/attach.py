@@ -66,7 +66,11 @@ class InterventionSet(nn.Module):
             raise ValueError(f"routing layer {routing_layer} is above the first edited layer {min(layers)}")
         self.hidden_size, self.rank, self.gated, self.seed = hidden_size, rank, gated, seed
         self.layers = list(layers)
-        self.by_layer = nn.ModuleDict(self._fresh_blocks(self.block_generator(0)))
+        # A checkpoint stores a block that holds no edit as the generator state it was drawn
+        # from, not as its values.
+        generator = self.block_generator(0)
+        self.draw_state = generator.get_state()
+        self.by_layer = nn.ModuleDict(self._fresh_blocks(generator))
         self.sealed = nn.ModuleDict(
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates) for layer in self.layers}
         )
@@ -88,9 +92,7 @@ class InterventionSet(nn.Module):
 
     def _fresh_blocks(self, generator: torch.Generator) -> dict[str, BasisIntervention]:
         """A new trainable block per layer, drawn on the CPU from `generator`: every layer's bases
-        before any gate (see `BasisIntervention.add_gates`). The generator's state before the draw
-        is kept: a checkpoint stores a block that holds no edit as that state, not its values."""
-        self.draw_state = generator.get_state()
+        before any gate (see `BasisIntervention.add_gates`)."""
         blocks = {
             str(layer): BasisIntervention(self.hidden_size, self.rank, gated=False, generator=generator)
             for layer in self.layers
@@ -150,7 +152,9 @@ class InterventionSet(nn.Module):
     def seal(self) -> None:
         """Freeze the trainable block into the sealed bases and start a fresh one, standardising
         its gate input like the others."""
-        fresh_blocks = self._fresh_blocks(self.block_generator(self.sealed_blocks + 1))
+        generator = self.block_generator(self.sealed_blocks + 1)
+        self.draw_state = generator.get_state()
+        fresh_blocks = self._fresh_blocks(generator)
         self.router.seal(self.sealed_blocks)
         for layer in self.layers:
             block = self[layer]

@@ -301,14 +301,11 @@ def _threads(count: int) -> Iterator[None]:
 
 def _draw(interventions: InterventionSet, state: torch.Tensor, threads: int) -> dict[str, torch.Tensor]:
     """The trainable block's parameters as drawn from generator state `state`, with `threads`
-    threads: the QR that makes the bases orthonormal gives other last bits with another count.
-    The adapter's own `draw_state` is left as it was."""
-    kept = interventions.draw_state
+    threads: the QR that makes the bases orthonormal gives other last bits with another count."""
     generator = torch.Generator()
     generator.set_state(state)
     with _threads(threads):
         blocks = interventions._fresh_blocks(generator)
-    interventions.draw_state = kept
     return {
         f"by_layer.{layer}.{name}": value.detach()
         for layer, block in blocks.items()
