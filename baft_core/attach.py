@@ -57,9 +57,11 @@ class InterventionSet(nn.Module):
         sealed_gates: bool = True,
         routing_layer: int | None = None,
         seed: int = 0,
+        sealed_rank: int | None = None,
     ):
         """`routing_layer` (default: the first edited layer) must not be above it: routes are
-        decided before any block acts. `seed` fixes every block's random draw (`block_generator`)."""
+        decided before any block acts. `seed` fixes every block's random draw (`block_generator`).
+        `sealed_rank`: the directions a block keeps when sealed without gates (None: all)."""
         super().__init__()
         routing_layer = min(layers) if routing_layer is None else routing_layer
         if routing_layer > min(layers):
@@ -72,7 +74,7 @@ class InterventionSet(nn.Module):
         self.draw_state = generator.get_state()
         self.by_layer = nn.ModuleDict(self._fresh_blocks(generator))
         self.sealed = nn.ModuleDict(
-            {str(layer): SealedBases(hidden_size, cutoff, sealed_gates) for layer in self.layers}
+            {str(layer): SealedBases(hidden_size, cutoff, sealed_gates, sealed_rank) for layer in self.layers}
         )
         self.router = Router(hidden_size, route_threshold, routing_layer)
         # Sum over the block's edits of each basis' mean weight on that edit, and the edit count:
@@ -135,7 +137,7 @@ class InterventionSet(nn.Module):
             weights = weights * trainable_open.unsqueeze(1)
         sealed = self.sealed[str(layer)]
         if sealed.num_bases:
-            candidates = None if blocks_open is None else blocks_open.repeat_interleave(self.rank, dim=1)
+            candidates = None if blocks_open is None else blocks_open.repeat_interleave(self.sealed_rank, dim=1)
             delta, sealed_weights = sealed(h32, block.gate_inputs(h32), candidates)
             edited, weights = edited + delta, torch.cat([weights, sealed_weights], dim=-1)
         return edited.to(h.dtype), weights
@@ -146,8 +148,13 @@ class InterventionSet(nn.Module):
         return self.sealed[str(self.layers[0])].use_gates
 
     @property
+    def sealed_rank(self) -> int:
+        """The bases each sealed block keeps at each layer."""
+        return self.sealed[str(self.layers[0])].bases_of(self.rank)
+
+    @property
     def sealed_blocks(self) -> int:
-        return self.sealed[str(self.layers[0])].num_bases // self.rank
+        return self.sealed[str(self.layers[0])].num_bases // self.sealed_rank
 
     def seal(self) -> None:
         """Freeze the trainable block into the sealed bases and start a fresh one, standardising

@@ -14,7 +14,9 @@ edits after the parent's, the segments after the parent's, and the tensors that 
 parent's. A service keeping one checkpoint per version so stores each version in proportion to
 what it adds, not to every edit before it (which grows with the square of the number of edits).
 A trainable block that holds no edit (the fresh block after a seal) is stored as the random
-generator's state it was drawn from (5 KB, not the block's 500 KB) and drawn again on load."""
+generator's state it was drawn from (5 KB, not the block's 500 KB) and drawn again on load. A
+segment holds its block's sealed rows (`blocks.SealedBases`) and route keys, about 123 KiB with the
+defaults."""
 from __future__ import annotations
 
 import hashlib
@@ -54,10 +56,12 @@ MANIFEST_FILE = "manifest.json"
 # 6: a checkpoint may name its parent and hold only what it adds; a trainable block without
 # edits may be stored as the generator state it was drawn from. 7: that state is the block's own
 # generator's (`InterventionSet.block_generator`), not the global one's; a format-6 draw state
-# loads as another empty block (the identity either way).
-FORMAT_VERSION = 7
+# loads as another empty block (the identity either way). 8: a sealed basis holds its change
+# C = A - R (`blocks.py`), and an ungated block only its `sealed_rank` strongest directions (older
+# sealed rows load as C = A - R, every basis kept).
+FORMAT_VERSION = 8
 SEGMENTS_DIR = "segments"
-_SEALED_ROWS = ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
+_SEALED_ROWS = ("rotation", "change_weight", "gate_weight", "change_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
 _KEY_EDIT, _BLOCK_SPAN = "router.key_edit", "router.block_span"
 _DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
@@ -149,7 +153,7 @@ def _sealed_key(layer: int, name: str) -> str:
 
 def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
     """One sealed block's rows at every layer, serialised deterministically."""
-    rows = slice(block * interventions.rank, (block + 1) * interventions.rank)
+    rows = slice(block * interventions.sealed_rank, (block + 1) * interventions.sealed_rank)
     tensors = {
         f"{layer}.{name}": getattr(interventions.sealed[str(layer)], name)[rows].detach().cpu().contiguous()
         for layer in interventions.layers
@@ -187,6 +191,16 @@ def _write_segments(
         if block == len(ids):
             ids.append(segment_id)
     return list(ids), checksums
+
+
+def _as_changes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sealed rows as format 8 holds them: those of older formats held A ("source_weight") and b
+    ("source_bias") where format 8 holds C = A - R and b ("change_weight", "change_bias")."""
+    for key in [k for k in tensors if k.endswith(".source_weight")]:
+        prefix = key.removesuffix("source_weight")
+        tensors[prefix + "change_weight"] = tensors.pop(key) - tensors[prefix + "rotation"]
+        tensors[prefix + "change_bias"] = tensors.pop(prefix + "source_bias")
+    return tensors
 
 
 def _checksum(segments: Path, segment_id: str, written: dict[str, int]) -> int:
@@ -235,6 +249,7 @@ class _SegmentReader:
         """Copies the block's sealed rows into place; returns its route keys, their thresholds and
         edits, and its answer window (copies: the buffer is read into again)."""
         path, tensors = self._tensors(block)
+        tensors = _as_changes(tensors)
         if not self.gates:
             tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[-1] not in GATE_ROWS}
         own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
@@ -483,8 +498,10 @@ def load_checkpoint(
             f"checkpoint was made for base model {metadata['base_model']}, not {base_model}"
         )
     config_data = json.loads(metadata["config"])
-    # Adapters from before routing were trained for sealed blocks that keep their gates.
+    # Adapters from before routing were trained for sealed blocks that keep their gates, and
+    # those before format 8 sealed every basis.
     config_data.setdefault("sealed_gates", True)
+    config_data.setdefault("sealed_rank", None)
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
     interventions = InterventionSet(
@@ -496,8 +513,10 @@ def load_checkpoint(
         sealed_gates=config.sealed_gates,
         routing_layer=int(metadata.get("routing_layer", layers[0])),
         seed=config.seed,
+        sealed_rank=config.sealed_rank,
     )
     tensors, draw, history_entries, segments_held = _fold(directory, metadata, tensors, _drawn_keys(interventions))
+    tensors = _as_changes(tensors)
     segment_ids = [segment_id for segment_id, _ in segments_held]
     interventions.draw_state = None  # unknown for a block stored whole: it is then stored whole again
     if draw is not None:

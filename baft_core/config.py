@@ -81,6 +81,10 @@ class EditConfig:
     # one shared block fell to 0.49 (docs/results.md). None: 1 for BaFT, 0 for ReFT
     # (ungated blocks would all act on every input).
     block_edits: int | None = None
+    # A block sealed without gates keeps this many of its strongest directions at each layer
+    # (blocks.py), a third of its rank's memory: on 100 continual edits ZsRE and CounterFact kept
+    # their metrics (docs/results.md). None: all `rank`.
+    sealed_rank: int | None = 8
     # In sealed blocks a gate below this is exactly off (thousands of small leaks add up).
     sealed_cutoff: float = 0.1
     # Edits of sealed blocks the new block's gates learn to stay closed on (a uniform sample).
@@ -143,6 +147,10 @@ class EditConfig:
             raise ValueError(f"unknown method {self.method!r}: expected 'baft' or 'reft'")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError("rank must be an integer >= 1")
+        if self.sealed_rank is not None and (
+            not isinstance(self.sealed_rank, int) or isinstance(self.sealed_rank, bool) or self.sealed_rank < 1
+        ):
+            raise ValueError("sealed_rank must be an integer >= 1 or null")
         if self.prompt_positions < 1:
             raise ValueError("prompt_positions must be >= 1")
         if min(self.block_edits, self.replay_size, self.negative_edits, self.continuation_tokens, self.subject_probes) < 0:

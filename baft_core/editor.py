@@ -92,6 +92,7 @@ class Editor:
             cfg.sealed_gates,
             cfg.resolved_route_layer(text.num_hidden_layers),
             cfg.seed,
+            cfg.sealed_rank,
         )
         return interventions.to(self.device)
 

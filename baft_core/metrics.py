@@ -188,9 +188,14 @@ def summarize(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
 
 
 @torch.no_grad()
-def basis_weights(editor, examples: list[Example]) -> dict[int, torch.Tensor]:
-    """Gate weights w(h) [positions, rank] per layer at every intervened position, teacher-forced."""
-    collected: dict[int, list[torch.Tensor]] = {}
+def basis_weights(editor, examples: list[Example]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Gate weights w(h) at every intervened position, teacher-forced, per layer: their mean over
+    the positions [bases] and each position's largest [positions]. Reduced batch by batch: with
+    10,000 sealed blocks the whole [positions, bases] matrices of a few thousand prompts would not
+    fit in memory."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    largest: dict[int, list[torch.Tensor]] = {}
     for start in range(0, len(examples), BATCH):
         tf = teacher_forced(examples[start : start + BATCH], editor.config.prompt_positions, editor.pad_id)
         device = editor.device
@@ -199,8 +204,10 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, torch.Tensor]:
         with editor.lock, editor.attachment.intervene(mask, record=True, routes=routes) as record:
             editor.model(input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device))
         for layer, (weights, _) in record.items():
-            collected.setdefault(layer, []).append(weights.cpu())
-    return {layer: torch.cat(parts) for layer, parts in collected.items()}
+            sums[layer] = sums[layer] + weights.sum(0).cpu() if layer in sums else weights.sum(0).cpu()
+            counts[layer] = counts.get(layer, 0) + len(weights)
+            largest.setdefault(layer, []).append(weights.amax(1).cpu())
+    return {layer: (sums[layer] / counts[layer], torch.cat(largest[layer])) for layer in sums}
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def plot_basis_weights(editor, requests, path: Path, limit: int = 200) -> dict[i
     }
     weights = {kind: metrics.basis_weights(editor, ex) for kind, ex in kinds.items() if ex}
     layers = sorted(weights["edit prompts"])
-    bases = weights["edit prompts"][layers[0]].shape[1]
+    bases = len(weights["edit prompts"][layers[0]][0])
     cutoff = editor.config.sealed_cutoff
     fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.2), squeeze=False)
     for ax, layer in zip(axes[0], layers):
@@ -104,13 +104,13 @@ def plot_basis_weights(editor, requests, path: Path, limit: int = 200) -> dict[i
             xs = range(bases)
             for offset, kind in ((-0.2, "edit prompts"), (0.2, "unrelated (locality)")):
                 if kind in weights:
-                    ax.bar([x + offset for x in xs], weights[kind][layer].mean(0).tolist(), width=0.4, label=kind)
+                    ax.bar([x + offset for x in xs], weights[kind][layer][0].tolist(), width=0.4, label=kind)
             ax.set_xlabel("basis")
             ax.set_ylim(0, 1)
         else:
             bins = torch.linspace(0, 1, 41).tolist()
             for kind, per_layer in weights.items():
-                ax.hist(per_layer[layer].amax(1).tolist(), bins=bins, histtype="step", density=True, label=kind)
+                ax.hist(per_layer[layer][1].tolist(), bins=bins, histtype="step", density=True, label=kind)
             ax.axvline(cutoff, color="grey", linestyle=":", label="sealed cutoff")
             ax.set_yscale("log")
             ax.set_xlabel("largest basis weight at a position")
@@ -121,6 +121,6 @@ def plot_basis_weights(editor, requests, path: Path, limit: int = 200) -> dict[i
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return {
-        layer: {kind: float((w[layer].amax(1) > cutoff).float().mean()) for kind, w in weights.items()}
+        layer: {kind: float((w[layer][1] > cutoff).float().mean()) for kind, w in weights.items()}
         for layer in layers
     }

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import appended
+
 
 def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
     """Index, in the encoded prompt (`encoding.encode_prompt`), of the subject's last token; the
@@ -163,17 +165,18 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def seal(self, block: int) -> None:
-        """The trainable block became sealed block `block`: its pending keys now route to it."""
-        self.keys = torch.cat([self.keys, self.pending])
-        self.key_threshold = torch.cat([self.key_threshold, self.pending_threshold])
-        self.key_edit = torch.cat([self.key_edit, self.pending_edit])
-        self.key_block = torch.cat(
-            [self.key_block, torch.full((len(self.pending),), block, dtype=torch.long, device=self.keys.device)]
+        """The trainable block became sealed block `block`: its pending keys now route to it
+        (`appended`, as sealed bases: a copy of every key at every seal grew with the edits)."""
+        self.key_block = appended(
+            self.key_block, torch.full((len(self.pending),), block, dtype=torch.long, device=self.keys.device)
         )
+        self.keys = appended(self.keys, self.pending)
+        self.key_threshold = appended(self.key_threshold, self.pending_threshold)
+        self.key_edit = appended(self.key_edit, self.pending_edit)
         span = self.pending_span
         if not len(span):  # a block without a window (sealed unrouted, or before windows)
             span = torch.tensor([UNLIMITED], device=self.block_span.device)
-        self.block_span = torch.cat([self.block_span, span])
+        self.block_span = appended(self.block_span, span)
         self.pending, self.pending_threshold = self.pending[:0], self.pending_threshold[:0]
         self.pending_edit, self.pending_span = self.pending_edit[:0], self.pending_span[:0]
 
@@ -186,12 +189,9 @@ class Router(nn.Module):
         has_key[self.key_block] = True
         opened = (~has_key).expand(batch, blocks).clone()
         if len(self.keys) and len(rows):
-            near = (self.key(hidden) @ self.keys.T > self.key_threshold).float()  # [m, keys]
-            row_near = torch.zeros(batch, len(self.keys), device=near.device)
-            row_near.scatter_reduce_(0, rows.unsqueeze(1).expand_as(near), near, "amax")
-            block_near = torch.zeros(batch, blocks, device=near.device)
-            block_near.scatter_reduce_(1, self.key_block.expand(batch, -1), row_near, "amax")
-            opened |= block_near.bool()
+            # Few (position, key) pairs pass: index them rather than reduce [batch, keys] tensors.
+            position, key = (self.key(hidden) @ self.keys.T > self.key_threshold).nonzero(as_tuple=True)
+            opened[rows[position], self.key_block[key]] = True
         return opened
 
     def in_window(self, blocks_open: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

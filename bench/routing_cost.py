@@ -39,12 +39,12 @@ def synthetic(template: InterventionSet, edits: int, seed: int = 0) -> Intervent
     """The adapter after `edits` sealed edits, with random blocks and keys of the right shapes."""
     generator = torch.Generator().manual_seed(seed)
     state = template.fork()
-    d, rank = state.hidden_size, state.rank
+    d, rank = state.hidden_size, state.sealed_rank
     for layer in state.layers:
         sealed = state.sealed[str(layer)]
         sealed.rotation = torch.randn(edits * rank, d, generator=generator) * d**-0.5
-        sealed.source_weight = torch.randn(edits * rank, d, generator=generator) * d**-0.5
-        sealed.source_bias = torch.zeros(edits * rank)
+        sealed.change_weight = torch.randn(edits * rank, d, generator=generator) * d**-0.5
+        sealed.change_bias = torch.zeros(edits * rank)
     router = state.router
     keys = edits * KEYS_PER_EDIT
     router.keys = torch.nn.functional.normalize(torch.randn(keys, d, generator=generator), dim=-1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every result under bench/results/ with today's code (about 6 hours on two CPU
+# Regenerates every result under bench/results/ with today's code (about 9 hours on two CPU
 # cores), then bench/results/README.md. Each summary.json records the command that made it.
 #
 # Where a committed result came from older code, the line that writes it says so: it repeats
@@ -29,6 +29,9 @@ bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 --t
 bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 1000 --threads 1 \
   --out $OUT/counterfact-continual-1000-baft &
 wait
+# All 10,000 CounterFact records (the service's own negatives: no record is left over). Hours.
+bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 10000 --threads 1 \
+  --unrelated builtin --out $OUT/counterfact-continual-10000-baft
 bench --data $ZSRE --format zsre --method baft --mode single --edits 100 --out $OUT/zsre-single-100-baft
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_window.json
 # KnowEdit (other facts of the edited subject) and a same-subject set, with the service's own
@@ -50,6 +53,7 @@ pair DATA-continual-100-baft-oneblock --set block_edits=0 rank=12 beta=0.05 repl
 
 # ----- Ablation (docs/results.md, "Ablation"): today's defaults but one lever -----
 pair ablation/DATA-continual-100-nowindow --set answer_window=false
+pair ablation/DATA-continual-100-sealed-all --set sealed_rank=null
 # The request's own locality prompts, sent as a user would (projected out of the edit's block).
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
   --threads 1 --unrelated builtin --send-locality \

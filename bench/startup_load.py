@@ -56,7 +56,7 @@ def build(root: Path, edits: int) -> dict:
     editor = Editor(loaded.model, loaded.tokenizer, EditConfig(), unrelated_prompts=[])
     store = CheckpointStore(root, loaded.identity, "cpu")
     template = editor.new_interventions()
-    d, rank, layers = template.hidden_size, template.rank, template.layers
+    d, rank, layers = template.hidden_size, template.sealed_rank, template.layers
     generator = torch.Generator().manual_seed(0)
     # Calibrated standardisations, as after the first edit.
     for layer in layers:
@@ -66,7 +66,7 @@ def build(root: Path, edits: int) -> dict:
     sealed = {
         (layer, name): torch.randn(rows, d, generator=generator) if name.endswith(("rotation", "weight")) else torch.randn(rows, generator=generator)
         for layer in layers
-        for name in ("rotation", "source_weight", "gate_weight", "source_bias", "gate_bias")
+        for name in ("rotation", "change_weight", "change_bias")  # no gate rows: the defaults keep none
     }
     keys = torch.nn.functional.normalize(torch.randn(edits * KEYS_PER_EDIT, d, generator=generator), dim=-1)
     thresholds = torch.full((len(keys),), 0.85)
@@ -86,7 +86,9 @@ def build(root: Path, edits: int) -> dict:
         router.key_block, router.key_edit = key_block[: i * KEYS_PER_EDIT], key_block[: i * KEYS_PER_EDIT]
         router.block_span = spans[:i]
         # The fresh trainable block a seal leaves, with the standardisation carried over.
-        fresh = state._fresh_blocks()
+        draw = state.block_generator(i)
+        state.draw_state = draw.get_state()
+        fresh = state._fresh_blocks(draw)
         for layer in layers:
             fresh[str(layer)].calibrate(template[layer].gate_center, template[layer].gate_scale)
             state.by_layer[str(layer)] = fresh[str(layer)]

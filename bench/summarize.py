@@ -126,6 +126,8 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
     """What the run's config sets otherwise than today's defaults (fields since removed aside),
     and whether each edit came with its record's locality prompts."""
     defaults = EditConfig(method=method).to_dict()
+    if "sealed_rank" not in config and config.get("block_edits") and not config.get("sealed_gates"):
+        config = {**config, "sealed_rank": None}  # runs from before `sealed_rank` sealed every basis
     changed = [
         f"{key}={json.dumps(value)}"
         for key, value in config.items()

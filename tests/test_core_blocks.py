@@ -27,7 +27,7 @@ def gate_inputs(h: torch.Tensor) -> torch.Tensor:
 def dense_delta(sealed: SealedBases, h: torch.Tensor) -> torch.Tensor:
     """The formula over every sealed basis, without skipping closed ones."""
     w = sealed.weights(gate_inputs(h))
-    coordinates = h @ sealed.source_weight.T + sealed.source_bias - h @ sealed.rotation.T
+    coordinates = h @ sealed.change_weight.T + sealed.change_bias
     return (coordinates * w) @ sealed.rotation
 
 
@@ -249,3 +249,83 @@ def test_appending_writes_in_place_and_forks_keep_their_rows():
     assert torch.equal(older.rotation[-3:], other.rotation.weight.detach())
     assert all(torch.equal(older.state_dict()[name][: len(kept[name])], kept[name]) for name in kept)
     assert sealed.num_bases == older.num_bases == 15
+
+
+def ungated_block(d: int, rank: int, seed: int) -> BasisIntervention:
+    generator = torch.Generator().manual_seed(seed)
+    block = BasisIntervention(d, rank, gated=False, generator=generator)
+    with torch.no_grad():
+        block.source.weight.add_(0.3 * torch.randn(rank, d, generator=generator))
+        block.source.bias.normal_(generator=generator)
+    return block
+
+
+def test_a_block_sealed_without_gates_keeps_its_strongest_directions():
+    """Sealed with all its bases, a block acts exactly as it did; with fewer, as the best
+    approximation of its map of that rank (the truncated SVD of R^T [A - R | b], computed here on
+    the d x (d + 1) map itself), through orthonormal rows."""
+    d, rank = 16, 6
+    block = ungated_block(d, rank, seed=0)
+    h = torch.randn(40, d, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = block(h)[0] - h
+        full_map = block.R.T @ torch.cat([block.source.weight - block.R, block.source.bias.unsqueeze(1)], 1)
+    inputs = torch.cat([h, torch.ones(len(h), 1)], 1)
+    for kept in (rank, 2):
+        sealed = SealedBases(d, cutoff=0.1, use_gates=False, sealed_rank=kept)
+        sealed.append(block)
+        assert sealed.num_bases == kept
+        rotation = sealed.rotation.double()
+        assert torch.allclose(rotation @ rotation.T, torch.eye(kept, dtype=torch.double), atol=1e-6)
+        delta, _ = sealed(h, gate_inputs(h), torch.ones(len(h), kept, dtype=torch.bool))
+        left, strength, right = torch.linalg.svd(full_map.double())
+        best = (left[:, :kept] * strength[:kept]) @ right[:kept]
+        assert torch.allclose(delta.double(), inputs.double() @ best.T, atol=1e-4)
+        if kept == rank:
+            assert torch.allclose(delta, trained, atol=1e-5)
+        else:
+            assert (delta - trained).norm() > 1e-3 * trained.norm()
+
+
+def test_a_map_left_alone_on_states_stays_so_when_sealed_with_fewer_bases():
+    """`leave_alone` makes the change zero on some states; its strongest directions lie in its row
+    space, so the sealed block leaves those states alone too."""
+    from baft_core.intervention import kept_span
+
+    d, rank = 16, 6
+    block = ungated_block(d, rank, seed=2)
+    kept_states = torch.randn(5, d, generator=torch.Generator().manual_seed(3)) * 4
+    block.leave_alone(*kept_span(kept_states))
+    sealed = SealedBases(d, cutoff=0.1, use_gates=False, sealed_rank=2)
+    sealed.append(block)
+    everywhere = torch.ones(len(kept_states), 2, dtype=torch.bool)
+    delta, _ = sealed(kept_states, gate_inputs(kept_states), everywhere)
+    assert delta.norm(dim=-1).max() < 1e-5 * kept_states.norm(dim=-1).min()
+    other = torch.randn(5, d, generator=torch.Generator().manual_seed(4))
+    assert sealed(other, gate_inputs(other), everywhere)[0].norm() > 1e-2
+
+
+def test_blocks_with_gates_keep_every_basis():
+    """A gate belongs to one basis: blocks sealed with their gates are never reduced."""
+    sealed = SealedBases(16, cutoff=0.1, use_gates=True, sealed_rank=2)
+    sealed.append(random_block(16, 5, 0.0))
+    assert sealed.num_bases == 5 and sealed.gate_weight.shape[0] == 5
+
+
+def test_an_editor_seals_blocks_at_their_sealed_rank(tiny_sharp, tmp_path):
+    """Each sealed block keeps `sealed_rank` bases per layer; routing and checkpoints follow."""
+    ed = make_editor(tiny_sharp, block_edits=1, rank=8, sealed_rank=3, max_steps=60)
+    try:
+        for request in EDITS[:3]:
+            ed.edit(request)
+        state = ed.interventions
+        assert state.sealed_blocks == 3 and state.sealed_rank == 3
+        assert all(state.sealed[str(layer)].num_bases == 9 for layer in ed.layers)
+        answers = ed.generate([e.prompt for e in EDITS[:3]], max_new_tokens=4)
+        ed.save(tmp_path, "tiny")
+        ed.reset()
+        ed.load(tmp_path, "tiny")
+        assert ed.interventions.sealed_blocks == 3
+        assert ed.generate([e.prompt for e in EDITS[:3]], max_new_tokens=4) == answers
+    finally:
+        ed.attachment.detach()

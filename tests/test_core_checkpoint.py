@@ -145,7 +145,8 @@ def test_a_chain_of_checkpoints_loads_byte_for_byte(tiny_sharp, tmp_path):
     """Each version names its parent and holds only what it adds (one history entry, one segment,
     the fresh block as its draw), loads to the very adapter that was saved, and saves again to the
     same bytes as the whole state saved at once; an old version restores exactly."""
-    editor = Editor(tiny_sharp.model, tiny_sharp.tokenizer, EditConfig(max_steps=5, rank=6), unrelated_prompts=PROMPTS[1:2])
+    config = EditConfig(max_steps=5, rank=6, sealed_rank=3)  # blocks sealed as their strongest directions
+    editor = Editor(tiny_sharp.model, tiny_sharp.tokenizer, config, unrelated_prompts=PROMPTS[1:2])
     identity = tiny_sharp.identity
     try:
         chain = [_save_in(tmp_path, editor, identity)]
@@ -175,7 +176,7 @@ def test_a_history_replayed_through_a_reload_gives_the_same_adapter(tiny_sharp, 
     """Edits applied by an editor that was saved and reloaded halfway (a restart, a takeover, a
     restore) give the very adapter of one editor that applied them all in memory, so that the
     edit log replays bit for bit; and the global generator's use in between changes nothing."""
-    config = EditConfig(max_steps=5, rank=6)
+    config = EditConfig(max_steps=5, rank=6, sealed_rank=3)
     requests = [
         EditRequest.from_triple(subject, "The mother tongue of {subject} is", target)
         for subject, target in (("Danielle Darrieux", "Japanese"), ("Toko Yasuda", "piano"), ("Jan Smuts", "Dutch"))
@@ -287,3 +288,38 @@ def test_blocks_without_gates_keep_no_gate_rows(tiny_sharp, edited, tmp_path):
     loaded = load_checkpoint(tmp_path, tiny_sharp.identity)
     assert _states_equal(loaded.interventions, edited.interventions)
     assert loaded.interventions.sealed[str(edited.layers[0])].gate_weight.shape[0] == 0
+
+
+def test_format_7_checkpoints_still_load(tiny_sharp, edited, tmp_path):
+    """Before format 8 a sealed basis held A and b ("source_weight", "source_bias") and every
+    block kept all its bases: they load as C = A - R, and the adapter answers as before."""
+    prompts = [PROMPTS[0], "Danielle Darrieux speaks"]
+    expected = edited.generate(prompts, max_new_tokens=6)
+    edited.save(tmp_path, tiny_sharp.identity)
+
+    def format_7(metadata, tensors):
+        (segment_id,) = json.loads(metadata["segments"])
+        rows = load((tmp_path / SEGMENTS_DIR / f"{segment_id}.safetensors").read_bytes())
+        for layer in edited.layers:
+            rows[f"{layer}.source_weight"] = rows.pop(f"{layer}.change_weight") + rows[f"{layer}.rotation"]
+            rows[f"{layer}.source_bias"] = rows.pop(f"{layer}.change_bias")
+        data = save(rows)
+        old_id = hashlib.sha256(data).hexdigest()
+        (tmp_path / SEGMENTS_DIR / f"{old_id}.safetensors").write_bytes(data)
+        config = {k: v for k, v in json.loads(metadata["config"]).items() if k != "sealed_rank"}
+        kept = {k: v for k, v in metadata.items() if k != "segment_crc32"}
+        return {**kept, "config": json.dumps(config), "segments": json.dumps([old_id]), "format_version": "7"}, tensors
+
+    rewrite_adapter(tmp_path, format_7)
+    loaded = load_checkpoint(tmp_path, tiny_sharp.identity)
+    assert loaded.config.sealed_rank is None and loaded.interventions.sealed_blocks == 1
+    for layer in edited.layers:
+        old, new = edited.interventions.sealed[str(layer)], loaded.interventions.sealed[str(layer)]
+        assert torch.equal(old.rotation, new.rotation)
+        assert torch.allclose(old.change_weight, new.change_weight, atol=1e-6)
+    original = edited.interventions
+    try:
+        edited.load_state(loaded.interventions, loaded.history)
+        assert edited.generate(prompts, max_new_tokens=6) == expected
+    finally:
+        edited.load_state(original, loaded.history)

@@ -99,7 +99,7 @@ def test_grouped_metrics_are_summarised_per_group_and_as_the_mean_of_groups():
 
 
 def test_a_block_without_gates_leaves_the_requests_locality_states_alone(tiny_sharp):
-    """The routed block's change (A h + b - R h) is zero, to rounding, at every state where it
+    """The routed block's change (A h + b - R h, sealed as its strongest directions) is zero, to rounding, at every state where it
     acts on the prompts the request came with, and not zero on the edit's own."""
     ed = make_editor(tiny_sharp, block_edits=1, max_steps=40)
     kept = [Probe("Danielle Darrieux sang", " songs"), Probe("The gender of Danielle Darrieux is", " female")]
@@ -110,7 +110,7 @@ def test_a_block_without_gates_leaves_the_requests_locality_states_alone(tiny_sh
         for states, expected_zero in ((ed.trainer._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)]), True),
                                       (ed._hidden_states([ed.encode(EDIT.prompt, EDIT.target)])[0], False)):
             h = states[ed.layers[0]]
-            change = h @ sealed.source_weight.T + sealed.source_bias - h @ sealed.rotation.T
+            change = h @ sealed.change_weight.T + sealed.change_bias
             relative = (change.norm(dim=-1) / h.norm(dim=-1)).max().item()
             assert (relative < 1e-4) if expected_zero else (relative > 1e-2), relative
     finally:
@@ -129,9 +129,8 @@ def test_a_later_edit_of_the_subject_keeps_what_an_earlier_one_was_told_to_keep(
         ed.edit(second)
         sealed = ed.interventions.sealed[str(ed.layers[0])]
         h = ed.trainer._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)])[ed.layers[0]]
-        rank = ed.config.rank
-        rotation, source = sealed.rotation[rank : 2 * rank], sealed.source_weight[rank : 2 * rank]
-        change = h @ source.T + sealed.source_bias[rank : 2 * rank] - h @ rotation.T
+        second_block = slice(ed.interventions.sealed_rank, 2 * ed.interventions.sealed_rank)
+        change = h @ sealed.change_weight[second_block].T + sealed.change_bias[second_block]
         assert (change.norm(dim=-1) / h.norm(dim=-1)).max().item() < 1e-4
         assert ed.trainer._kept_states([EditRequest(kept[0].prompt, " male", EDIT.subject)]) is None
         assert ed.trainer._kept_states([EditRequest("Danielle Darrieux died in", " Rome", EDIT.subject)]) is not None
