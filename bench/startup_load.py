@@ -3,12 +3,12 @@
     .venv/bin/python bench/startup_load.py [--edits 10000] [--root DIR] [--keep]
 
 Builds the checkpoints a service writes for N continual edits with the default config on the
-bundled model (a sealed block of rank 24 at 3 layers per edit, six route keys, one version per
-edit, each extending the one before), through app.store.CheckpointStore with its fsyncs, but with
-random sealed blocks instead of trained ones (training 10,000 edits takes hours; the sizes and the
-files are the same), and CounterFact requests as the history. Then, in a fresh process, times
-CheckpointStore.load of the last version and Editor.load_state, as a starting service does (the
-files are in the page cache: they were just written). Writes
+bundled model (a sealed block of `sealed_rank` directions at 3 layers per edit, six route keys,
+one version per edit, each extending the one before), through app.store.CheckpointStore with its
+fsyncs, but with random sealed blocks instead of trained ones (training 10,000 edits takes hours;
+the sizes and the files are the same), and CounterFact requests as the history. Then, in a fresh
+process, times CheckpointStore.load of the last version and Editor.load_state, as a starting
+service does (the files are in the page cache: they were just written). Writes
 bench/results/service/startup-load-N.json."""
 from __future__ import annotations
 
