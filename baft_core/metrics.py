@@ -222,17 +222,19 @@ def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def routing_separation(editor, requests: list[EditRequest]) -> dict[str, float] | None:
+def routing_separation(editor, requests: list[EditRequest], sample: list[int] | None = None) -> dict[str, float] | None:
     """How prompt-level routing separates, for requests that were each sealed into a block of
     their own in order (continual editing, block_edits=1): the share of rephrases that open their
     own edit's block, the mean number of other blocks they open, and the share of locality
-    prompts that open any block. None where that layout does not hold."""
+    prompts that open any block, over the requests `sample` names (default: all). None where that
+    layout does not hold."""
     interventions = editor.interventions
     one_block_each = interventions.sealed_blocks == len(requests) and editor.config.block_edits == 1
     if not interventions.router.enabled or not one_block_each:
         return None
-    rephrases = [(i, p) for i, r in enumerate(requests) for p in r.rephrases]
-    local = [p.prompt for r in requests for p in r.locality]
+    chosen = range(len(requests)) if sample is None else sample
+    rephrases = [(i, p) for i in chosen for p in requests[i].rephrases]
+    local = [p.prompt for i in chosen for p in requests[i].locality]
     out: dict[str, float] = {}
     if rephrases:
         opened = open_blocks(editor, [p for _, p in rephrases])

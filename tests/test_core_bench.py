@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from conftest import DATA
@@ -61,3 +62,29 @@ def test_heldout_negatives_must_exist(tmp_path):
     edited, rest = bench.load_edits(str(data), "zsre")[:2], bench.load_edits(str(data), "zsre")[2:]
     assert len(bench.unrelated_pool("heldout", 200, 0, edited, rest)) == 1
     assert bench.unrelated_pool("builtin", 200, 0, edited, rest) is None
+
+
+def test_a_sample_of_the_edits_is_measured_on_request(tiny_dir, tmp_path):
+    """`--evaluate N` measures a seeded sample of N edits on the final model (the curve: every
+    edit so far up to N, then the sample's share), and the others' lines carry no metrics."""
+    out = tmp_path / "run"
+    args = bench.parse_args(
+        [
+            "--data", str(DATA / "zsre" / "zsre_eval_portability_dev.json"),
+            "--format", "zsre", "--mode", "continual", "--edits", "12", "--evaluate", "4", "--model", str(tiny_dir),
+            "--unrelated", "builtin", "--dtype", "float32", "--set", "max_steps=2", "--out", str(out),
+        ]
+    )
+    summary = bench.run(args)
+    sample = sorted(random.Random(0).sample(range(12), 4))  # the bench's --seed 0
+    assert summary["evaluated"] == 4
+    assert [(p["edits"], p["evaluated"]) for p in summary["curve"]] == [(1, 1), (10, sum(i < 10 for i in sample)), (12, 4)]
+    lines = [json.loads(line) for line in (out / "edits.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and [line["index"] for line in lines if "rel" in line] == sample
+    with pytest.raises(SystemExit, match="--evaluate"):
+        bench.run(bench.parse_args([*args_list(tmp_path), "--mode", "single", "--evaluate", "2"]))
+
+
+def args_list(tmp_path) -> list[str]:
+    return ["--data", str(DATA / "zsre" / "zsre_eval_portability_dev.json"), "--format", "zsre",
+            "--edits", "3", "--model", "/nonexistent", "--unrelated", "builtin", "--out", str(tmp_path / "single")]
