@@ -111,8 +111,9 @@ class SealedBases(nn.Module):
         bases)."""
         rotation, bias = block.R.detach(), block.source.bias.detach()
         change = block.source.weight.detach() - rotation
-        if self.bases_of(block.rank) < block.rank:
-            rotation, change, bias = strongest_directions(rotation, change, bias, self.bases_of(block.rank))
+        kept = self.bases_of(block.rank)
+        if kept < block.rank:
+            rotation, change, bias = strongest_directions(rotation, change, bias, kept)
         new = {"rotation": rotation, "change_weight": change, "change_bias": bias}
         if self.use_gates:
             new |= {"gate_weight": block.gate.weight.detach(), "gate_bias": block.gate.bias.detach()}
