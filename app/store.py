@@ -247,6 +247,6 @@ class CheckpointStore:
             self._cache.move_to_end(sha256)
             while len(self._cache) > 1 and (
                 len(self._cache) > self.cache_size
-                or sum(4 * c.interventions.num_parameters() for c in self._cache.values()) > self.cache_bytes
+                or sum(c.interventions.num_bytes() for c in self._cache.values()) > self.cache_bytes
             ):
                 self._cache.popitem(last=False)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .blocks import SealedBases
 from .intervention import BasisIntervention
-from .routing import Router, Routes, routable
+from .routing import Router, Routes
 
 
 def text_config(model: nn.Module):
@@ -58,10 +58,14 @@ class InterventionSet(nn.Module):
         routing_layer: int | None = None,
         seed: int = 0,
         sealed_rank: int | None = None,
+        route_tokens: int = 1,
+        route_prefix_threshold: float = 0.3,
     ):
         """`routing_layer` (default: the first edited layer) must not be above it: routes are
         decided before any block acts. `seed` fixes every block's random draw (`block_generator`).
-        `sealed_rank`: the directions a block keeps when sealed without gates (None: all)."""
+        `sealed_rank`: the directions a block keeps when sealed without gates (None: all).
+        `route_tokens`, `route_prefix_threshold`: how many subject tokens a route key reads, and
+        the threshold of those before its last (`Router`)."""
         super().__init__()
         routing_layer = min(layers) if routing_layer is None else routing_layer
         if routing_layer > min(layers):
@@ -76,7 +80,7 @@ class InterventionSet(nn.Module):
         self.sealed = nn.ModuleDict(
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates, sealed_rank) for layer in self.layers}
         )
-        self.router = Router(hidden_size, route_threshold, routing_layer)
+        self.router = Router(hidden_size, route_threshold, routing_layer, route_tokens, route_prefix_threshold)
         # Sum over the block's edits of each basis' mean weight on that edit, and the edit count:
         # the running average the load-balancing term evens out.
         self.register_buffer("usage_sum", torch.zeros(len(self.layers), rank))
@@ -115,8 +119,7 @@ class InterventionSet(nn.Module):
     def route(self, layer_output: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """[batch, sealed blocks]: the blocks each row's prompt opens, from the routing layer's
         output [batch, seq, d] at the `prompt` positions [batch, seq]."""
-        prompt = routable(prompt)
-        return self.router.open_blocks(layer_output[prompt], prompt.nonzero()[:, 0], prompt.shape[0], self.sealed_blocks)
+        return self.router.open_blocks(layer_output, prompt, self.sealed_blocks)
 
     def forward(
         self,
@@ -188,6 +191,11 @@ class InterventionSet(nn.Module):
         """Trainable parameters plus the frozen ones of sealed blocks and their route keys."""
         sealed = sum(s.num_values for s in self.sealed.values()) + self.router.num_values
         return sum(p.numel() for p in self.parameters()) + sealed
+
+    def num_bytes(self) -> int:
+        """What `num_parameters` counts, in bytes as held (route keys' earlier tokens in fp16)."""
+        sealed = sum(s.num_values for s in self.sealed.values()) * 4 + self.router.num_bytes
+        return sum(p.numel() * p.element_size() for p in self.parameters()) + sealed
 
 
 class Attachment:

@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps_mean": statistics.mean(r["result"].steps for r in rows),
         "params": editor.interventions.num_parameters(),
         "sealed_blocks": editor.interventions.sealed_blocks,
-        "adapter_bytes_per_edit": editor.interventions.num_parameters() * 4 / max(1, len(editor.history)),
+        "adapter_bytes_per_edit": editor.interventions.num_bytes() / max(1, len(editor.history)),
         **speed,
         "config": config.to_dict(),
         "curve": curve,

@@ -59,11 +59,14 @@ MANIFEST_FILE = "manifest.json"
 # loads as another empty block (the identity either way). 8: a sealed basis holds its change
 # C = A - R (`blocks.py`), and an ungated block only its `sealed_rank` strongest directions (older
 # sealed rows load as C = A - R, every basis kept).
-FORMAT_VERSION = 8
+# 9: route keys read up to `route_tokens` subject tokens (a segment holds each key's count, the
+# earlier tokens' states and which of them each key reads); older keys read their last token alone.
+FORMAT_VERSION = 9
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "change_weight", "gate_weight", "change_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
 _KEY_EDIT, _BLOCK_SPAN = "router.key_edit", "router.block_span"
+_KEY_TOKENS, _KEY_PREFIX, _PREFIXES = "router.key_tokens", "router.key_prefix", "router.prefixes"
 _DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -166,6 +169,12 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         tensors["route_keys"] = router.keys[own].detach().cpu().contiguous()
         tensors["route_thresholds"] = router.key_threshold[own].detach().cpu().contiguous()
         tensors["route_key_edits"] = router.key_edit[own].detach().cpu().contiguous()
+        tokens, prefix = router.key_tokens[own], router.key_prefix[own]
+        rows = prefix[prefix >= 0].unique()  # sorted: the block's rows of `prefixes`, in order
+        tensors["route_key_tokens"] = tokens.detach().cpu().contiguous()
+        local = torch.where(prefix >= 0, torch.searchsorted(rows, prefix), -1)
+        tensors["route_key_prefixes"] = local.detach().cpu().contiguous()
+        tensors["route_prefixes"] = router.prefixes[rows].detach().cpu().contiguous()
     tensors["answer_span"] = router.block_span[block : block + 1].detach().cpu().contiguous()
     return save(tensors)
 
@@ -253,7 +262,7 @@ class _SegmentReader:
         if not self.gates:
             tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[-1] not in GATE_ROWS}
         own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
-        for name in ("route_keys", "route_thresholds", "route_key_edits"):
+        for name in ("route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes", "route_prefixes"):
             if name in tensors:
                 own[name] = tensors.pop(name).clone()
         if block == 0:
@@ -286,13 +295,22 @@ class _SegmentReader:
             _KEY_EDIT: [own["route_key_edits"] for own in owns if "route_key_edits" in own],
             _BLOCK_SPAN: [own["answer_span"] for own in owns],
         }
+        if all("route_key_tokens" in own for own in owns if "route_keys" in own) and keys:
+            parts[_KEY_TOKENS] = [own["route_key_tokens"] for own in owns if "route_keys" in own]
+            parts[_KEY_PREFIX], parts[_PREFIXES], rows = [], [], 0
+            for own in owns:
+                if "route_keys" in own:
+                    local = own["route_key_prefixes"]
+                    parts[_KEY_PREFIX].append(torch.where(local >= 0, local + rows, -1))
+                    parts[_PREFIXES].append(own["route_prefixes"])
+                    rows += len(own["route_prefixes"])
         return {**self.rows, **{key: torch.cat(values) for key, values in parts.items() if values}}
 
 
 def _own_state(interventions: InterventionSet) -> dict[str, torch.Tensor]:
     """The state an adapter file holds: all but the sealed blocks' (their segments hold those)."""
     sealed = {_sealed_key(layer, n) for layer in interventions.layers for n in _SEALED_ROWS}
-    sealed |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN}
+    sealed |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN, _KEY_TOKENS, _KEY_PREFIX, _PREFIXES}
     return {k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed}
 
 
@@ -502,6 +520,7 @@ def load_checkpoint(
     # those before format 8 sealed every basis.
     config_data.setdefault("sealed_gates", True)
     config_data.setdefault("sealed_rank", None)
+    config_data.setdefault("route_tokens", 1)  # before format 9 a key read its subject's last token
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
     interventions = InterventionSet(
@@ -514,6 +533,8 @@ def load_checkpoint(
         routing_layer=int(metadata.get("routing_layer", layers[0])),
         seed=config.seed,
         sealed_rank=config.sealed_rank,
+        route_tokens=config.route_tokens,
+        route_prefix_threshold=config.route_prefix_threshold,
     )
     tensors, draw, history_entries, segments_held = _fold(directory, metadata, tensors, _drawn_keys(interventions))
     tensors = _as_changes(tensors)
@@ -545,6 +566,7 @@ def load_checkpoint(
             f"{adapter} does not match its metadata: missing {missing}, unexpected {unexpected}"
         )
     interventions.segment_ids.extend(segment_ids)
+    interventions.router.read_last_tokens_only()
     history = [EditRequest.from_dict(r) for r in history_entries]
     if "router.center" not in tensors and interventions.gated:
         _route_like_format_3(interventions, len(history))

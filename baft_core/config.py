@@ -16,7 +16,8 @@ DEFAULT_LAYER_FRACTIONS = (0.56, 0.75, 0.875)
 ROUTE_LAYER_FRACTION = 0.15
 # Generic text put before an edit's prompt for its extra route keys: paraphrases often say
 # something before the subject, which shifts its state even at an early layer.
-ROUTE_CONTEXTS = ("The following is true.", "I read this yesterday.", "Here is a fact:", "She said that", "Notes:")
+# An edit also leaves a key for its subject alone, which stands for the texts that start with it.
+ROUTE_CONTEXTS = ("The following is true.", "I read this yesterday.", "Here is a fact:", "She said that")
 
 
 @dataclass
@@ -94,8 +95,13 @@ class EditConfig:
     # decide alone; needs sealed_gates).
     route_threshold: float = 0.8
     route_layer: int | None = None  # None: ROUTE_LAYER_FRACTION of the model's depth
-    # Each edit leaves a route key for its prompt and one for its prompt after each of these.
+    # Each edit leaves a route key for its prompt, one for its prompt after each of these, and one
+    # for its subject alone (a text that starts with the subject).
     route_contexts: list[str] = field(default_factory=lambda: list(ROUTE_CONTEXTS))
+    # How many of its subject's last tokens a route key reads, and the cosine each position before
+    # the key's must reach (routing.py). 1: the subject's last token alone.
+    route_tokens: int = 3
+    route_prefix_threshold: float = 0.3
     # Each key's threshold is also this far above its nearest unrelated prompt position (None:
     # every key has route_threshold). On 100 CounterFact edits it cut the locality prompts that
     # open some block from 0.06 to 0.01 (loc 0.98 to 0.99) at the same generality.
@@ -175,6 +181,10 @@ class EditConfig:
             isinstance(c, str) and c.strip() for c in self.route_contexts
         ):
             raise ValueError("route_contexts must be a list of non-empty strings")
+        if not isinstance(self.route_tokens, int) or isinstance(self.route_tokens, bool) or self.route_tokens < 1:
+            raise ValueError("route_tokens must be an integer >= 1")
+        if not -1 <= self.route_prefix_threshold < 1:
+            raise ValueError("route_prefix_threshold must be in [-1, 1)")
         if self.route_margin is not None and not 0 <= self.route_margin < 1:
             raise ValueError("route_margin must be in [0, 1) or None")
         if not 0 <= self.alpha < self.beta <= 1:

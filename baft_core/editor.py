@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -24,12 +25,25 @@ from .encoding import (
 from .generation import generate
 from .intervention import statistics
 from .prefix_cache import SharedPrefixes, layer_output
-from .routing import Router, routable, subject_token
+from .routing import Router, routable, subject_tokens
 from .subject_probes import probe_prompts
 from .training import EditResult, Trainer
 from .unrelated import default_unrelated_prompts
 
 Statistics = tuple[torch.Tensor, torch.Tensor]  # per-coordinate center and scale (`intervention.statistics`)
+
+
+class RouteStates(NamedTuple):
+    """What new edits' route keys are made of (`Router.add_pending`): unedited routing-layer
+    states [k, d] at each key's subject token, the request of each key [k], how many subject
+    tokens each reads [k] and its row [k] of `prefixes` [g, route_tokens - 1, d], the states of
+    the subject tokens before the last, nearest first (-1: none)."""
+
+    states: torch.Tensor
+    owners: torch.Tensor
+    tokens: torch.Tensor
+    prefix: torch.Tensor
+    prefixes: torch.Tensor
 
 
 class Editor:
@@ -93,6 +107,8 @@ class Editor:
             cfg.resolved_route_layer(text.num_hidden_layers),
             cfg.seed,
             cfg.sealed_rank,
+            cfg.route_tokens,
+            cfg.route_prefix_threshold,
         )
         return interventions.to(self.device)
 
@@ -148,7 +164,7 @@ class Editor:
         gated = cfg.method == "baft" and (sealed_gates or not sealing)
         earlier = self._block_history() if sealing and not sealed_gates else self._replay_sample()
         new = [self.encode(r.prompt, r.target) for r in requests]
-        keys, owners = self._route_states(requests) if self.interventions.router.enabled else (None, None)
+        keys = self._route_states(requests) if self.interventions.router.enabled else None
         replayed = [self.encode(r.prompt, r.target) for r in earlier + self._neighbours(keys)]
         working = self.interventions.fork()
         # A routed block acts within its answers' window (routing.py), while it trains too: a
@@ -160,7 +176,7 @@ class Editor:
             working, new, replayed, max_steps, gated, acts_after_answer=not (sealing and windowed), requests=requests
         )
         if keys is not None:
-            self._add_route_keys(working, keys, owners + len(self.history))
+            self._add_route_keys(working, keys._replace(owners=keys.owners + len(self.history)))
         if sealing:
             working.seal()
         with self.lock:
@@ -190,32 +206,65 @@ class Editor:
         return self._rng.sample(pool, k) if k else []
 
     @torch.no_grad()
-    def _route_states(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unedited routing-layer states [k, d] the requests' route keys are made of: at the
-        subject of each prompt, alone and after each of `route_contexts` (a context that would
-        overflow the model's context is left out); and the request of each [k]."""
+    def _route_states(self, requests: list[EditRequest]) -> RouteStates:
+        """The unedited routing-layer states the requests' route keys are made of: at the subject
+        of each prompt, alone and after each of `route_contexts`, and of the subject alone (a text
+        that would overflow the model's context is left out); with each edit's earlier subject
+        tokens as they read mid-text and at the start of a text (`Router`)."""
         contexts = self._route_contexts() if self.config.route_contexts else None
-        states, owners = [], []
+        count = self.config.route_tokens
+        states, owners, tokens, prefix, prefixes = [], [], [], [], []
         for j, request in enumerate(requests):
-            cuts = []
-            for context in ["", *self.config.route_contexts]:
-                text = f"{context} {request.prompt}" if context else request.prompt
+            texts = [f"{c} {request.prompt}" if c else request.prompt for c in ["", *self.config.route_contexts]]
+            subject = (request.subject or "").strip()
+            if subject and subject in request.prompt:
+                texts.append(subject)
+            cuts, spans, at_start = [], [], []
+            for text in texts:
                 ids = encode_prompt(self.tokenizer, text)
                 if len(ids) <= self.context:
                     # Attention is causal: what follows the subject cannot change its state, so
                     # it is not computed (a sixth to a quarter of the tokens on ZsRE and CounterFact).
-                    cuts.append(ids[: subject_token(self.tokenizer, text, request.subject) + 1])
-            suffix = None
-            if contexts is not None and len(cuts) == len(contexts.prefixes) + 1:
-                suffix = _shared_suffix(cuts[1:], contexts.prefixes)
+                    last, span = subject_tokens(self.tokenizer, text, request.subject)
+                    cuts.append(ids[: last + 1])
+                    spans.append(span)
+                    at_start.append(bool(subject) and text.lstrip().startswith(subject))
             with self.lock:
-                if suffix is None:  # the contexts' tokens change at the seam: each prompt whole
-                    hidden, _ = self.routing_layer_output(cuts)
-                    states.append(hidden[:, -1])  # left-padded: each subject is last
-                else:  # the contexts' KV is cached: only the prompts' own tokens are computed
-                    states += [self.routing_layer_output([cuts[0]])[0][:, -1], contexts.last_states(suffix)]
+                last = self._last_states(cuts, contexts, count)  # [texts, count, d]
+            # Mid-text and at a text's start: the first text of each kind whose key reads earlier
+            # tokens gives them for every key of its kind.
+            groups: dict[bool, int] = {}
+            for start, span, text_states in zip(at_start, spans, last):
+                if span > 1 and count > 1 and start not in groups:
+                    groups[start] = len(prefixes)
+                    prefixes.append(text_states[:-1].flip(0))
+            states.append(last[:, -1])
             owners += [j] * len(cuts)
-        return torch.cat(states).float(), torch.tensor(owners)
+            tokens += spans
+            prefix += [groups.get(start, -1) if span > 1 else -1 for start, span in zip(at_start, spans)]
+        d = text_config(self.model).hidden_size
+        return RouteStates(
+            torch.cat(states).float(),
+            torch.tensor(owners),
+            torch.tensor(tokens),
+            torch.tensor(prefix),
+            torch.stack(prefixes).float() if prefixes else torch.zeros(0, count - 1, d),
+        )
+
+    def _last_states(self, cuts: list[list[int]], contexts: SharedPrefixes | None, count: int) -> torch.Tensor:
+        """The routing layer's unedited output at the last `count` positions of each of `cuts`
+        (the prompt alone, after each route context, then any others), [cuts, count, d], zeros
+        before a text's start. The route contexts' KV is cached: after them only the prompt's own
+        tokens are computed."""
+        context_count = len(contexts.prefixes) if contexts is not None else 0
+        suffix = None
+        if contexts is not None and len(cuts) > context_count:
+            suffix = _shared_suffix(cuts[1 : 1 + context_count], contexts.prefixes)
+        if suffix is None:  # the contexts' tokens change at the seam: each text whole
+            return _last_positions(self.routing_layer_output(cuts)[0], count)
+        alone = [cuts[0], *cuts[1 + context_count :]]
+        parts = [_last_positions(self.routing_layer_output([cut])[0], count) for cut in alone]
+        return torch.cat([parts[0], contexts.last_states(suffix, count), *parts[1:]])
 
     def _route_contexts(self) -> SharedPrefixes:
         """The route contexts' unedited KV up to the routing layer, computed once per layer."""
@@ -240,14 +289,14 @@ class Editor:
             return layer_output(self.model, self.attachment.decoder_layers[layer], ids, attention), attention
 
     @torch.no_grad()
-    def _neighbours(self, states: torch.Tensor | None) -> list[EditRequest]:
+    def _neighbours(self, states: RouteStates | None) -> list[EditRequest]:
         """Sealed edits with a route key within its threshold of one of the new edits' key
         states, nearest first (at most `route_neighbours`): their prompts will open the new block
         too, so it is trained to leave their answers as they are."""
         router, limit = self.interventions.router, self.config.route_neighbours
         if states is None or not limit or not len(router.keys):
             return []
-        scores = (router.key(states) @ router.keys.T).amax(0)  # best match of each stored key
+        scores = (router.key(states.states) @ router.keys.T).amax(0)  # best match of each stored key
         near = (scores > router.key_threshold).nonzero().squeeze(1)
         chosen: list[int] = []
         for i in near[scores[near].argsort(descending=True)].tolist():
@@ -256,14 +305,14 @@ class Editor:
                 chosen.append(edit)
         return [self.history[i] for i in chosen[:limit]]
 
-    def _add_route_keys(self, interventions: InterventionSet, states: torch.Tensor, edits: torch.Tensor) -> None:
-        """Leaves the new edits' route keys (history index `edits` each) in the trainable block,
-        each with its threshold above the unrelated prompts (`route_margin`)."""
+    def _add_route_keys(self, interventions: InterventionSet, keys: RouteStates) -> None:
+        """Leaves the new edits' route keys (`owners`: the history index of each key's edit) in
+        the trainable block, each with its threshold above the unrelated prompts (`route_margin`)."""
         router, margin = interventions.router, self.config.route_margin
         thresholds = None
         if margin is not None:
-            thresholds = router.thresholds(router.key(states), self._unrelated_routes(interventions), margin)
-        router.add_pending(states, edits, thresholds)
+            thresholds = router.thresholds(router.key(keys.states), self._unrelated_routes(interventions), margin)
+        router.add_pending(keys.states, keys.owners, thresholds, keys.tokens, keys.prefix, keys.prefixes)
 
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
@@ -402,6 +451,14 @@ class Editor:
             **sampling,
         )
         return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+
+
+def _last_positions(hidden: torch.Tensor, count: int) -> torch.Tensor:
+    """[n, count, d]: the last `count` positions of left-padded states [n, seq, d], zeros first
+    where the sequence is shorter."""
+    if hidden.shape[1] >= count:
+        return hidden[:, -count:]
+    return torch.cat([hidden.new_zeros(hidden.shape[0], count - hidden.shape[1], hidden.shape[2]), hidden], 1)
 
 
 def _shared_suffix(prompts: list[list[int]], prefixes: list[list[int]]) -> list[int] | None:

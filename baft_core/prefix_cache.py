@@ -101,15 +101,19 @@ class SharedPrefixes:
         self.kv = [(done.keys, done.values) for done in cache.layers if done.is_initialized]
 
     @torch.no_grad()
-    def last_states(self, suffix: list[int]) -> torch.Tensor:
-        """The layer's output [prefixes, d] at the last token of `suffix` put after each prefix."""
-        count, device = len(self.prefixes), self.mask.device
-        ids = torch.tensor([suffix] * count, device=device)
+    def last_states(self, suffix: list[int], count: int = 1) -> torch.Tensor:
+        """The layer's output [prefixes, count, d] at the last `count` tokens of `suffix` put after
+        each prefix (zeros first where `suffix` is shorter)."""
+        device = self.mask.device
+        ids = torch.tensor([suffix] * len(self.prefixes), device=device)
         attention = torch.cat([self.mask, torch.ones_like(ids)], dim=-1)
         positions = self.mask.sum(-1, keepdim=True) + torch.arange(len(suffix), device=device)
         # A fresh cache over the stored tensors: the forward appends to its own copies.
         cache = DynamicCache(ddp_cache_data=self.kv, config=self.model.config)
-        return layer_output(self.model, self.layer, ids, attention, cache, positions)[:, -1]
+        output = layer_output(self.model, self.layer, ids, attention, cache, positions)
+        if len(suffix) >= count:
+            return output[:, -count:]
+        return torch.cat([output.new_zeros(len(output), count - len(suffix), output.shape[-1]), output], 1)
 
 
 class Step(NamedTuple):

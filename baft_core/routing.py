@@ -12,14 +12,26 @@ every generated token; a closed block is skipped, exactly. Inside an open block 
 full weight (or, with `EditConfig.sealed_gates`, under their learned gates).
 
 The key is the subject's state: the state at the last prompt position, which predicts the answer,
-is alike across ZsRE's questions (an exploratory check found a rephrase's nearest last-position
-key to be its own edit's about a third of the time). It is read early (layer 4 of SmolLM2's 30),
-before the context has mixed into it, and each edit leaves one key per context: its prompt alone
-and after each of a few generic prefixes (`EditConfig.route_contexts`), since paraphrases put
-text before the subject. On 100 CounterFact edits this raised the share of paraphrases that open
-their own edit's block from 0.52 (one key, at the first edited layer 17) to 0.89 (one key at
-layer 4) and 0.98 (with the context keys), with locality prompts opening some block 0.02 of the
-time against 0.01 (docs/results.md).
+is alike across ZsRE's questions (an exploratory check found a rephrase's nearest last-position key
+to be its own edit's about a third of the time). It is read early (layer 4 of SmolLM2's 30), before
+the context has mixed into it, and each edit leaves one key per context: its prompt alone and after
+each of a few generic prefixes (`EditConfig.route_contexts`), since paraphrases put text before the
+subject, and its subject alone, for texts that start with it. On 100 CounterFact edits this raised
+the share of paraphrases that open their own edit's block from 0.52 (one key, at the first edited
+layer 17) to 0.89 (one key at layer 4) and 0.98 (with the context keys), with locality prompts
+opening some block 0.02 of the time against 0.01 (docs/results.md).
+
+A subject's last token alone is a weak key: at so early a layer its state is mostly that token's,
+and subjects that end alike ("Otis Taylor" and "Phoebe Atwood Taylor", "Weddell Sea" and
+"Bellingshausen Sea") opened each other's blocks: at 5,000 CounterFact edits 0.30 of the locality
+prompts opened some block, two thirds of them on such a collision. So a key also holds the states
+of up to `EditConfig.route_tokens - 1` subject tokens before its last (`prefixes`), and a position
+that matches the key opens its block only if the positions before it match those too, at the looser
+`prefix_threshold` (an early state varies with what precedes it). An edit stores its earlier tokens
+twice, as they read mid-text and at the start of a text, where the attention sink before them
+changes them; its keys share those two (an exploratory check on those 5,000 edits: locality prompts
+opening some block 0.30 -> 0.16, paraphrases opening their own 0.978 -> 0.995 with the subject-
+alone key; docs/method.md).
 
 A block acts at the positions its edit was trained on: on a prompt it opens, the last P prompt
 positions and the first T - 1 answer tokens fed after them (T: the block's longest answer in
@@ -39,13 +51,21 @@ def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
     """Index, in the encoded prompt (`encoding.encode_prompt`), of the subject's last token; the
     prompt's last token when no subject is given or it does not occur in the prompt. Never the
     first token (an attention sink, alike in every prompt) when there is a second."""
+    return subject_tokens(tokenizer, prompt, subject)[0]
+
+
+def subject_tokens(tokenizer, prompt: str, subject: str | None) -> tuple[int, int]:
+    """(`subject_token`, how many of the subject's tokens end there, the first position left out:
+    1 when no subject is given or it does not occur in the prompt)."""
     text = prompt.rstrip()
     full = tokenizer(text, add_special_tokens=True).input_ids
     start = text.rfind(subject) if subject and subject.strip() else -1
     if start < 0:
-        return len(full) - 1
+        return len(full) - 1, 1
+    before = len(tokenizer(text[:start].rstrip(), add_special_tokens=True).input_ids) if text[:start].strip() else 0
     prefix = tokenizer(text[: start + len(subject)], add_special_tokens=True).input_ids
-    return max(min(len(prefix), len(full)) - 1, min(1, len(full) - 1))
+    last = max(min(len(prefix), len(full)) - 1, min(1, len(full) - 1))
+    return last, max(1, min(last - before + 1, last))
 
 
 # The span of a block that acts on every answer position (sealed without a window).
@@ -89,7 +109,9 @@ class Router(nn.Module):
     edits awaiting sealing, and the lowest threshold a key may have (0: no routing). Keys are read
     at decoder layer `layer`. A block without keys (sealed before routing existed) stays open."""
 
-    def __init__(self, hidden_size: int, threshold: float, layer: int):
+    def __init__(
+        self, hidden_size: int, threshold: float, layer: int, subject_tokens: int = 1, prefix_threshold: float = 0.3
+    ):
         super().__init__()
         self.layer = layer
         self.register_buffer("keys", torch.zeros(0, hidden_size))  # unit rows
@@ -99,6 +121,19 @@ class Router(nn.Module):
         self.register_buffer("pending", torch.zeros(0, hidden_size))  # keys of the trainable block
         self.register_buffer("pending_threshold", torch.zeros(0))
         self.register_buffer("pending_edit", torch.zeros(0, dtype=torch.long))
+        # How many subject tokens each key reads (1: its last alone), and the row of `prefixes`
+        # with the keyed states of the ones before its last (-1: none); `prefixes` [g,
+        # subject_tokens - 1, d] holds them nearest first, in fp16: they are only held to the
+        # looser `prefix_threshold`.
+        self.register_buffer("key_tokens", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("key_prefix", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("prefixes", torch.zeros(0, max(subject_tokens - 1, 0), hidden_size, dtype=torch.float16))
+        self.register_buffer("pending_tokens", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("pending_prefix", torch.zeros(0, dtype=torch.long))
+        self.register_buffer(
+            "pending_prefixes", torch.zeros(0, max(subject_tokens - 1, 0), hidden_size, dtype=torch.float16)
+        )
+        self.register_buffer("prefix_threshold", torch.tensor(float(prefix_threshold)))
         # Each sealed block's window: the length T of its longest answer in tokens. It acts where
         # fewer than T answer tokens have been fed, i.e. on the prompt and the answer's first T - 1
         # tokens (UNLIMITED: everywhere). The trainable block's ([T], or empty: none, it acts
@@ -118,8 +153,17 @@ class Router(nn.Module):
         return float(self.threshold) > 0
 
     @property
+    def subject_tokens(self) -> int:
+        """The most subject tokens a key reads."""
+        return self.prefixes.shape[1] + 1
+
+    @property
     def num_values(self) -> int:
-        return self.keys.numel()
+        return self.keys.numel() + self.prefixes.numel()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.prefixes))
 
     @torch.no_grad()
     def calibrate(self, center: torch.Tensor, scale: torch.Tensor) -> None:
@@ -144,17 +188,34 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def add_pending(
-        self, hidden: torch.Tensor, edits: torch.Tensor, thresholds: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        edits: torch.Tensor,
+        thresholds: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+        prefixes: torch.Tensor | None = None,
     ) -> None:
         """Keys (routing-layer states [k, d]) of edits just trained into the trainable block, the
-        history index of each key's edit, and their thresholds (default `threshold`). New
-        tensors, not in-place writes: forks share these buffers."""
+        history index of each key's edit, their thresholds (default `threshold`), how many subject
+        tokens each reads (default 1) with the row [k] of `prefixes` (routing-layer states [g,
+        subject_tokens - 1, d] of the tokens before the last, nearest first) it reads them from.
+        New tensors, not in-place writes: forks share these buffers."""
         keys = self.key(hidden).to(self.pending)
         if thresholds is None:
             thresholds = torch.full((len(keys),), float(self.threshold))
+        if tokens is None:
+            tokens, prefix = torch.ones(len(keys), dtype=torch.long), torch.full((len(keys),), -1)
+        tokens = tokens.clamp(max=self.subject_tokens).to(self.pending_tokens)
+        prefix = torch.where(tokens > 1, prefix.to(self.pending_prefix) + len(self.pending_prefixes), -1)
+        if prefixes is not None and len(prefixes):
+            stored = self.key(prefixes[:, : self.subject_tokens - 1]).to(self.pending_prefixes)
+            self.pending_prefixes = torch.cat([self.pending_prefixes, stored])
         self.pending = torch.cat([self.pending, keys])
         self.pending_threshold = torch.cat([self.pending_threshold, thresholds.to(self.pending_threshold)])
         self.pending_edit = torch.cat([self.pending_edit, edits.to(self.pending_edit)])
+        self.pending_tokens = torch.cat([self.pending_tokens, tokens])
+        self.pending_prefix = torch.cat([self.pending_prefix, prefix])
 
     @torch.no_grad()
     def widen_window(self, span: int) -> None:
@@ -173,25 +234,46 @@ class Router(nn.Module):
         self.keys = appended(self.keys, self.pending)
         self.key_threshold = appended(self.key_threshold, self.pending_threshold)
         self.key_edit = appended(self.key_edit, self.pending_edit)
+        self.key_tokens = appended(self.key_tokens, self.pending_tokens)
+        offset = torch.where(self.pending_prefix >= 0, len(self.prefixes), 0)
+        self.key_prefix = appended(self.key_prefix, self.pending_prefix + offset)
+        self.prefixes = appended(self.prefixes, self.pending_prefixes)
         span = self.pending_span
         if not len(span):  # a block without a window (sealed unrouted, or before windows)
             span = torch.tensor([UNLIMITED], device=self.block_span.device)
         self.block_span = appended(self.block_span, span)
         self.pending, self.pending_threshold = self.pending[:0], self.pending_threshold[:0]
         self.pending_edit, self.pending_span = self.pending_edit[:0], self.pending_span[:0]
+        self.pending_tokens, self.pending_prefix = self.pending_tokens[:0], self.pending_prefix[:0]
+        self.pending_prefixes = self.pending_prefixes[:0]
 
     @torch.no_grad()
-    def open_blocks(self, hidden: torch.Tensor, rows: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
-        """[batch, blocks]: whether some position of the row (routing-layer states `hidden` [m, d]
-        of the prompt positions, `rows` [m] their rows) is within the threshold of one of the
-        block's keys."""
+    def open_blocks(self, hidden: torch.Tensor, prompt: torch.Tensor, blocks: int) -> torch.Tensor:
+        """[batch, blocks]: whether some routable position of the row (`routable(prompt)`, in the
+        routing-layer states `hidden` [batch, seq, d]) is within the threshold of one of the
+        block's keys, its earlier positions within `prefix_threshold` of the key's earlier
+        subject tokens."""
+        batch = prompt.shape[0]
         has_key = torch.zeros(blocks, dtype=torch.bool, device=self.keys.device)
         has_key[self.key_block] = True
         opened = (~has_key).expand(batch, blocks).clone()
-        if len(self.keys) and len(rows):
-            # Few (position, key) pairs pass: index them rather than reduce [batch, keys] tensors.
-            position, key = (self.key(hidden) @ self.keys.T > self.key_threshold).nonzero(as_tuple=True)
-            opened[rows[position], self.key_block[key]] = True
+        rows, positions = routable(prompt).nonzero(as_tuple=True)
+        if not len(self.keys) or not len(rows):
+            return opened
+        # Few (position, key) pairs pass: index them rather than reduce [batch, keys] tensors.
+        match, key = (self.key(hidden[rows, positions]) @ self.keys.T > self.key_threshold).nonzero(as_tuple=True)
+        rows, positions = rows[match], positions[match]
+        passes = torch.ones(len(key), dtype=torch.bool, device=key.device)
+        for back in range(1, self.subject_tokens):
+            reads = self.key_tokens[key] > back
+            if not reads.any():
+                break
+            earlier = positions - back
+            present = (earlier >= 0) & prompt[rows, earlier.clamp(min=0)]
+            wanted = self.prefixes[self.key_prefix[key].clamp(min=0), back - 1].float()
+            similar = (self.key(hidden[rows, earlier.clamp(min=0)]) * wanted).sum(-1) > self.prefix_threshold
+            passes &= ~reads | (present & similar)
+        opened[rows[passes], self.key_block[key[passes]]] = True
         return opened
 
     def in_window(self, blocks_open: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -216,8 +298,24 @@ class Router(nn.Module):
             "pending_edit",
             "block_span",
             "pending_span",
+            "key_tokens",
+            "key_prefix",
+            "prefixes",
+            "pending_tokens",
+            "pending_prefix",
+            "pending_prefixes",
         ):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def read_last_tokens_only(self) -> None:
+        """Keys stored before keys read earlier subject tokens (format 8 and older) read their
+        subject's last token alone."""
+        for keys, tokens, rows in (("keys", "key_tokens", "key_prefix"), ("pending", "pending_tokens", "pending_prefix")):
+            count = len(getattr(self, keys))
+            if len(getattr(self, tokens)) != count:
+                device = self.keys.device
+                setattr(self, tokens, torch.ones(count, dtype=torch.long, device=device))
+                setattr(self, rows, torch.full((count,), -1, dtype=torch.long, device=device))

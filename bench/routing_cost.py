@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from baft_core import EditConfig, Editor, load_model  # noqa: E402
 from baft_core.attach import InterventionSet  # noqa: E402
-from baft_core.routing import routable  # noqa: E402
 
 DATA = Path(os.environ.get("BAFT_DATA", REPO.parent / "shared" / "data")) / "counterfact" / "counterfact_val.json"
 OUT = REPO / "bench" / "results" / "routing_cost.json"
-KEYS_PER_EDIT = 1 + len(EditConfig().route_contexts)  # the prompt and each route context
+# The prompt, after each route context, and the subject alone; two rows of earlier subject tokens.
+KEYS_PER_EDIT = 2 + len(EditConfig().route_contexts)
 
 
 def synthetic(template: InterventionSet, edits: int, seed: int = 0) -> InterventionSet:
@@ -52,6 +52,10 @@ def synthetic(template: InterventionSet, edits: int, seed: int = 0) -> Intervent
     router.key_block = torch.arange(edits).repeat_interleave(KEYS_PER_EDIT)
     router.key_edit = router.key_block.clone()
     router.block_span = torch.full((edits,), 4)
+    router.key_tokens = torch.full((keys,), router.subject_tokens)
+    router.key_prefix = 2 * router.key_block + (torch.arange(keys) % KEYS_PER_EDIT == KEYS_PER_EDIT - 1)
+    earlier = torch.randn(2 * edits, router.subject_tokens - 1, d, generator=generator)
+    router.prefixes = torch.nn.functional.normalize(earlier, dim=-1).half()
     return state
 
 
@@ -70,9 +74,9 @@ def time_routing(editor: Editor, state: InterventionSet, prompts: list[str]) -> 
         encoded = editor.tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             hidden = editor.model(**encoded, output_hidden_states=True).hidden_states[layer + 1][0]
-        mask = routable(torch.ones(1, hidden.shape[0], dtype=torch.bool))[0]
+        prompt = torch.ones(1, hidden.shape[0], dtype=torch.bool)
         start = time.perf_counter()
-        state.router.open_blocks(hidden[mask], torch.zeros(int(mask.sum()), dtype=torch.long), 1, state.sealed_blocks)
+        state.router.open_blocks(hidden[None], prompt, state.sealed_blocks)
         total += time.perf_counter() - start
     return total
 

@@ -33,6 +33,7 @@ wait
 # the final model (about 45 minutes on one thread).
 bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 5000 --threads 1 \
   --unrelated builtin --evaluate 1000 --out $OUT/counterfact-continual-5000-baft
+$PY bench/locality_by_subject.py $OUT/counterfact-continual-5000-baft
 bench --data $ZSRE --format zsre --method baft --mode single --edits 100 --out $OUT/zsre-single-100-baft
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_window.json
 # KnowEdit (other facts of the edited subject) and a same-subject set, with the service's own

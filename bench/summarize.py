@@ -128,8 +128,10 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
     defaults = EditConfig(method=method).to_dict()
     if "sealed_rank" not in config and config.get("block_edits") and not config.get("sealed_gates"):
         config = {**config, "sealed_rank": None}  # runs from before `sealed_rank` sealed every basis
+    if "route_tokens" not in config and config.get("route_threshold"):
+        config = {**config, "route_tokens": 1}  # before `route_tokens` a key read one token
     changed = [
-        f"{key}={json.dumps(value)}"
+        f"{key}={json.dumps(value)}" if key != "route_contexts" else f"{key}: {len(value)}"
         for key, value in config.items()
         if key in defaults and key not in IGNORED and value != defaults[key]
     ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from conftest import DATA
@@ -88,3 +89,30 @@ def test_a_sample_of_the_edits_is_measured_on_request(tiny_dir, tmp_path):
 def args_list(tmp_path) -> list[str]:
     return ["--data", str(DATA / "zsre" / "zsre_eval_portability_dev.json"), "--format", "zsre",
             "--edits", "3", "--model", "/nonexistent", "--unrelated", "builtin", "--out", str(tmp_path / "single")]
+
+
+def test_locality_is_split_by_whether_its_prompt_names_an_edited_subject():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "locality_by_subject.py"
+    spec = importlib.util.spec_from_file_location("locality_by_subject", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def record(subject, truth, locality_prompt, locality_truth):
+        return {
+            "subject": subject,
+            "ground_truth": truth,
+            "locality_prompt": locality_prompt,
+            "locality_ground_truth": locality_truth,
+        }
+
+    records = [
+        record("Jean-Baptiste Say", "French", "The native language of Pierre Curie is", "French"),
+        record("Toko Yasuda", "guitar", "The native language of Jean-Baptiste Say is", "French"),
+        record("Danielle Darrieux", "French", "Jean-Baptiste Say worked in", "Paris"),
+    ]
+    groups = module.split(records, {0: 1.0, 1: 0.0, 2: 0.5})
+    assert groups["other_subjects"] == {"prompts": 1, "loc": 1.0}
+    assert groups["edited_subject"] == {"prompts": 2, "loc": 0.25}
+    assert groups["rewritten_fact"] == {"prompts": 1, "loc": 0.0}  # Say's native language, which record 0 edits

@@ -323,3 +323,34 @@ def test_format_7_checkpoints_still_load(tiny_sharp, edited, tmp_path):
         assert edited.generate(prompts, max_new_tokens=6) == expected
     finally:
         edited.load_state(original, loaded.history)
+
+
+def test_format_8_route_keys_read_their_last_token_alone(tiny_sharp, edited, tmp_path):
+    """Before format 9 a route key held its subject's last token only: such keys load reading that
+    token alone (and the adapter's config makes new keys so too), and the edit still holds."""
+    expected = edited.generate([PROMPTS[0]], max_new_tokens=6)
+    edited.save(tmp_path, tiny_sharp.identity)
+    newer = ("route_key_tokens", "route_key_prefixes", "route_prefixes")
+
+    def format_8(metadata, tensors):
+        (segment_id,) = json.loads(metadata["segments"])
+        rows = load((tmp_path / SEGMENTS_DIR / f"{segment_id}.safetensors").read_bytes())
+        data = save({k: v for k, v in rows.items() if k not in newer})
+        old_id = hashlib.sha256(data).hexdigest()
+        (tmp_path / SEGMENTS_DIR / f"{old_id}.safetensors").write_bytes(data)
+        config = {k: v for k, v in json.loads(metadata["config"]).items() if not k.startswith("route_")}
+        kept = {k: v for k, v in metadata.items() if k != "segment_crc32"}
+        own = {k: v for k, v in tensors.items() if k.split(".")[-1] not in ("pending_tokens", "pending_prefix", "pending_prefixes", "prefix_threshold")}
+        return {**kept, "config": json.dumps(config), "segments": json.dumps([old_id]), "format_version": "8"}, own
+
+    rewrite_adapter(tmp_path, format_8)
+    loaded = load_checkpoint(tmp_path, tiny_sharp.identity)
+    router = loaded.interventions.router
+    assert loaded.config.route_tokens == 1 and router.subject_tokens == 1
+    assert router.key_tokens.tolist() == [1] * len(router.keys) and (router.key_prefix == -1).all()
+    original = edited.interventions
+    try:
+        edited.load_state(loaded.interventions, loaded.history)
+        assert edited.generate([PROMPTS[0]], max_new_tokens=6) == expected
+    finally:
+        edited.load_state(original, loaded.history)

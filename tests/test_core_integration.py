@@ -95,3 +95,23 @@ def test_the_prompts_an_edit_comes_with_keep_their_answers(bundled):
         assert editor.generate(SAME_SUBJECT, 8) == before
     finally:
         editor.attachment.detach()
+
+
+def test_a_subject_that_ends_alike_opens_no_block(bundled):
+    """A route key reads the subject's last three tokens: a block sealed for Phoebe Atwood Taylor
+    opens for her, at the start of a text too, and not for Otis Taylor, whose last token's early
+    state is within the threshold of hers (with the last token alone it opened)."""
+    from baft_core.metrics import open_blocks
+
+    request = EditRequest("The genre played by Phoebe Atwood Taylor is", "jazz", subject="Phoebe Atwood Taylor")
+    prompts = ["Phoebe Atwood Taylor is known for", "The books of Phoebe Atwood Taylor are", "Otis Taylor plays"]
+    opened = {}
+    for tokens in (1, 3):
+        editor = Editor(bundled.model, bundled.tokenizer, EditConfig(max_steps=1, route_tokens=tokens))
+        try:
+            editor.edit(request)
+            opened[tokens] = open_blocks(editor, prompts)[:, 0].tolist()
+        finally:
+            editor.attachment.detach()
+    assert opened[1] == [True, True, True]
+    assert opened[3] == [True, True, False]

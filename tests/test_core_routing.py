@@ -12,7 +12,7 @@ from baft_core.encoding import Example, encode_prompt, teacher_forced
 from baft_core.generation import generate
 from baft_core.metrics import teacher_forced_routes
 from baft_core.prefix_cache import SharedPrefixes
-from baft_core.routing import UNLIMITED, Router, Routes, answer_offsets, subject_token
+from baft_core.routing import UNLIMITED, Router, Routes, answer_offsets, subject_token, subject_tokens
 
 EDITS = [
     EditRequest("The mother tongue of Danielle Darrieux is", "Japanese", subject="Danielle Darrieux"),
@@ -40,26 +40,34 @@ def test_route_states_are_the_subjects_state_in_the_whole_prompt(tiny_sharp, rou
     cached_calls = []
     last_states = SharedPrefixes.last_states
 
-    def counted(self, suffix):
+    def counted(self, suffix, count=1):
         cached_calls.append(suffix)
-        return last_states(self, suffix)
+        return last_states(self, suffix, count)
 
     monkeypatch.setattr(SharedPrefixes, "last_states", counted)
     overrides = {} if route_contexts is None else {"route_contexts": route_contexts}
     ed = make_editor(tiny_sharp, block_edits=1, **overrides)
     try:
-        states, owners = ed._route_states(EDITS)
+        keys = ed._route_states(EDITS)
         assert len(cached_calls) == (len(EDITS) if route_contexts is None else 0)
-        contexts = ["", *ed.config.route_contexts]
-        assert owners.tolist() == [0] * len(contexts) + [1] * len(contexts)
+        texts_per_edit = 2 + len(ed.config.route_contexts)  # alone, after each context, the subject alone
+        assert keys.owners.tolist() == [0] * texts_per_edit + [1] * texts_per_edit
         row = 0
         for request in EDITS:
-            for context in contexts:
-                text = f"{context} {request.prompt}" if context else request.prompt
-                ids = encode_prompt(tiny_sharp.tokenizer, text)
-                hidden, _ = ed.routing_layer_output([ids])
-                whole = hidden[0, subject_token(tiny_sharp.tokenizer, text, request.subject)]
-                torch.testing.assert_close(states[row], whole.float(), atol=1e-4, rtol=1e-4)
+            texts = [request.prompt, *(f"{c} {request.prompt}" for c in ed.config.route_contexts), request.subject]
+            states = [ed.routing_layer_output([encode_prompt(tiny_sharp.tokenizer, t)])[0][0] for t in texts]
+            spans = [subject_tokens(tiny_sharp.tokenizer, t, request.subject) for t in texts]
+            at_start = [t.startswith(request.subject) for t in texts]
+            for hidden, (last, span), start in zip(states, spans, at_start):
+                torch.testing.assert_close(keys.states[row], hidden[last].float(), atol=1e-4, rtol=1e-4)
+                assert keys.tokens[row] == span
+                # The earlier subject tokens, nearest first, as the first text of its kind
+                # (mid-text or at the start) has them.
+                source = at_start.index(start)
+                source_last, source_span = spans[source]
+                earlier = min(source_span, ed.config.route_tokens) - 1
+                expected = states[source][source_last - earlier : source_last].flip(0).float()
+                torch.testing.assert_close(keys.prefixes[keys.prefix[row], :earlier], expected, atol=1e-4, rtol=1e-4)
                 row += 1
     finally:
         ed.attachment.detach()
@@ -79,10 +87,17 @@ def test_router_opens_blocks_within_the_threshold():
     router.seal(0)
     router.add_pending(torch.tensor([[0, 1.0, 0, 0], [0, 0, 1.0, 0]]), torch.tensor([1, 2]))  # two edits
     router.seal(1)
-    positions = torch.tensor([[2.0, 0.1, 0, 0], [0, 0, 0, 1.0], [0, 0, 0.9, 0.1], [0, 0, 0, 1.0]])
-    rows = torch.tensor([0, 0, 1, 2])
+    sink, pad = [5.0, 5, 5, 5], [0.0, 0, 0, 0]  # a row's first position is never read
+    hidden = torch.tensor(
+        [
+            [sink, [2.0, 0.1, 0, 0], [0, 0, 0, 1.0]],
+            [pad, sink, [0, 0, 0.9, 0.1]],
+            [pad, sink, [0, 0, 0, 1.0]],
+        ]
+    )
+    prompt = torch.tensor([[True, True, True], [False, True, True], [False, True, True]])
     # Block 2 was sealed before routing existed (no keys): it stays open for every row.
-    opened = router.open_blocks(positions, rows, batch=3, blocks=3)
+    opened = router.open_blocks(hidden, prompt, blocks=3)
     assert opened.tolist() == [[True, False, True], [False, True, True], [False, False, True]]
     assert router.pending.shape[0] == 0 and router.key_block.tolist() == [0, 1, 1]
     assert router.key_edit.tolist() == [0, 1, 2] and router.pending_edit.shape[0] == 0
@@ -100,8 +115,30 @@ def test_key_thresholds_stay_above_unrelated_prompts():
     router.seal(0)
     assert torch.equal(router.key_threshold, thresholds)
     # cos 0.97 with key 0: above the floor, not above that key's own threshold.
-    opened = router.open_blocks(torch.tensor([[1.0, 0.25]]), torch.tensor([0]), batch=1, blocks=1)
+    opened = router.open_blocks(torch.tensor([[[0.0, 0.0], [1.0, 0.25]]]), torch.ones(1, 2, dtype=torch.bool), blocks=1)
     assert not opened.any()
+
+
+def test_a_key_opens_only_after_its_earlier_subject_tokens():
+    """A key that reads three subject tokens opens its block where a position matches it and the
+    two before match its earlier tokens (nearest first) at the looser prefix threshold; a key
+    that reads one token ignores what comes before."""
+    router = Router(4, threshold=0.8, layer=0, subject_tokens=3, prefix_threshold=0.3)
+    earlier = torch.tensor([[[0, 1.0, 0, 0], [0, 0, 1.0, 0]]])  # the token before the last, then the one before it
+    router.add_pending(torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([0]), None, torch.tensor([3]), torch.tensor([0]), earlier)
+    router.seal(0)
+    router.add_pending(torch.tensor([[0, 0, 0, 1.0]]), torch.tensor([1]), None, torch.tensor([1]), torch.tensor([0]))
+    router.seal(1)
+    assert router.key_prefix.tolist() == [0, -1] and router.prefixes.dtype == torch.float16
+
+    def opens(*positions):
+        hidden = torch.tensor([[[9.0, -9, -9, 9], *positions]])  # a first position unlike the tokens
+        return router.open_blocks(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), blocks=2)[0].tolist()
+
+    assert opens([0, 0, 1.0, 0], [0, 0.9, 0.5, 0], [1.0, 0, 0, 0]) == [True, False]  # cosines 1, 0.87, 1
+    assert opens([0, 0, 0, 0.1], [0, 1.0, 0, 0], [1.0, 0, 0, 0]) == [False, True]  # two before: no match
+    assert opens([0, 1.0, 0, 0], [1.0, 0, 0, 0]) == [False, False]  # one earlier token: the first before it
+    assert opens([0, 0, 0, 1.0]) == [False, True]  # the one-token key: nothing before it is read
 
 
 def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
@@ -110,7 +147,7 @@ def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
         ed.edit(EDITS[0])
         interventions = ed.interventions
         # One key for the prompt alone and one after each generic context, all naming edit 0.
-        keys_per_edit = 1 + len(ed.config.route_contexts)
+        keys_per_edit = 2 + len(ed.config.route_contexts)  # and the subject alone
         assert interventions.sealed_blocks == 1 and interventions.router.key_block.tolist() == [0] * keys_per_edit
         assert interventions.router.key_edit.tolist() == [0] * keys_per_edit
         prompts = [EDITS[0].prompt, "Bananas are rich in"]
@@ -230,15 +267,19 @@ def test_route_keys_survive_checkpoints(tiny_sharp, tmp_path):
     try:
         for request in EDITS:
             ed.edit(request)
-        keys, spans = ed.interventions.router.keys.clone(), ed.interventions.router.block_span.clone()
+        router = ed.interventions.router
+        keys, spans = router.keys.clone(), router.block_span.clone()
+        tokens, prefix, prefixes = router.key_tokens.clone(), router.key_prefix.clone(), router.prefixes.clone()
         prompts = [r.prompt for r in EDITS] + ["Bananas are rich in"]
         expected = ed.generate(prompts, max_new_tokens=6)
         ed.save(tmp_path, "tiny")
         ed.reset()
         ed.load(tmp_path, "tiny")
         router = ed.interventions.router
-        per_edit = 1 + len(ed.config.route_contexts)
+        per_edit = 2 + len(ed.config.route_contexts)
         assert torch.equal(router.keys, keys) and router.key_block.tolist() == [0] * per_edit + [1] * per_edit
+        assert torch.equal(router.key_tokens, tokens) and (tokens > 1).any()
+        assert torch.equal(router.key_prefix, prefix) and torch.equal(router.prefixes, prefixes)
         assert torch.equal(router.block_span, spans)
         assert router.key_edit.tolist() == router.key_block.tolist() and router.layer == ed.interventions.routing_layer
         assert (router.key_threshold >= 0.8).all() and len(router.key_threshold) == 2 * per_edit
@@ -257,9 +298,9 @@ def test_edits_that_share_a_route_are_replayed_as_neighbours(tiny_sharp):
     try:
         ed.edit(first)
         ed.edit(EDITS[1])
-        states, owners = ed._route_states([second])
-        assert owners.tolist() == [0] * (1 + len(ed.config.route_contexts))
-        assert ed._neighbours(states) == [first]  # the same subject in the same contexts
+        keys = ed._route_states([second])
+        assert keys.owners.tolist() == [0] * (2 + len(ed.config.route_contexts))
+        assert ed._neighbours(keys) == [first]  # the same subject in the same contexts
         ed.edit(second)
         # The second block opens on the first prompt too, and was trained to leave it alone.
         assert first_loss(ed, first) < 0.2 and first_loss(ed, second) < 0.2
@@ -281,21 +322,28 @@ def reloaded_in_older_format(ed, tmp_path, change) -> tuple[list[str], list[str]
     return prompts, expected
 
 
+# What format 9 added: segment rows and router buffers of the keys' earlier subject tokens.
+ROUTE_TOKEN_ROWS = ("route_key_tokens", "route_key_prefixes", "route_prefixes")
+ROUTE_TOKEN_BUFFERS = tuple(
+    f"router.{name}" for name in ("pending_tokens", "pending_prefix", "pending_prefixes", "prefix_threshold")
+)
+
+
 def test_format_3_checkpoints_still_route(tiny_sharp, tmp_path):
     """Format 3 routed at the first edited layer with the gates' standardisation, one key per edit
     in edit order, and stored neither the router's statistics nor the keys' edits."""
     from checkpoint_support import strip_segments
 
     def format_3(metadata, tensors):
-        metadata = strip_segments(tmp_path, metadata, ("route_key_edits", "answer_span"))
+        metadata = strip_segments(tmp_path, metadata, ("route_key_edits", "answer_span", *ROUTE_TOKEN_ROWS))
         del metadata["routing_layer"]
-        new_buffers = ("router.center", "router.scale", "router.pending_edit", "router.pending_span")
+        new_buffers = ("router.center", "router.scale", "router.pending_edit", "router.pending_span", *ROUTE_TOKEN_BUFFERS)
         return metadata, {k: v for k, v in tensors.items() if k not in new_buffers}
 
-    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5, route_layer=1, route_contexts=[])
+    ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5, route_layer=1, route_contexts=[], route_tokens=1)
     try:
         for request in EDITS:
-            ed.edit(request)
+            ed.edit(EditRequest(request.prompt, request.target))  # no subject: one key, the prompt's
         router, first = ed.interventions.router, ed.interventions[1]
         # The fresh trainable block is the identity whatever its gates read: give it the
         # router's statistics, as format 3 kept them there.

@@ -1,0 +1,67 @@
+"""Splits a continual run's locality by what its prompts are about: other subjects, or a subject
+that some edit of the run changed.
+
+At thousands of CounterFact edits many locality prompts name a subject that another record of the
+same run edits, often asking the very fact that edit rewrote ("The native language of Jean-Baptiste
+Say is", while another record moves Say's native language): the edited model should then give the
+new answer, and `loc` counts that as a miss. This script reports locality on the prompts that name
+no edited subject apart from those that do, and among the latter the prompts whose expected answer
+is the unedited answer an edit of that subject replaced (the same fact, rewritten).
+
+python bench/locality_by_subject.py bench/results/counterfact-continual-5000-baft
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def split(records: list[dict], scores: dict[int, float]) -> dict:
+    """Locality of CounterFact `records` (the run's edits, in order) at the indices in `scores`,
+    by group."""
+    edited: dict[str, list[dict]] = {}
+    for record in records:
+        edited.setdefault(record["subject"], []).append(record)
+    groups: dict[str, list[float]] = {"other_subjects": [], "edited_subject": [], "rewritten_fact": []}
+    for index, score in scores.items():
+        record = records[index]
+        named = [s for s in edited if s in record["locality_prompt"]]
+        if not named:
+            groups["other_subjects"].append(score)
+            continue
+        groups["edited_subject"].append(score)
+        truth = record["locality_ground_truth"]
+        if any(other["ground_truth"] == truth for s in named for other in edited[s]):
+            groups["rewritten_fact"].append(score)
+    return {
+        name: {"prompts": len(values), "loc": sum(values) / len(values) if values else None}
+        for name, values in groups.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, help="a bench output folder (summary.json, edits.jsonl)")
+    args = parser.parse_args()
+    summary = json.loads((args.run / "summary.json").read_text())
+    if summary["mode"] != "continual" or len(summary["data"]) != 1:
+        raise SystemExit("a continual run over one CounterFact file")
+    data = Path(summary["data"][0])
+    records = json.loads((data if data.is_absolute() else REPO / data).read_text())[: summary["edits"]]
+    scores = {}
+    with open(args.run / "edits.jsonl") as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row.get("loc") is not None:
+                scores[row["index"]] = row["loc"]
+    result = {"command": "python bench/locality_by_subject.py " + " ".join(sys.argv[1:]), **split(records, scores)}
+    (args.run / "locality_by_subject.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
