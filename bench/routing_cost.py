@@ -52,11 +52,23 @@ def synthetic(template: InterventionSet, edits: int, seed: int = 0) -> Intervent
     router.key_block = torch.arange(edits).repeat_interleave(KEYS_PER_EDIT)
     router.key_edit = router.key_block.clone()
     router.block_span = torch.full((edits,), 4)
-    router.key_tokens = torch.full((keys,), router.subject_tokens)
-    router.key_prefix = 2 * router.key_block + (torch.arange(keys) % KEYS_PER_EDIT == KEYS_PER_EDIT - 1)
-    earlier = torch.randn(2 * edits, router.subject_tokens - 1, d, generator=generator)
-    router.prefixes = torch.nn.functional.normalize(earlier, dim=-1).half()
+    router.key_tokens, router.key_prefix, router.prefixes = earlier_subject_tokens(
+        edits, d, router.subject_tokens, generator
+    )
     return state
+
+
+def earlier_subject_tokens(
+    edits: int, d: int, subject_tokens: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random keys' token counts, rows of earlier tokens and those rows, laid out as an edit's
+    keys are (`Router`): each reads `subject_tokens`, the subject-alone key (an edit's last) from
+    the edit's row for a text's start (2i + 1), the others from its mid-text row (2i)."""
+    keys = edits * KEYS_PER_EDIT
+    tokens = torch.full((keys,), subject_tokens)
+    prefix = 2 * torch.arange(edits).repeat_interleave(KEYS_PER_EDIT) + (torch.arange(keys) % KEYS_PER_EDIT == KEYS_PER_EDIT - 1)
+    earlier = torch.randn(2 * edits, subject_tokens - 1, d, generator=generator)
+    return tokens, prefix, torch.nn.functional.normalize(earlier, dim=-1).half()
 
 
 def time_generation(editor: Editor, prompts: list[str]) -> float:

@@ -31,10 +31,12 @@ sys.path.insert(0, str(REPO))
 from app.store import CheckpointStore  # noqa: E402
 from baft_core import EditConfig, Editor, EditRequest, load_model  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from routing_cost import KEYS_PER_EDIT, earlier_subject_tokens  # noqa: E402
+
 DATA = Path(os.environ.get("BAFT_DATA", "/work/shared/data")) / "counterfact" / "counterfact_train.json"
 OUT = REPO / "bench" / "results" / "service"
 MODELS = os.environ.get("MODELS_DIR", str(REPO / "var" / "models"))
-KEYS_PER_EDIT = 6  # the prompt, after the four default route contexts, and the subject alone
 
 
 def requests(count: int) -> list[EditRequest]:
@@ -72,11 +74,7 @@ def build(root: Path, edits: int) -> dict:
     thresholds = torch.full((len(keys),), 0.85)
     key_block = torch.arange(edits).repeat_interleave(KEYS_PER_EDIT)
     spans = torch.randint(1, 6, (edits,), generator=generator)
-    earlier_tokens = template.router.subject_tokens - 1
-    tokens = torch.full((len(keys),), earlier_tokens + 1)
-    # Each edit's keys read its earlier subject tokens mid-text (row 2i) or at a text's start (2i + 1).
-    prefix = 2 * key_block + (torch.arange(len(keys)) % KEYS_PER_EDIT == KEYS_PER_EDIT - 1)
-    earlier = torch.nn.functional.normalize(torch.randn(2 * edits, earlier_tokens, d, generator=generator), dim=-1).half()
+    tokens, prefix, earlier = earlier_subject_tokens(edits, d, template.router.subject_tokens, generator)
     history = requests(edits)
 
     editor.load_state(template, [])
