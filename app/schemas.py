@@ -53,8 +53,8 @@ class EditIn(BaseModel):
         default_factory=list,
         max_length=16,
         description="prompts whose answers must not change, each with the answer the model gives now: "
-        "those about the edit's subject are projected out of its block (with sealed_gates, its gates learn "
-        "to stay closed on them), and all are measured",
+        "those about the edit's subject are projected out of its block and its relation check keeps it "
+        "shut on them (with sealed_gates, its gates also learn to stay closed on them), and all are measured",
     )
     portability: list[ProbeIn] = Field(default_factory=list, max_length=16)
     mode: Mode = "continual"
@@ -159,7 +159,9 @@ class MetricsOut(BaseModel):
     subject_locality: float | None = Field(
         None,
         description="other relations of the edit's subject that the service asked the model about "
-        "(its built-in list): the share of answer tokens unchanged from the unedited model",
+        "(its built-in list): the share of answer tokens unchanged from the unedited model. The relation "
+        "check holds prompts against these very probes, so this says that it acts, not how it carries to "
+        "other wordings",
     )
     portability: float | None
     reliability_em: float | None = Field(description="greedy generation reproduces the object")

@@ -15,6 +15,7 @@ from torch import nn
 
 from .blocks import SealedBases
 from .intervention import BasisIntervention
+from .relations import RelationCheck
 from .routing import Router, Routes
 
 
@@ -60,9 +61,14 @@ class InterventionSet(nn.Module):
         sealed_rank: int | None = None,
         route_tokens: int = 1,
         route_prefix_threshold: float = 0.3,
+        relation_layer: int | None = None,
+        relation_threshold: float = 0.0,
+        relation_margin: float = 0.0,
     ):
         """`routing_layer` (default: the first edited layer) must not be above it: routes are
-        decided before any block acts. `seed` fixes every block's random draw (`block_generator`).
+        decided before any block acts. `relation_layer` (default: the routing layer), between the
+        two, is where the relation check reads (relations.py; `relation_threshold` 0: no check).
+        `seed` fixes every block's random draw (`block_generator`).
         `sealed_rank`: the directions a block keeps when sealed without gates (None: all).
         `route_tokens`, `route_prefix_threshold`: how many subject tokens a route key reads, and
         the threshold of those before its last (`Router`)."""
@@ -81,6 +87,13 @@ class InterventionSet(nn.Module):
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates, sealed_rank) for layer in self.layers}
         )
         self.router = Router(hidden_size, route_threshold, routing_layer, route_tokens, route_prefix_threshold)
+        relation_layer = routing_layer if relation_layer is None else relation_layer
+        if not routing_layer <= relation_layer <= min(layers):
+            raise ValueError(
+                f"relation layer {relation_layer} must be between the routing layer {routing_layer} and the first "
+                f"edited layer {min(layers)}"
+            )
+        self.relations = RelationCheck(hidden_size, relation_layer, relation_threshold, relation_margin)
         # Sum over the block's edits of each basis' mean weight on that edit, and the edit count:
         # the running average the load-balancing term evens out.
         self.register_buffer("usage_sum", torch.zeros(len(self.layers), rank))
@@ -166,6 +179,7 @@ class InterventionSet(nn.Module):
         self.draw_state = generator.get_state()
         fresh_blocks = self._fresh_blocks(generator)
         self.router.seal(self.sealed_blocks)
+        self.relations.seal(self.sealed_blocks)
         for layer in self.layers:
             block = self[layer]
             self.sealed[str(layer)].append(block)
@@ -183,18 +197,22 @@ class InterventionSet(nn.Module):
     def fork(self) -> InterventionSet:
         """A copy to train: the trainable blocks are copied, the sealed bases shared (they are
         never written in place)."""
-        frozen = [t for sealed in self.sealed.values() for t in sealed.buffers()] + list(self.router.buffers())
+        frozen = [t for sealed in self.sealed.values() for t in sealed.buffers()]
+        frozen += [*self.router.buffers(), *self.relations.buffers()]
         memo = {id(t): t for t in frozen}
         return copy.deepcopy(self, memo)
 
     def num_parameters(self) -> int:
-        """Trainable parameters plus the frozen ones of sealed blocks and their route keys."""
+        """Trainable parameters plus the frozen ones of sealed blocks, their route keys and
+        relation check."""
         sealed = sum(s.num_values for s in self.sealed.values()) + self.router.num_values
+        sealed += self.relations.keys.numel() + self.relations.probes.numel()
         return sum(p.numel() for p in self.parameters()) + sealed
 
     def num_bytes(self) -> int:
-        """What `num_parameters` counts, in bytes as held (route keys' earlier tokens in fp16)."""
-        sealed = sum(s.num_values for s in self.sealed.values()) * 4 + self.router.num_bytes
+        """What `num_parameters` counts, in bytes as held (ungated sealed bases, route keys'
+        earlier tokens and the relation check in fp16)."""
+        sealed = sum(s.num_bytes for s in self.sealed.values()) + self.router.num_bytes + self.relations.num_bytes
         return sum(p.numel() * p.element_size() for p in self.parameters()) + sealed
 
 
@@ -218,9 +236,9 @@ class Attachment:
         self._hook_layers(interventions)
 
     def _hook_layers(self, interventions: InterventionSet) -> None:
-        """Hooks the layers the adapter edits or routes at. Hooks stay: on a layer the active
-        adapter neither edits nor routes at, a hook does nothing."""
-        for layer in [*interventions.layers, interventions.routing_layer]:
+        """Hooks the layers the adapter edits, routes or checks relations at. Hooks stay: on a
+        layer the active adapter does none of these at, a hook does nothing."""
+        for layer in [*interventions.layers, interventions.routing_layer, interventions.relations.layer]:
             if layer not in self._handles:
                 self._handles[layer] = self.decoder_layers[layer].register_forward_hook(self._hook(layer))
 
@@ -251,8 +269,8 @@ class Attachment:
         positions."""
         if interventions is not None and interventions.layers != self.interventions.layers:
             raise ValueError("that adapter edits other layers than the attached one")
-        if interventions is not None and interventions.routing_layer not in self._handles:
-            raise ValueError(f"that adapter routes at layer {interventions.routing_layer}, which is not hooked")
+        if interventions is not None and not {interventions.routing_layer, interventions.relations.layer} <= set(self._handles):
+            raise ValueError("that adapter routes or checks relations at a layer that is not hooked")
         previous = self._mask, self._record, self._active, self._routes
         self._mask = mask
         self._record = {} if record else None
@@ -289,6 +307,10 @@ class Attachment:
                 routes = self._routes or self._fallback_routes(layer, interventions, mask)
             if routes is not None and routes.prompt is not None and layer == interventions.routing_layer:
                 routes.open = interventions.route(hidden, routes.prompt)
+            relations = interventions.relations
+            decided = routes is not None and routes.prompt is not None and routes.open is not None
+            if decided and layer == relations.layer and relations.enabled:
+                routes.open = relations.shut(hidden, routes.prompt, routes.open)
             if layer not in interventions.layers or not mask.any():  # nothing to edit here
                 return output
             # Where each intervened position stands in the answer (only a caller's routes say).
@@ -320,8 +342,8 @@ class Attachment:
         for group in groups:
             if group.interventions.layers != self.interventions.layers:
                 raise ValueError("that adapter edits other layers than the attached one")
-            if group.interventions.routing_layer not in self._handles:
-                raise ValueError(f"that adapter routes at layer {group.interventions.routing_layer}, which is not hooked")
+            if not {group.interventions.routing_layer, group.interventions.relations.layer} <= set(self._handles):
+                raise ValueError("that adapter routes or checks relations at a layer that is not hooked")
         previous = self._mask, self._groups
         self._mask, self._groups = mask, groups
         try:

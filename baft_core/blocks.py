@@ -85,10 +85,14 @@ class SealedBases(nn.Module):
         # False: a routed block acts with every basis at full weight (routing.py decides alone).
         self.use_gates = use_gates
         self.sealed_rank = None if use_gates else sealed_rank
+        # Without gates a basis is held in fp16 (half the memory an edit; the model computes in
+        # bf16, coarser still) and computed in fp32. A gate's logit is cut at `cutoff`, which a
+        # rounded weight would move: gated bases stay fp32.
+        dtype = torch.float32 if use_gates else torch.float16
         for name in _ROWS:
-            self.register_buffer(name, torch.zeros(0, hidden_size))
+            self.register_buffer(name, torch.zeros(0, hidden_size, dtype=dtype))
         for name in _BIASES:
-            self.register_buffer(name, torch.zeros(0))
+            self.register_buffer(name, torch.zeros(0, dtype=dtype))
         self.register_buffer("cutoff", torch.tensor(float(cutoff)))
 
     @property
@@ -97,8 +101,13 @@ class SealedBases(nn.Module):
 
     @property
     def num_values(self) -> int:
-        """Stored numbers of all sealed bases (the memory the blocks cost)."""
+        """Stored numbers of all sealed bases."""
         return sum(getattr(self, name).numel() for name in _ROWS + _BIASES)
+
+    @property
+    def num_bytes(self) -> int:
+        """The memory the sealed bases cost, as held."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _ROWS + _BIASES)
 
     def bases_of(self, rank: int) -> int:
         """How many bases a sealed block of `rank` keeps."""
@@ -153,8 +162,8 @@ class SealedBases(nn.Module):
         open_bases = w.detach().amax(0).nonzero().squeeze(1)
         if open_bases.numel() == 0:
             return torch.zeros_like(h), w
-        coordinates = h @ self.change_weight[open_bases].T + self.change_bias[open_bases]
-        return (coordinates * w[:, open_bases]) @ self.rotation[open_bases], w
+        coordinates = h @ self.change_weight[open_bases].to(h.dtype).T + self.change_bias[open_bases].to(h.dtype)
+        return (coordinates * w[:, open_bases]) @ self.rotation[open_bases].to(h.dtype), w
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of sealed bases is whatever the checkpoint holds.

@@ -61,12 +61,17 @@ MANIFEST_FILE = "manifest.json"
 # sealed rows load as C = A - R, every basis kept).
 # 9: route keys read up to `route_tokens` subject tokens (a segment holds each key's count, the
 # earlier tokens' states and which of them each key reads); older keys read their last token alone.
-FORMAT_VERSION = 9
+# 10: segments carry their block's relation check (its edits' prompt states and their probes',
+# relations.py); older blocks have none and are never shut by it. An ungated block's rows are
+# fp16 (older fp32 rows load as fp16).
+FORMAT_VERSION = 10
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "change_weight", "gate_weight", "change_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
 _KEY_EDIT, _BLOCK_SPAN = "router.key_edit", "router.block_span"
 _KEY_TOKENS, _KEY_PREFIX, _PREFIXES = "router.key_tokens", "router.key_prefix", "router.prefixes"
+_RELATION_KEYS, _RELATION_KEY_BLOCK = "relations.keys", "relations.key_block"
+_RELATION_PROBES, _PROBE_BLOCK = "relations.probes", "relations.probe_block"
 _DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -175,6 +180,10 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         local = torch.where(prefix >= 0, torch.searchsorted(rows, prefix), -1)
         tensors["route_key_prefixes"] = local.detach().cpu().contiguous()
         tensors["route_prefixes"] = router.prefixes[rows].detach().cpu().contiguous()
+    relations = interventions.relations
+    if (relations.probe_block == block).any():
+        tensors["relation_keys"] = relations.keys[relations.key_block == block].detach().cpu().contiguous()
+        tensors["relation_probes"] = relations.probes[relations.probe_block == block].detach().cpu().contiguous()
     tensors["answer_span"] = router.block_span[block : block + 1].detach().cpu().contiguous()
     return save(tensors)
 
@@ -262,21 +271,26 @@ class _SegmentReader:
         if not self.gates:
             tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[-1] not in GATE_ROWS}
         own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
-        for name in ("route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes", "route_prefixes"):
+        for name in (
+            "route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes",
+            "route_prefixes", "relation_keys", "relation_probes",
+        ):
             if name in tensors:
                 own[name] = tensors.pop(name).clone()
         if block == 0:
             count = len(self.held)
             for key, value in tensors.items():
                 layer, name = key.split(".", 1)
-                self.rows[_sealed_key(int(layer), name)] = value.new_empty((count * len(value), *value.shape[1:]))
+                # Held as `SealedBases` holds them: ungated rows in fp16, whatever a segment holds.
+                dtype = torch.float32 if self.gates else torch.float16
+                self.rows[_sealed_key(int(layer), name)] = value.new_empty((count * len(value), *value.shape[1:]), dtype=dtype)
         if len(tensors) != len(self.rows):
             raise CheckpointError(f"segment {path} holds other rows than the first segment")
         for key, value in tensors.items():
             layer, name = key.split(".", 1)
             target = self.rows.get(_sealed_key(int(layer), name))
             step = 0 if target is None else len(target) // len(self.held)
-            if target is None or value.shape != (step, *target.shape[1:]) or value.dtype != target.dtype:
+            if target is None or value.shape != (step, *target.shape[1:]) or not value.is_floating_point():
                 raise CheckpointError(f"segment {path}: {key} does not match the first segment's")
             target[block * step : (block + 1) * step].copy_(value)
         return own
@@ -304,6 +318,13 @@ class _SegmentReader:
                     parts[_KEY_PREFIX].append(torch.where(local >= 0, local + rows, -1))
                     parts[_PREFIXES].append(own["route_prefixes"])
                     rows += len(own["route_prefixes"])
+        for name, blocks, key in (
+            ("relation_keys", _RELATION_KEY_BLOCK, _RELATION_KEYS),
+            ("relation_probes", _PROBE_BLOCK, _RELATION_PROBES),
+        ):
+            held = [(block, own[name]) for block, own in enumerate(owns) if name in own]
+            parts[key] = [rows for _, rows in held]
+            parts[blocks] = [torch.full((len(rows),), block, dtype=torch.long) for block, rows in held]
         return {**self.rows, **{key: torch.cat(values) for key, values in parts.items() if values}}
 
 
@@ -311,6 +332,7 @@ def _own_state(interventions: InterventionSet) -> dict[str, torch.Tensor]:
     """The state an adapter file holds: all but the sealed blocks' (their segments hold those)."""
     sealed = {_sealed_key(layer, n) for layer in interventions.layers for n in _SEALED_ROWS}
     sealed |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN, _KEY_TOKENS, _KEY_PREFIX, _PREFIXES}
+    sealed |= {_RELATION_KEYS, _RELATION_KEY_BLOCK, _RELATION_PROBES, _PROBE_BLOCK}
     return {k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed}
 
 
@@ -395,6 +417,7 @@ def save_checkpoint(
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "layers": json.dumps(interventions.layers),
         "routing_layer": str(interventions.routing_layer),
+        "relation_layer": str(interventions.relations.layer),
         "hidden_size": str(first.hidden_size),
         "rank": str(first.rank),
         "gated": json.dumps(first.gated),
@@ -521,8 +544,10 @@ def load_checkpoint(
     config_data.setdefault("sealed_gates", True)
     config_data.setdefault("sealed_rank", None)
     config_data.setdefault("route_tokens", 1)  # before format 9 a key read its subject's last token
+    config_data.setdefault("relation_threshold", 0.0)  # before format 10 no relation check
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
+    routing_layer = int(metadata.get("routing_layer", layers[0]))
     interventions = InterventionSet(
         int(metadata["hidden_size"]),
         layers,
@@ -530,11 +555,14 @@ def load_checkpoint(
         json.loads(metadata["gated"]),
         route_threshold=config.route_threshold if config.block_edits else 0.0,
         sealed_gates=config.sealed_gates,
-        routing_layer=int(metadata.get("routing_layer", layers[0])),
+        routing_layer=routing_layer,
         seed=config.seed,
         sealed_rank=config.sealed_rank,
         route_tokens=config.route_tokens,
         route_prefix_threshold=config.route_prefix_threshold,
+        relation_layer=int(metadata.get("relation_layer", routing_layer)),
+        relation_threshold=config.relation_threshold if config.block_edits and config.route_threshold else 0.0,
+        relation_margin=config.relation_margin,
     )
     tensors, draw, history_entries, segments_held = _fold(directory, metadata, tensors, _drawn_keys(interventions))
     tensors = _as_changes(tensors)
@@ -561,7 +589,7 @@ def load_checkpoint(
             module, name = key.rsplit(".", 1)
             setattr(interventions.get_submodule(module), name, value)
         missing = [key for key in missing if key not in sealed]
-    if unexpected or any(not key.startswith(("sealed.", "router.")) for key in missing):
+    if unexpected or any(not key.startswith(("sealed.", "router.", "relations.")) for key in missing):
         raise CheckpointError(
             f"{adapter} does not match its metadata: missing {missing}, unexpected {unexpected}"
         )

@@ -14,6 +14,10 @@ DEFAULT_LAYER_FRACTIONS = (0.56, 0.75, 0.875)
 # Where route keys are read, as a depth fraction (layer 4 of SmolLM2's 30): early enough that a
 # subject's state carries little of the text around it (routing.py).
 ROUTE_LAYER_FRACTION = 0.15
+# Where the relation check reads a prompt's last position (relations.py), as a depth fraction
+# (the output of layer 11 of SmolLM2's 30): the relation is there, and reading it costs each
+# edit's probes a forward through fewer layers than the first edited one.
+RELATION_LAYER_FRACTION = 0.38
 # Generic text put before an edit's prompt for its extra route keys: paraphrases often say
 # something before the subject, which shifts its state even at an early layer.
 # An edit also leaves a key for its subject alone, which stands for the texts that start with it.
@@ -119,10 +123,16 @@ class EditConfig:
     # too. Without it, 100 ZsRE edits kept rel 0.96 instead of 1.00 (docs/results.md).
     route_neighbours: int = 8
 
-    # Same-subject probes (subject_probes.py): the gates of a routed block learn to stay closed on
-    # up to this many other relations of its subject, beside the request's own `locality` prompts.
-    # 0: none.
+    # Same-subject probes (subject_probes.py): up to this many other relations of an edit's
+    # subject, beside the request's own `locality` prompts, which the relation check keeps its
+    # block shut on (and, with `sealed_gates`, its gates learn to stay closed on). 0: none.
     subject_probes: int = 32
+    # The relation check (relations.py): a routed block stays shut on a prompt whose state at the
+    # last position comes within this cosine of one of its probes' and is no nearer its edit's
+    # prompt's than that by `relation_margin`. 0 turns it off.
+    relation_threshold: float = 0.8
+    relation_margin: float = 0.0
+    relation_layer: int | None = None  # None: RELATION_LAYER_FRACTION of the model's depth
 
     # Each fresh adapter's random draw: its bases (the same for BaFT and ReFT), then its gates.
     seed: int = 0
@@ -147,6 +157,16 @@ class EditConfig:
         if not 0 <= self.route_layer <= first:
             raise ValueError(f"route_layer {self.route_layer} must be in [0, {first}] (the first edited layer)")
         return self.route_layer
+
+    def resolved_relation_layer(self, num_layers: int) -> int:
+        """The layer the relation check reads: `relation_layer`, or its default, between the
+        routing layer and the first edited layer."""
+        route, first = self.resolved_route_layer(num_layers), self.resolved_layers(num_layers)[0]
+        if self.relation_layer is None:
+            return min(max(route, int(RELATION_LAYER_FRACTION * num_layers)), first)
+        if not route <= self.relation_layer <= first:
+            raise ValueError(f"relation_layer {self.relation_layer} must be in [{route}, {first}] (routing to first edited layer)")
+        return self.relation_layer
 
     def validate(self) -> None:
         if self.method not in ("baft", "reft"):
@@ -185,6 +205,8 @@ class EditConfig:
             raise ValueError("route_tokens must be an integer >= 1")
         if not -1 <= self.route_prefix_threshold < 1:
             raise ValueError("route_prefix_threshold must be in [-1, 1)")
+        if not 0 <= self.relation_threshold < 1 or not -1 <= self.relation_margin < 1:
+            raise ValueError("relation_threshold must be in [0, 1) and relation_margin in [-1, 1)")
         if self.route_margin is not None and not 0 <= self.route_margin < 1:
             raise ValueError("route_margin must be in [0, 1) or None")
         if not 0 <= self.alpha < self.beta <= 1:

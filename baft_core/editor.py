@@ -109,6 +109,9 @@ class Editor:
             cfg.sealed_rank,
             cfg.route_tokens,
             cfg.route_prefix_threshold,
+            cfg.resolved_relation_layer(text.num_hidden_layers),
+            cfg.relation_threshold if cfg.block_edits and cfg.route_threshold else 0.0,
+            cfg.relation_margin,
         )
         return interventions.to(self.device)
 
@@ -177,6 +180,8 @@ class Editor:
         )
         if keys is not None:
             self._add_route_keys(working, keys._replace(owners=keys.owners + len(self.history)))
+        if working.relations.enabled:
+            self._add_relation_states(working, requests)
         if sealing:
             working.seal()
         with self.lock:
@@ -314,6 +319,41 @@ class Editor:
             thresholds = router.thresholds(router.key(keys.states), self._unrelated_routes(interventions), margin)
         router.add_pending(keys.states, keys.owners, thresholds, keys.tokens, keys.prefix, keys.prefixes)
 
+    def relation_probes(self, request: EditRequest) -> list[str]:
+        """The prompts the relation check keeps the request's block shut on: other relations of
+        its subject (`subject_probes.py`) and its own `locality` prompts that name the subject
+        (routing keeps the block shut on other subjects), those that fit the model's context."""
+        subject = (request.subject or "").strip()
+        prompts = probe_prompts(request.prompt, request.subject, self.config.subject_probes)
+        prompts += [p.prompt for p in request.locality if subject and subject in p.prompt]
+        return [p for p in dict.fromkeys(prompts) if len(encode_prompt(self.tokenizer, p)) < self.context]
+
+    @torch.no_grad()
+    def _last_prompt_states(self, prompts: list[str], layer: int) -> torch.Tensor:
+        """The unedited output [n, d] of decoder layer `layer` at each prompt's last position."""
+        d = text_config(self.model).hidden_size
+        parts = [torch.zeros(0, d, device=self.device)]
+        for start in range(0, len(prompts), 32):
+            ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts[start : start + 32]]
+            parts.append(self.routing_layer_output(ids, layer)[0][:, -1].float())  # left-padded
+        return torch.cat(parts)
+
+    def _add_relation_states(self, interventions: InterventionSet, requests: list[EditRequest]) -> None:
+        """Leaves the new edits' prompt states and their probes' in the trainable block's
+        relation check (relations.py)."""
+        relations = interventions.relations
+        probes = [p for r in requests for p in self.relation_probes(r)]
+        states = self._last_prompt_states([r.prompt for r in requests] + probes, relations.layer)
+        relations.add_pending(states[: len(requests)], states[len(requests) :])
+
+    def relation_center(self, layer: int) -> torch.Tensor:
+        """The mean of the unrelated prompts' states at their last position at decoder layer
+        `layer`: what the relation check is standardised with. Computed once per layer."""
+        key = ("relation", layer)
+        if key not in self._unrelated_statistics:
+            self._unrelated_statistics[key] = self._last_prompt_states(self.unrelated_prompts, layer).mean(0)
+        return self._unrelated_statistics[key]
+
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
 
@@ -331,6 +371,9 @@ class Editor:
             self._standardisations(router)
         if router.enabled and self.config.route_contexts:
             self._route_contexts()
+        relations = self.interventions.relations
+        if relations.enabled and self.unrelated_prompts:
+            self.relation_center(relations.layer)
 
     def _standardisations(self, router: Router) -> tuple[dict[int, Statistics], Statistics | None]:
         """The unrelated prompts' statistics at each edited layer, and at the router's layer where

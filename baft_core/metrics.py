@@ -212,13 +212,17 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, tuple[torch.Tens
 
 @torch.no_grad()
 def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
-    """[prompts, sealed blocks]: which sealed blocks each prompt opens (routing.py), from a forward
-    that stops at the routing layer."""
+    """[prompts, sealed blocks]: which sealed blocks each prompt opens (routing.py) and the
+    relation check leaves open (relations.py), from forwards that stop at those layers."""
     parts = []
+    relations = editor.interventions.relations
     for start in range(0, len(prompts), BATCH):
         ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
         hidden, attention = editor.routing_layer_output(ids)
-        parts.append(editor.interventions.route(hidden, attention.bool()).cpu())
+        opened = editor.interventions.route(hidden, attention.bool())
+        if relations.enabled:
+            opened = relations.shut(editor.routing_layer_output(ids, relations.layer)[0], attention.bool(), opened)
+        parts.append(opened.cpu())
     return torch.cat(parts)
 
 

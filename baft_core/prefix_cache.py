@@ -231,8 +231,11 @@ class CachedBatch:
         def grab_input(module, args, kwargs):
             inputs.append(args[0] if args else kwargs["hidden_states"])
 
-        def grab_routing(module, args, output):
-            captured.setdefault("routing", output[0] if isinstance(output, tuple) else output)
+        def grab(name):
+            def hook(module, args, output):
+                captured.setdefault(name, output[0] if isinstance(output, tuple) else output)
+
+            return hook
 
         spoken_ids, spoken_mask = right_padded(spoken, pad_id)
         spoken_ids, spoken_mask = spoken_ids.to(device), spoken_mask.to(device)
@@ -246,8 +249,11 @@ class CachedBatch:
         routing = self.interventions.router.enabled and self.interventions.sealed_blocks
         cache = DynamicCache(config=self.model.config)
         handles.append(layers[self.first_layer].register_forward_pre_hook(grab_input, with_kwargs=True))
+        relations = self.interventions.relations
         if routing:
-            handles.append(layers[self.interventions.routing_layer].register_forward_hook(grab_routing))
+            handles.append(layers[self.interventions.routing_layer].register_forward_hook(grab("routing")))
+            if relations.enabled:
+                handles.append(layers[relations.layer].register_forward_hook(grab("relation")))
         said, log_probs = [], []
         try:
             hidden = self.model.base_model(
@@ -304,7 +310,11 @@ class CachedBatch:
 
         in_head = torch.arange(spoken_ids.shape[1], device=device) < torch.tensor(head_lengths, device=device)[:, None]
         prompt_mask = torch.cat([prefix_mask.bool(), in_head], dim=-1)
-        routes = Routes(open=self.interventions.route(captured["routing"], prompt_mask)) if routing else Routes()
+        routes = Routes()
+        if routing:
+            routes.open = self.interventions.route(captured["routing"], prompt_mask)
+            if relations.enabled:
+                routes.open = relations.shut(captured["relation"], prompt_mask, routes.open)
         if not width:
             return _Unedited(None, layer_input, continuations, after, routes)
         total = width + spoken_ids.shape[1] + len(inputs) - 1

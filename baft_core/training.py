@@ -71,6 +71,8 @@ class Trainer:
                     interventions[layer].calibrate(*by_layer[layer])
                 if routes is not None:
                     interventions.router.calibrate(*routes)
+                if interventions.relations.enabled:
+                    interventions.relations.calibrate(self.editor.relation_center(interventions.relations.layer))
         unrelated = opened = kept = None
         if gated and features is not None:
             unrelated, opened = self._gate_examples(interventions, features, requests or [])

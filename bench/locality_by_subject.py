@@ -8,7 +8,7 @@ new answer, and `loc` counts that as a miss. This script reports locality on the
 no edited subject apart from those that do, and among the latter the prompts whose expected answer
 is the unedited answer an edit of that subject replaced (the same fact, rewritten).
 
-python bench/locality_by_subject.py bench/results/counterfact-continual-5000-baft
+python bench/locality_by_subject.py bench/results/counterfact-continual-10000-baft
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ load (on a shared two-core host the speed drifts by 15% between back-to-back run
   blocks that act on every generated token, trained with the continuation term;
 - `--vary gates`: routed blocks with gates that tell the subject's relations apart
   (`sealed_gates=true`: same-subject probes, the gate polish, the fit under the cutoff) against
-  the defaults' routed blocks at full weight, trained without gates.
+  the defaults' routed blocks at full weight, trained without gates;
+- `--vary relations`: the defaults (each edit's probes put to the model for the relation check,
+  relations.py) against the same without the check (`relation_threshold=0`).
 
 Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
@@ -58,6 +60,7 @@ VARIES = {
     "fp16-threads": ("threaded_over_one_thread", {"threaded": ("fp16-weights", "baft"), "one-thread": ("float32", "baft")}),
     "window": ("window_over_continuation", {"window": ("auto", "baft"), "continuation": ("auto", "baft", ["answer_window=false"])}),
     "gates": ("gated_over_ungated", {"gated": ("auto", "baft", ["sealed_gates=true"]), "ungated": ("auto", "baft")}),
+    "relations": ("checked_over_unchecked", {"checked": ("auto", "baft"), "unchecked": ("auto", "baft", ["relation_threshold=0"])}),
 }
 
 

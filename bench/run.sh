@@ -29,11 +29,11 @@ bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 --t
 bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 1000 --threads 1 \
   --out $OUT/counterfact-continual-1000-baft &
 wait
-# 5,000 continual CounterFact edits with the service's own negatives, a sample of 1,000 measured on
-# the final model (about 45 minutes on one thread).
-bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 5000 --threads 1 \
-  --unrelated builtin --evaluate 1000 --out $OUT/counterfact-continual-5000-baft
-$PY bench/locality_by_subject.py $OUT/counterfact-continual-5000-baft
+# All 10,000 CounterFact train records, continual, with the service's own negatives, a sample of
+# 1,000 measured on the final model (about an hour on one thread).
+bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 10000 --threads 1 \
+  --unrelated builtin --evaluate 1000 --out $OUT/counterfact-continual-10000-baft
+$PY bench/locality_by_subject.py $OUT/counterfact-continual-10000-baft
 bench --data $ZSRE --format zsre --method baft --mode single --edits 100 --out $OUT/zsre-single-100-baft
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_window.json
 # KnowEdit (other facts of the edited subject) and a same-subject set, with the service's own
@@ -43,6 +43,9 @@ bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode c
 bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \
   --threads 1 --unrelated builtin --out $OUT/knowedit-recent-continual-285-baft &
 wait
+$PY bench/locality_by_wording.py $OUT/knowedit-counterfact-continual-714-baft
+$PY bench/locality_by_wording.py $OUT/knowedit-recent-continual-285-baft
+$PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --out $OUT/relations_speed.json
 bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \
   --edits 200 --threads 1 --unrelated builtin --out $OUT/same-subject-continual-200-baft
 
@@ -54,6 +57,10 @@ bench --data $ZSRE --format zsre --method reft --mode single --edits 100 --out $
 pair DATA-continual-100-baft-oneblock --set block_edits=0 rank=12 beta=0.05 replay_size=32
 
 # ----- Ablation (docs/results.md, "Ablation"): today's defaults but one lever -----
+# Without the relation check (relations.py).
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --set relation_threshold=0 \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-no-relation-check
 pair ablation/DATA-continual-100-nowindow --set answer_window=false
 pair ablation/DATA-continual-100-sealed-all --set sealed_rank=null
 # The request's own locality prompts, sent as a user would (projected out of the edit's block).

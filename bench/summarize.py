@@ -110,6 +110,7 @@ PAIRED_TITLES = {
     "method_speed_window.json": "BaFT against ReFT, today's defaults",
     "ablation/window_speed-epyc-avx512bf16.json": "Sealed blocks within their answers' windows (the default) against blocks that act on every generated token (`answer_window=false`)",
     "weights_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, older code",
+    "relations_speed.json": "The relation check (the default) against none (`relation_threshold=0`)",
 }
 SPEED_SENTENCES = {
     "prefix_cache_speedup.json": _prefix_cache_sentence,
@@ -130,6 +131,8 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
         config = {**config, "sealed_rank": None}  # runs from before `sealed_rank` sealed every basis
     if "route_tokens" not in config and config.get("route_threshold"):
         config = {**config, "route_tokens": 1}  # before `route_tokens` a key read one token
+    if "relation_threshold" not in config and config.get("route_threshold"):
+        config = {**config, "relation_threshold": 0.0}  # before the relation check
     changed = [
         f"{key}={json.dumps(value)}" if key != "route_contexts" else f"{key}: {len(value)}"
         for key, value in config.items()

@@ -275,14 +275,16 @@ def test_a_block_sealed_without_gates_keeps_its_strongest_directions():
         sealed = SealedBases(d, cutoff=0.1, use_gates=False, sealed_rank=kept)
         sealed.append(block)
         assert sealed.num_bases == kept
+        # Held in fp16: equal to fp16's rounding (2^-11 relative).
+        assert sealed.rotation.dtype == torch.float16
         rotation = sealed.rotation.double()
-        assert torch.allclose(rotation @ rotation.T, torch.eye(kept, dtype=torch.double), atol=1e-6)
+        assert torch.allclose(rotation @ rotation.T, torch.eye(kept, dtype=torch.double), atol=2e-3)
         delta, _ = sealed(h, gate_inputs(h), torch.ones(len(h), kept, dtype=torch.bool))
         left, strength, right = torch.linalg.svd(full_map.double())
         best = (left[:, :kept] * strength[:kept]) @ right[:kept]
-        assert torch.allclose(delta.double(), inputs.double() @ best.T, atol=1e-4)
+        assert torch.allclose(delta.double(), inputs.double() @ best.T, rtol=5e-3, atol=5e-3)
         if kept == rank:
-            assert torch.allclose(delta, trained, atol=1e-5)
+            assert torch.allclose(delta, trained, rtol=5e-3, atol=5e-3)
         else:
             assert (delta - trained).norm() > 1e-3 * trained.norm()
 
@@ -300,7 +302,7 @@ def test_a_map_left_alone_on_states_stays_so_when_sealed_with_fewer_bases():
     sealed.append(block)
     everywhere = torch.ones(len(kept_states), 2, dtype=torch.bool)
     delta, _ = sealed(kept_states, gate_inputs(kept_states), everywhere)
-    assert delta.norm(dim=-1).max() < 1e-5 * kept_states.norm(dim=-1).min()
+    assert delta.norm(dim=-1).max() < 1e-3 * kept_states.norm(dim=-1).min()  # but for fp16 rounding
     other = torch.randn(5, d, generator=torch.Generator().manual_seed(4))
     assert sealed(other, gate_inputs(other), everywhere)[0].norm() > 1e-2
 

@@ -300,6 +300,7 @@ def test_format_7_checkpoints_still_load(tiny_sharp, edited, tmp_path):
     def format_7(metadata, tensors):
         (segment_id,) = json.loads(metadata["segments"])
         rows = load((tmp_path / SEGMENTS_DIR / f"{segment_id}.safetensors").read_bytes())
+        rows = {k: v.float() if v.is_floating_point() else v for k, v in rows.items()}  # fp32 before format 10
         for layer in edited.layers:
             rows[f"{layer}.source_weight"] = rows.pop(f"{layer}.change_weight") + rows[f"{layer}.rotation"]
             rows[f"{layer}.source_bias"] = rows.pop(f"{layer}.change_bias")

@@ -78,11 +78,31 @@ def test_gates_keep_the_subjects_other_facts(bundled):
         editor.attachment.detach()
 
 
+def test_an_edit_leaves_its_subjects_other_relations(bundled):
+    """With the defaults the relation check keeps an edit's block shut on a question about another
+    relation of its subject (here worded unlike every built-in probe), and open on a paraphrase of
+    its own. Without the check the profession went through the edit too."""
+    torch.manual_seed(0)
+    prompts = {True: [], False: []}
+    for threshold in (0.0, EditConfig().relation_threshold):
+        editor = Editor(bundled.model, bundled.tokenizer, EditConfig(relation_threshold=threshold))
+        try:
+            before = editor.generate(SAME_SUBJECT[:1], 8, edited=False)
+            editor.edit(EditRequest.from_triple(SUBJECT, "The mother tongue of {subject} is", "Japanese"))
+            after = editor.generate([f"The mother tongue of {SUBJECT} is", f"{SUBJECT}'s native language is"], 4)
+            assert all(text.strip().startswith("Japanese") for text in after), after
+            prompts[threshold > 0] = editor.generate(SAME_SUBJECT[:1], 8)
+        finally:
+            editor.attachment.detach()
+    assert prompts[True] == before and prompts[False] != before, (before, prompts)
+
+
 def test_the_prompts_an_edit_comes_with_keep_their_answers(bundled):
     """With the defaults (a block at full weight behind the route), the `locality` prompts a user
     sends with an edit keep their answers exactly: the block's change is projected out at their
-    states. Without them the same edit sent the subject's other questions through it (" Japanese-
-    American heritage ..."); a paraphrase of the edited relation still gets the new answer."""
+    states. Without them the same edit sent the citizenship question, worded unlike the built-in
+    probes, through it (" Japanese-American heritage ..."); a paraphrase of the edited relation
+    still gets the new answer."""
     torch.manual_seed(0)
     editor = Editor(bundled.model, bundled.tokenizer, EditConfig())
     try:
@@ -107,7 +127,9 @@ def test_a_subject_that_ends_alike_opens_no_block(bundled):
     prompts = ["Phoebe Atwood Taylor is known for", "The books of Phoebe Atwood Taylor are", "Otis Taylor plays"]
     opened = {}
     for tokens in (1, 3):
-        editor = Editor(bundled.model, bundled.tokenizer, EditConfig(max_steps=1, route_tokens=tokens))
+        # Routing alone: the relation check (tested above) may shut a block routing opens.
+        config = EditConfig(max_steps=1, route_tokens=tokens, relation_threshold=0.0)
+        editor = Editor(bundled.model, bundled.tokenizer, config)
         try:
             editor.edit(request)
             opened[tokens] = open_blocks(editor, prompts)[:, 0].tolist()

@@ -207,7 +207,7 @@ def test_baft_and_reft_with_one_seed_start_from_the_same_bases():
     for layer in layers:
         assert torch.equal(baft[layer].R, after_seal[str(layer)].R)
         assert torch.equal(baft[layer].source.weight, after_seal[str(layer)].source.weight)
-    assert torch.equal(baft.sealed["1"].rotation, first)
+    assert torch.equal(baft.sealed["1"].rotation, first.half())  # ungated sealed rows are fp16
     assert not torch.equal(baft[1].R, first)  # the block after a seal is a new draw
 
 

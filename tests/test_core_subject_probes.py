@@ -110,9 +110,10 @@ def test_a_block_without_gates_leaves_the_requests_locality_states_alone(tiny_sh
         for states, expected_zero in ((ed.trainer._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)]), True),
                                       (ed._hidden_states([ed.encode(EDIT.prompt, EDIT.target)])[0], False)):
             h = states[ed.layers[0]]
-            change = h @ sealed.change_weight.T + sealed.change_bias
+            change = h @ sealed.change_weight.float().T + sealed.change_bias.float()
             relative = (change.norm(dim=-1) / h.norm(dim=-1)).max().item()
-            assert (relative < 1e-4) if expected_zero else (relative > 1e-2), relative
+            # Zero but for the fp16 rounding of the sealed rows (2^-11 relative).
+            assert (relative < 1e-3) if expected_zero else (relative > 1e-2), relative
     finally:
         ed.attachment.detach()
 
@@ -130,8 +131,8 @@ def test_a_later_edit_of_the_subject_keeps_what_an_earlier_one_was_told_to_keep(
         sealed = ed.interventions.sealed[str(ed.layers[0])]
         h = ed.trainer._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)])[ed.layers[0]]
         second_block = slice(ed.interventions.sealed_rank, 2 * ed.interventions.sealed_rank)
-        change = h @ sealed.change_weight[second_block].T + sealed.change_bias[second_block]
-        assert (change.norm(dim=-1) / h.norm(dim=-1)).max().item() < 1e-4
+        change = h @ sealed.change_weight[second_block].float().T + sealed.change_bias[second_block].float()
+        assert (change.norm(dim=-1) / h.norm(dim=-1)).max().item() < 1e-3  # fp16 rows
         assert ed.trainer._kept_states([EditRequest(kept[0].prompt, " male", EDIT.subject)]) is None
         assert ed.trainer._kept_states([EditRequest("Danielle Darrieux died in", " Rome", EDIT.subject)]) is not None
         assert ed.trainer._kept_states([EditRequest("Jan Smuts died in", " Rome", "Jan Smuts")]) is None

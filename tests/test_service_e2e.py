@@ -15,13 +15,15 @@ pytestmark = pytest.mark.integration
 
 PROMPT = "The mother tongue of Danielle Darrieux is"
 UNRELATED = "The largest planet in the solar system is"
-SAME_SUBJECT = "The profession of Danielle Darrieux is"  # sent with the edit: its answer must stay
+SAME_SUBJECT = "Danielle Darrieux is a citizen of"  # sent with the edit: its answer must stay
+UNSENT = "The profession of Danielle Darrieux is"  # not sent: the relation check keeps it
 
 
 def _story(client: Client) -> None:
     before = client.generate(PROMPT, max_new_tokens=6)
     unrelated = client.generate(UNRELATED, max_new_tokens=8)
     same_subject = client.generate(SAME_SUBJECT, max_new_tokens=8)
+    unsent = client.generate(UNSENT, max_new_tokens=8)
     assert before["version"] == 1 and "Japanese" not in before["text"]
 
     accepted = client.edit("Danielle Darrieux", "The mother tongue of {subject} is", "Japanese",
@@ -32,16 +34,19 @@ def _story(client: Client) -> None:
     assert edit["status"] == "applied", edit
     metrics = client.metrics(edit["id"])
     assert metrics["reliability"] == 1.0 and metrics["reliability_em"] == 1.0, metrics
-    # The service asked the model about the subject's other relations and measured them.
-    assert 0.0 <= metrics["subject_locality"] <= 1.0, metrics
+    # The service asked the model about the subject's other relations and measured them: the
+    # relation check keeps the edit's block shut on them.
+    assert metrics["subject_locality"] >= 0.9, metrics
 
     after = client.generate(PROMPT, max_new_tokens=6)
     assert after["version"] == edit["version"]
     assert after["text"].strip().startswith("Japanese"), after
     unrelated_after = client.generate(UNRELATED, max_new_tokens=8)
     # The same subject's other fact, sent with the edit, keeps its answer (the block's change is
-    # projected out there); a question about the subject the user did not send may change.
+    # projected out there); one not sent keeps it too when it reads like another relation than
+    # the edited one (the relation check), as this one does.
     assert client.generate(SAME_SUBJECT, max_new_tokens=8)["text"] == same_subject["text"]
+    assert client.generate(UNSENT, max_new_tokens=8)["text"] == unsent["text"]
     if metrics["locality"] == 1.0:  # the method kept the probe: the service must show it unchanged
         assert unrelated_after["text"] == unrelated["text"]
 

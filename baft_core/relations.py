@@ -1,0 +1,126 @@
+"""The relation check: a routed block stays shut on its subject's other relations.
+
+Routing opens a block on every prompt about its subject (routing.py), so an edit of Danielle
+Darrieux's mother tongue also answered her profession and citizenship. When an edit arrives, the
+editor puts its subject to a built-in list of other relations (`subject_probes.py`, and the
+request's own `locality` prompts that name the subject) and keeps, beside its own prompt's, their
+unedited states at the last prompt position of a middle layer (`EditConfig.relation_layer`), which
+carries the relation as well as the subject. A prompt that routing lets into the block is held
+against them there: the block stays shut when the prompt comes within `threshold` (cosine) of one
+of the probes and is no nearer its edits' prompts than that probe by `margin`. This is BaFT's
+input-dependent gate taken at the prompt level, with the probes as its negatives and a nearest-
+neighbour rule in place of a logistic regression fitted on one positive: paraphrases that word the
+relation otherwise (CounterFact's) are as far from the edit's prompt as other relations are, and a
+fitted gate closed on them too (docs/method.md), while a prompt that reads like one of the probes is
+one of the relations the edit must leave alone.
+
+States are standardised by the mean of ordinary prompts' states at that layer and position
+(`calibrate`) and held in fp16, unit rows. Blocks without relation keys (sealed before this check,
+or by an edit without probes) are never shut by it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import appended
+
+
+def last_prompt_positions(prompt: torch.Tensor) -> torch.Tensor:
+    """[batch]: the index of each row's last prompt position in a [batch, seq] mask."""
+    seq = prompt.shape[1]
+    return seq - 1 - prompt.flip(1).int().argmax(1)
+
+
+class RelationCheck(nn.Module):
+    """Per sealed block, its edits' prompt states (`keys`) and their probes' (`probes`) at decoder
+    layer `layer`'s output, and the trainable block's awaiting its seal (`pending_*`)."""
+
+    def __init__(self, hidden_size: int, layer: int, threshold: float, margin: float):
+        super().__init__()
+        self.layer = layer
+        half = torch.float16
+        self.register_buffer("keys", torch.zeros(0, hidden_size, dtype=half))
+        self.register_buffer("key_block", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("probes", torch.zeros(0, hidden_size, dtype=half))
+        self.register_buffer("probe_block", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("pending_keys", torch.zeros(0, hidden_size, dtype=half))
+        self.register_buffer("pending_probes", torch.zeros(0, hidden_size, dtype=half))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("margin", torch.tensor(float(margin)))
+        self.register_buffer("center", torch.zeros(hidden_size))
+
+    @property
+    def enabled(self) -> bool:
+        return float(self.threshold) > 0
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.probes))
+
+    @torch.no_grad()
+    def calibrate(self, center: torch.Tensor) -> None:
+        """Standardise with the mean of ordinary prompts' states at the layer (a new tensor:
+        forks share this buffer)."""
+        self.center = center.to(self.center, copy=True)
+
+    def unit(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(hidden.float() - self.center, dim=-1)
+
+    @torch.no_grad()
+    def add_pending(self, keys: torch.Tensor, probes: torch.Tensor) -> None:
+        """The states [k, d] of edits just trained into the trainable block and of their probes
+        [p, d]. New tensors: forks share these buffers."""
+        self.pending_keys = torch.cat([self.pending_keys, self.unit(keys).to(self.pending_keys)])
+        self.pending_probes = torch.cat([self.pending_probes, self.unit(probes).to(self.pending_probes)])
+
+    @torch.no_grad()
+    def seal(self, block: int) -> None:
+        """The trainable block became sealed block `block`."""
+        device = self.keys.device
+        if len(self.pending_probes):  # a block without probes is never shut: no keys needed
+            self.key_block = appended(self.key_block, torch.full((len(self.pending_keys),), block, device=device))
+            self.keys = appended(self.keys, self.pending_keys)
+            self.probe_block = appended(
+                self.probe_block, torch.full((len(self.pending_probes),), block, device=device)
+            )
+            self.probes = appended(self.probes, self.pending_probes)
+        self.pending_keys, self.pending_probes = self.pending_keys[:0], self.pending_probes[:0]
+
+    @torch.no_grad()
+    def shut(self, hidden: torch.Tensor, prompt: torch.Tensor, opened: torch.Tensor) -> torch.Tensor:
+        """`opened` [batch, blocks] without the blocks whose probes a row's last prompt position
+        reads like (`hidden` [batch, seq, d]: the layer's output; `prompt` [batch, seq])."""
+        rows, blocks = opened.nonzero(as_tuple=True)
+        if not len(self.probes) or not len(rows):
+            return opened
+        checked = torch.isin(blocks, self.probe_block)
+        rows, blocks = rows[checked], blocks[checked]
+        if not len(rows):
+            return opened
+        last = self.unit(hidden[torch.arange(len(hidden), device=hidden.device), last_prompt_positions(prompt)])
+        # Only the open blocks' rows: a prompt opens a few blocks of thousands.
+        probes, keys = torch.isin(self.probe_block, blocks), torch.isin(self.key_block, blocks)
+        count = opened.shape[1]
+        nearest_probe = _best_by_block(last @ self.probes[probes].float().T, self.probe_block[probes], count)
+        nearest_key = _best_by_block(last @ self.keys[keys].float().T, self.key_block[keys], count)
+        probe, key = nearest_probe[rows, blocks], nearest_key[rows, blocks]
+        close = (probe > self.threshold) & (probe > key + self.margin)
+        shut = opened.clone()
+        shut[rows[close], blocks[close]] = False
+        return shut
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of rows is whatever the checkpoint holds.
+        for name in ("keys", "key_block", "probes", "probe_block", "pending_keys", "pending_probes"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _best_by_block(scores: torch.Tensor, block: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[batch, blocks]: the highest of `scores` [batch, n] over the n rows of each block (`block`
+    [n]), -inf for a block without rows."""
+    best = scores.new_full((scores.shape[0], blocks), float("-inf"))
+    return best.scatter_reduce(1, block.expand_as(scores), scores, "amax")

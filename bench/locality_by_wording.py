@@ -1,0 +1,69 @@
+"""Splits a KnowEdit run's Relation_Specificity by how its prompts are worded: like one of the
+built-in probes the relation check holds prompts against (`subject_probes.RELATIONS`, the very text
+with the edit's subject), or otherwise.
+
+The built-in list was written for the service, not taken from a benchmark, but some of KnowEdit's
+templates read the same ("The gender of {subject} is"): on those prompts the check compares a
+prompt with itself. The other prompts say how the check carries to wordings it has never seen.
+Each edit is placed by its Relation_Specificity prompts: all worded like a probe, none, or some
+(per-prompt scores are not in the run's rows).
+
+python bench/locality_by_wording.py bench/results/knowedit-counterfact-continual-714-baft
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from baft_core.subject_probes import RELATIONS  # noqa: E402
+
+GROUP = "Relation_Specificity"
+
+
+def worded_like_a_probe(prompt: str, subject: str) -> bool:
+    return any(r.template.format(subject=subject.strip()) == prompt for r in RELATIONS)
+
+
+def split(records: list[dict], scores: dict[int, float]) -> dict:
+    """Relation_Specificity of KnowEdit `records` (the run's edits, in order) at the indices in
+    `scores`, by how the edit's prompts are worded."""
+    groups: dict[str, list[float]] = {"all_like_a_probe": [], "none_like_a_probe": [], "some_like_a_probe": []}
+    for index, score in scores.items():
+        record = records[index]
+        prompts = [p["prompt"] for p in (record.get("locality") or {}).get(GROUP) or []]
+        like = [worded_like_a_probe(p, record["subject"]) for p in prompts]
+        name = "all_like_a_probe" if all(like) else "none_like_a_probe" if not any(like) else "some_like_a_probe"
+        groups[name].append(score)
+    return {
+        name: {"edits": len(values), GROUP: sum(values) / len(values) if values else None}
+        for name, values in groups.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, help="a bench output folder (summary.json, edits.jsonl)")
+    args = parser.parse_args()
+    summary = json.loads((args.run / "summary.json").read_text())
+    if summary["mode"] != "continual" or len(summary["data"]) != 1:
+        raise SystemExit("a continual run over one KnowEdit file")
+    data = Path(summary["data"][0])
+    records = json.loads((data if data.is_absolute() else REPO / data).read_text())[: summary["edits"]]
+    scores = {}
+    with open(args.run / "edits.jsonl") as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row.get(f"loc/{GROUP}") is not None:
+                scores[row["index"]] = row[f"loc/{GROUP}"]
+    result = {"run": str(args.run), "command": "python " + " ".join(sys.argv), **split(records, scores)}
+    (args.run / "locality_by_wording.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
