@@ -61,6 +61,14 @@ def appended(rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return base[: count + len(new)]
 
 
+def take_checkpoint_sizes(module: nn.Module, state_dict: dict, prefix: str, names) -> None:
+    """Buffers that grow with the edits (`appended`) take the size and dtype a checkpoint holds for
+    them, before `load_state_dict` copies into them."""
+    for name in names:
+        if prefix + name in state_dict:
+            setattr(module, name, torch.empty_like(state_dict[prefix + name]))
+
+
 @torch.no_grad()
 def strongest_directions(
     rotation: torch.Tensor, change: torch.Tensor, bias: torch.Tensor, count: int
@@ -166,9 +174,5 @@ class SealedBases(nn.Module):
         return (coordinates * w[:, open_bases]) @ self.rotation[open_bases].to(h.dtype), w
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The number of sealed bases is whatever the checkpoint holds.
-        for name in _ROWS + _BIASES:
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+        take_checkpoint_sizes(self, state_dict, prefix, _ROWS + _BIASES)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

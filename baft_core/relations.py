@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import appended
+from .blocks import appended, take_checkpoint_sizes
 
 
 def last_prompt_positions(prompt: torch.Tensor) -> torch.Tensor:
@@ -111,11 +111,8 @@ class RelationCheck(nn.Module):
         return shut
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The number of rows is whatever the checkpoint holds.
-        for name in ("keys", "key_block", "probes", "probe_block", "pending_keys", "pending_probes"):
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+        growing = ("keys", "key_block", "probes", "probe_block", "pending_keys", "pending_probes")
+        take_checkpoint_sizes(self, state_dict, prefix, growing)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import appended
+from .blocks import appended, take_checkpoint_sizes
 
 
 def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
@@ -101,6 +101,14 @@ class Routes:
         self.prompt = prompt
         self.open = open
         self.offsets = offsets
+
+
+# The buffers that grow with the edits.
+_GROWING = (
+    "keys", "key_threshold", "key_block", "key_edit", "pending", "pending_threshold", "pending_edit",
+    "block_span", "pending_span", "key_tokens", "key_prefix", "prefixes", "pending_tokens",
+    "pending_prefix", "pending_prefixes",
+)
 
 
 class Router(nn.Module):
@@ -287,27 +295,7 @@ class Router(nn.Module):
         return offsets < self.pending_span if len(self.pending_span) else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The number of keys is whatever the checkpoint holds.
-        for name in (
-            "keys",
-            "key_threshold",
-            "key_block",
-            "key_edit",
-            "pending",
-            "pending_threshold",
-            "pending_edit",
-            "block_span",
-            "pending_span",
-            "key_tokens",
-            "key_prefix",
-            "prefixes",
-            "pending_tokens",
-            "pending_prefix",
-            "pending_prefixes",
-        ):
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+        take_checkpoint_sizes(self, state_dict, prefix, _GROWING)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def read_last_tokens_only(self) -> None:

@@ -12,12 +12,13 @@ python bench/locality_by_subject.py bench/results/counterfact-continual-10000-ba
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_scores import parse_run, run_scores  # noqa: E402
 
 
 def split(records: list[dict], scores: dict[int, float]) -> dict:
@@ -44,22 +45,10 @@ def split(records: list[dict], scores: dict[int, float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path, help="a bench output folder (summary.json, edits.jsonl)")
-    args = parser.parse_args()
-    summary = json.loads((args.run / "summary.json").read_text())
-    if summary["mode"] != "continual" or len(summary["data"]) != 1:
-        raise SystemExit("a continual run over one CounterFact file")
-    data = Path(summary["data"][0])
-    records = json.loads((data if data.is_absolute() else REPO / data).read_text())[: summary["edits"]]
-    scores = {}
-    with open(args.run / "edits.jsonl") as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row.get("loc") is not None:
-                scores[row["index"]] = row["loc"]
+    run = parse_run(__doc__.split("\n")[0])
+    records, scores = run_scores(run, "loc", "CounterFact")
     result = {"command": "python bench/locality_by_subject.py " + " ".join(sys.argv[1:]), **split(records, scores)}
-    (args.run / "locality_by_subject.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run / "locality_by_subject.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

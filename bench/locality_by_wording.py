@@ -12,12 +12,14 @@ python bench/locality_by_wording.py bench/results/knowedit-counterfact-continual
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_scores import REPO, parse_run, run_scores  # noqa: E402
+
 sys.path.insert(0, str(REPO))
 
 from baft_core.subject_probes import RELATIONS  # noqa: E402
@@ -46,22 +48,10 @@ def split(records: list[dict], scores: dict[int, float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path, help="a bench output folder (summary.json, edits.jsonl)")
-    args = parser.parse_args()
-    summary = json.loads((args.run / "summary.json").read_text())
-    if summary["mode"] != "continual" or len(summary["data"]) != 1:
-        raise SystemExit("a continual run over one KnowEdit file")
-    data = Path(summary["data"][0])
-    records = json.loads((data if data.is_absolute() else REPO / data).read_text())[: summary["edits"]]
-    scores = {}
-    with open(args.run / "edits.jsonl") as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row.get(f"loc/{GROUP}") is not None:
-                scores[row["index"]] = row[f"loc/{GROUP}"]
-    result = {"run": str(args.run), "command": "python " + " ".join(sys.argv), **split(records, scores)}
-    (args.run / "locality_by_wording.json").write_text(json.dumps(result, indent=2) + "\n")
+    run = parse_run(__doc__.split("\n")[0])
+    records, scores = run_scores(run, f"loc/{GROUP}", "KnowEdit")
+    result = {"run": str(run), "command": "python " + " ".join(sys.argv), **split(records, scores)}
+    (run / "locality_by_wording.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

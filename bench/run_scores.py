@@ -1,0 +1,33 @@
+"""A continual bench run's records and one of its per-edit scores, for the scripts that split a
+run's locality by what its prompts are (locality_by_subject.py, locality_by_wording.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_run(description: str) -> Path:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("run", type=Path, help="a bench output folder (summary.json, edits.jsonl)")
+    return parser.parse_args().run
+
+
+def run_scores(run: Path, metric: str, data_kind: str) -> tuple[list[dict], dict[int, float]]:
+    """The run's edits as records of its data file, in order, and `metric` of each edit that has
+    it, by index. `data_kind` names the data in the error for a run that is not continual over one
+    file."""
+    summary = json.loads((run / "summary.json").read_text())
+    if summary["mode"] != "continual" or len(summary["data"]) != 1:
+        raise SystemExit(f"a continual run over one {data_kind} file")
+    data = Path(summary["data"][0])
+    records = json.loads((data if data.is_absolute() else REPO / data).read_text())[: summary["edits"]]
+    scores = {}
+    with open(run / "edits.jsonl") as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row.get(metric) is not None:
+                scores[row["index"]] = row[metric]
+    return records, scores
