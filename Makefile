@@ -29,12 +29,14 @@ chromium:
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 serve: setup
 	$(PY) -m app
 
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: setup

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=settings.shutdown_grace_s,  # SIGTERM: in-flight requests finish
+            # SIGTERM: in-flight requests finish. uvicorn types it int; it takes seconds as a float
+            # (asyncio.timeout)
+            timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
         )
 
 

@@ -63,7 +63,7 @@ def audit(session: Session, checkpoints_dir: Path) -> dict[str, Any]:
         problems.append(f"versions off the chain from the head: {sorted(set(versions) - set(chain))}")
 
     # edits in versions, in order
-    own: dict[int, list[Edit]] = {}
+    own: dict[int | None, list[Edit]] = {}
     for e in edits:
         if e.status == "applied":
             own.setdefault(e.version_id, []).append(e)
@@ -72,7 +72,7 @@ def audit(session: Session, checkpoints_dir: Path) -> dict[str, Any]:
     applied_order = [e.id for vid in chain for e in own.get(vid, [])]
     if applied_order != sorted(applied_order):
         problems.append("edits were not applied in acceptance order")
-    position = {vid: i for i, vid in enumerate(chain)}
+    position: dict[int | None, int] = {vid: i for i, vid in enumerate(chain)}
     edit_position = {e.id: position[e.version_id] for e in edits if e.status == "applied"}
     for r in restores:
         if r.status != "done":
@@ -83,8 +83,14 @@ def audit(session: Session, checkpoints_dir: Path) -> dict[str, Any]:
         if early or late:
             problems.append(f"restore {r.id} out of order: before it {early[:5]} came after, {late[:5]} before")
 
+    def version(vid: int | None) -> Version:
+        """The version `vid` names; KeyError where it names none (None included)."""
+        if vid is None:
+            raise KeyError(vid)
+        return versions[vid]
+
     # each checkpoint holds exactly its lineage's edits
-    state: dict[int, list[dict]] = {}
+    state: dict[int | None, list[dict]] = {}
     for vid in chain:
         v = versions[vid]
         if v.kind == "base":
@@ -98,12 +104,12 @@ def audit(session: Session, checkpoints_dir: Path) -> dict[str, Any]:
             state[vid] = state[v.parent_id] + [e.request for e in added]
         if v.edit_count != len(state[vid]):
             problems.append(f"version {vid}: edit_count {v.edit_count}, its lineage has {len(state[vid])}")
-        if v.kind == "restore" and v.checkpoint_sha256 == versions[v.restored_from_id].checkpoint_sha256:
+        if v.kind == "restore" and v.checkpoint_sha256 == version(v.restored_from_id).checkpoint_sha256:
             continue  # the state checked at the version it restores
         stored, parent = _stored(session, checkpoints_dir, v.checkpoint_sha256)
         if parent is None:
             holds = stored
-        elif v.kind in ("edit", "batch") and parent == versions[v.parent_id].checkpoint_sha256:
+        elif v.kind in ("edit", "batch") and parent == version(v.parent_id).checkpoint_sha256:
             holds = state[v.parent_id] + stored  # that checkpoint checked at the parent version
         else:
             problems.append(f"version {vid}: its checkpoint extends {parent[:12]}..., not its parent version's")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import CursorResult, Result, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,6 +19,13 @@ FINAL = ("applied", "failed")
 PENDING = ("queued", "applying")
 CHAIN_ID = 1
 LOG_LOCK_KEY = 0x62616675  # PostgreSQL advisory lock serialising inserts into the log
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE matched: its result is a CursorResult (Session.execute is typed for any
+    statement, as a plain Result)."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 class QueueFull(Exception):
@@ -148,7 +155,7 @@ def claim_edits(session: Session, edit_ids: list[int], epoch: int) -> list[Edit]
         .where(Edit.id.in_(edit_ids), Edit.status == "queued")
         .values(status="applying", claim_epoch=epoch, attempts=Edit.attempts + 1, started_at=utcnow())
     )
-    if result.rowcount != len(edit_ids):
+    if _rowcount(result) != len(edit_ids):
         session.rollback()
         return []
     session.commit()
@@ -162,7 +169,7 @@ def finish_claimed(session: Session, edit_id: int, epoch: int, **values: Any) ->
         .where(Edit.id == edit_id, Edit.status == "applying", Edit.claim_epoch == epoch)
         .values(finished_at=utcnow(), **values)
     )
-    return result.rowcount == 1
+    return _rowcount(result) == 1
 
 
 def requeue_claims(session: Session, epoch: int) -> int:
@@ -171,12 +178,14 @@ def requeue_claims(session: Session, epoch: int) -> int:
         update(Edit).where(Edit.status == "applying", Edit.claim_epoch == epoch).values(status="queued")
     )
     session.commit()
-    return result.rowcount
+    return _rowcount(result)
 
 
 # ----- the trainer lease -----
 def get_chain(session: Session) -> Chain:
-    return session.get(Chain, CHAIN_ID)
+    chain = session.get(Chain, CHAIN_ID)
+    assert chain is not None  # the migrations make the chain row
+    return chain
 
 
 def acquire_lease(session: Session, worker: str, ttl: float) -> int | None:
@@ -189,7 +198,7 @@ def acquire_lease(session: Session, worker: str, ttl: float) -> int | None:
         .where(Chain.id == CHAIN_ID, (Chain.trainer.is_(None)) | (Chain.lease_expires < now))
         .values(trainer=worker, epoch=Chain.epoch + 1, lease_expires=now + ttl, heartbeat=now)
     )
-    if result.rowcount != 1:
+    if _rowcount(result) != 1:
         session.rollback()
         return None
     epoch = session.scalar(select(Chain.epoch).where(Chain.id == CHAIN_ID))
@@ -205,7 +214,7 @@ def renew_lease(session: Session, epoch: int, ttl: float) -> bool:
         update(Chain).where(Chain.id == CHAIN_ID, Chain.epoch == epoch).values(lease_expires=now + ttl, heartbeat=now)
     )
     session.commit()
-    return result.rowcount == 1
+    return _rowcount(result) == 1
 
 
 def release_lease(session: Session, epoch: int) -> None:
@@ -300,7 +309,7 @@ def advance_head(session: Session, epoch: int, parent_id: int, version_id: int) 
         .where(Chain.id == CHAIN_ID, Chain.head_version_id == parent_id, Chain.epoch == epoch)
         .values(head_version_id=version_id)
     )
-    return result.rowcount == 1
+    return _rowcount(result) == 1
 
 
 def ensure_base_version(sessions: sessionmaker[Session], save_base) -> Version:
@@ -361,7 +370,7 @@ def finish_restore(session: Session, restore_id: int, **values: Any) -> bool:
     result = session.execute(
         update(Restore).where(Restore.id == restore_id, Restore.status == "queued").values(finished_at=utcnow(), **values)
     )
-    return result.rowcount == 1
+    return _rowcount(result) == 1
 
 
 def get_restore(session: Session, restore_id: int) -> Restore | None:

@@ -41,6 +41,7 @@ class Doorbell:
         reply = self.client.xread({self.stream: self._last_id}, count=100, block=max(1, block_ms))
         if not reply:
             return False
+        assert isinstance(reply, list)  # RESP2, the client's protocol: [[stream, entries]]
         entries = reply[0][1]
         last = entries[-1][0]
         self._last_id = last.decode() if isinstance(last, bytes) else last

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from baft_core import EditConfig, Editor, EditRequest, load_model
 from baft_core.checkpoint import Checkpoint, CheckpointError
 from baft_core.encoding import encode_prompt
-from baft_core.generation import ContinuousBatch, Row
+from baft_core.generation import ContinuousBatch, FinishReason, Row
 from baft_core.metrics import evaluate, with_subject_probes
 
 from . import crud
@@ -46,13 +46,17 @@ class Unavailable(RuntimeError):
     """The current version's state cannot be loaded: generation from it waits for a restore."""
 
 
+def _no_pieces() -> Generator[str, None, None]:
+    yield from ()
+
+
 @dataclass
 class Generation:
     version: int
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)  # filled while `pieces` is iterated
-    pieces: Iterator[str] = iter(())
-    finish_reason: str | None = None  # "stop" or "length", once `pieces` is exhausted
+    pieces: Generator[str, None, None] = field(default_factory=_no_pieces)  # closing it cancels the row
+    finish_reason: FinishReason | None = None  # "stop" or "length", once `pieces` is exhausted
     first_token_s: float | None = None  # seconds from submission to the first token
 
 
@@ -111,15 +115,37 @@ class Runtime:
         if self.scheduler is not None:
             self.scheduler.stop()
 
+    # What `load` makes: read once it has run (the routes wait for `ready`, the worker loads first).
+    @property
+    def loaded_reader(self) -> Editor:
+        assert self.reader is not None, "the model is not loaded yet"
+        return self.reader
+
+    @property
+    def loaded_trainer(self) -> Editor:
+        assert self.trainer is not None, "the model is not loaded yet, or this process does not train"
+        return self.trainer
+
+    @property
+    def loaded_store(self) -> CheckpointStore:
+        assert self.store is not None, "the model is not loaded yet"
+        return self.store
+
+    @property
+    def loaded_scheduler(self) -> Scheduler:
+        assert self.scheduler is not None, "the model is not loaded yet"
+        return self.scheduler
+
     @property
     def model_name(self) -> str:
         """The base model's name in the OpenAI API: the bundled name, or the directory's."""
         return Path(self.settings.model).name
 
     def _save_base(self) -> tuple[str, str, int]:
-        self.reader.load_state(self.reader.new_interventions(), [])
-        sha256, path = self.store.save(self.reader)
-        return sha256, str(path), self.store.size(sha256)
+        reader, store = self.loaded_reader, self.loaded_store
+        reader.load_state(reader.new_interventions(), [])
+        sha256, path = store.save(reader)
+        return sha256, str(path), store.size(sha256)
 
     # ----- reading versions -----
     def version_state(self, version_id: int | None) -> tuple[Version, Checkpoint]:
@@ -131,7 +157,7 @@ class Runtime:
         if version is None:
             raise NotFound(f"version {version_id} does not exist" if version_id else "no version yet")
         try:
-            return version, self.store.load(version.checkpoint_sha256)
+            return version, self.loaded_store.load(version.checkpoint_sha256)
         except CheckpointError as err:
             if version_id is not None:
                 raise  # that version only: the client may ask for another
@@ -141,8 +167,9 @@ class Runtime:
 
     # ----- generation -----
     def prompt_ids(self, prompt: str) -> list[int]:
+        reader = self.loaded_reader
         try:
-            ids = encode_prompt(self.reader.tokenizer, prompt, self.reader.context)
+            ids = encode_prompt(reader.tokenizer, prompt, reader.context)
         except ValueError as err:  # empty, or longer than the context
             raise InvalidRequest(str(err)) from None
         if not ids:
@@ -151,7 +178,8 @@ class Runtime:
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation in the model's own chat template, ready for the assistant's turn."""
-        tokenizer = self.reader.tokenizer
+        reader = self.loaded_reader
+        tokenizer = reader.tokenizer
         if not tokenizer.chat_template:
             raise InvalidRequest(f"model {self.model_name} has no chat template: use completions")
         try:
@@ -159,8 +187,8 @@ class Runtime:
         except TemplateError as err:  # the template's own checks (e.g. the order of roles)
             raise InvalidRequest(f"the chat template refused these messages: {err}") from None
         ids = tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) > self.reader.context:
-            raise InvalidRequest(f"the conversation is {len(ids)} tokens, longer than the model's context of {self.reader.context}")
+        if len(ids) > reader.context:
+            raise InvalidRequest(f"the conversation is {len(ids)} tokens, longer than the model's context of {reader.context}")
         return ids
 
     def stream(
@@ -175,30 +203,32 @@ class Runtime:
         """Validates and resolves the version before returning, so that errors surface before a
         streamed response starts; iterating the result submits the row to the scheduler and
         yields its text piece by piece. Closing it early cancels the row."""
-        context = self.reader.context
+        reader = self.loaded_reader
+        context = reader.context
         if len(prompt_ids) + max_new_tokens > context:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                 f"model's context of {context} tokens"
             )
         version, checkpoint = self.version_state(version_id)
-        tokenizer = self.reader.tokenizer
+        tokenizer = reader.tokenizer
         row = Row(
             list(prompt_ids),
             max_new_tokens,
             checkpoint.interventions,
             temperature,
             top_p,
-            torch.Generator(device=self.reader.device).manual_seed(seed) if seed is not None else None,
+            torch.Generator(device=reader.device).manual_seed(seed) if seed is not None else None,
             frozenset({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else ()),
         )
         generation = Generation(version.id, len(prompt_ids))
 
-        def pieces() -> Iterator[str]:
-            ticket = self.scheduler.submit(row)
+        def pieces() -> Generator[str, None, None]:
+            ticket = self.loaded_scheduler.submit(row)
             tokens, emitted = generation.token_ids, ""
             for token in ticket.tokens():
                 if generation.first_token_s is None:
+                    assert ticket.first_token is not None  # stamped before the first token is handed over
                     generation.first_token_s = ticket.first_token - ticket.submitted
                 if token in row.eos_ids:
                     break
@@ -231,6 +261,7 @@ class Runtime:
         version, checkpoint = self.version_state(version_id)
         edit = EditRequest.from_dict(request)
         with self._measure_lock:
-            self.reader.load_state(checkpoint.interventions, checkpoint.history)
-            [row] = evaluate(self.reader, with_subject_probes(self.reader, [edit]))
+            reader = self.loaded_reader
+            reader.load_state(checkpoint.interventions, checkpoint.history)
+            [row] = evaluate(reader, with_subject_probes(reader, [edit]))
         return version.id, row

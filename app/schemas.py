@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -14,6 +14,7 @@ MAX_PROMPT = 8000  # characters of a generation prompt (the token limit is check
 MAX_ID = 2**31 - 1  # ids are 32-bit in the database
 Status = Literal["queued", "applying", "applied", "failed"]
 Mode = Literal["continual", "batched"]
+RestoreStatus = Literal["queued", "done", "failed"]
 
 
 def _clean(value: str) -> str:
@@ -82,6 +83,10 @@ class EditIn(BaseModel):
 EditBatchIn = Annotated[list[EditIn], Field(min_length=1, max_length=100)]
 
 
+@overload
+def _utc(value: datetime) -> datetime: ...
+@overload
+def _utc(value: None) -> None: ...
 def _utc(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; they are UTC."""
     if value is not None and value.tzinfo is None:
@@ -175,7 +180,7 @@ class MetricsOut(BaseModel):
     basis_weights: dict[str, list[float]] | None = Field(description="mean basis weights w_k per layer")
 
     @classmethod
-    def build(cls, row, version: int, measured: str, values: dict[str, Any] | None) -> MetricsOut:
+    def build(cls, row, version: int, measured: Literal["at_apply", "remeasured"], values: dict[str, Any] | None) -> MetricsOut:
         values = values or {}
         return cls(
             edit_id=row.id,
@@ -260,7 +265,7 @@ class RestoreIn(BaseModel):
 
 class RestoreOut(BaseModel):
     restore_id: int
-    status: Literal["queued", "done", "failed"]
+    status: RestoreStatus
     version: int | None = Field(None, description="the new version that records the restore")
     restored_from: int
     error: str | None = None
@@ -371,7 +376,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    version: int | None = Field(None, description="the version this name stands for (None: follows current)")
+    version: int | None = Field(default=None, description="the version this name stands for (None: follows current)")
 
 
 class ModelList(BaseModel):

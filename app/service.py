@@ -24,7 +24,7 @@ class Service:
         in_process = not settings.redis_url
         self.runtime = Runtime(settings, train=in_process)
         self.doorbell = (
-            None if in_process else Doorbell(settings.redis_url, settings.redis_stream, settings.redis_stream_maxlen)
+            None if not settings.redis_url else Doorbell(settings.redis_url, settings.redis_stream, settings.redis_stream_maxlen)
         )
         self.wake = threading.Event()
         self.worker: Worker | None = None

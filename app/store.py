@@ -164,8 +164,10 @@ class CheckpointStore:
         """Puts the checkpoint into the database, with each ancestor the database lacks (saved
         before CHECKPOINT_STORAGE=database), oldest first and each one's segments before it: a
         checkpoint in the database has its whole lineage there."""
+        assert self.sessions is not None  # only a store with a database uploads
         with self.sessions() as session:
-            missing, current = [], sha256
+            missing: list[str] = []
+            current: str | None = sha256
             while current is not None and current not in self._uploaded and not crud.has_blob(session, current):
                 missing.append(current)
                 current = parent_of(self.path(current) / ADAPTER_FILE)
@@ -181,6 +183,7 @@ class CheckpointStore:
     def _download(self, sha256: str) -> None:
         """Fills the local cache from the database: the checkpoint and each ancestor that is
         missing here or corrupt, and each segment they list that is missing here or corrupt."""
+        assert self.sessions is not None  # only a store with a database downloads
         current: str | None = sha256
         with self.sessions() as session:
             while current is not None:

@@ -13,6 +13,8 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 from prometheus_client import start_http_server
@@ -56,6 +58,18 @@ class Worker:
         self._first_seen: dict[int, float] = {}  # when a batched edit was first seen queued
         self._redis_down = False
 
+    @property
+    def _lease_epoch(self) -> int:
+        """`epoch` while this worker holds the lease: steps run only then."""
+        assert self.epoch is not None, "no trainer lease held"
+        return self.epoch
+
+    @property
+    def _head_version(self) -> int:
+        """`head_id` once `resume` has set it (when the lease is taken)."""
+        assert self.head_id is not None, "no head version loaded"
+        return self.head_id
+
     # ----- lifecycle -----
     def run(self) -> None:
         heartbeat = threading.Thread(target=self._heartbeat, name="baft-lease", daemon=True)
@@ -68,7 +82,7 @@ class Worker:
                 log.exception("could not try for the trainer lease yet")
                 self._recover = True
             try:  # before any edit waits on it (a standby too); else the first edit computes it
-                self.rt.trainer.prepare()
+                self.rt.loaded_trainer.prepare()
             except Exception:
                 log.exception("could not prepare the editor; the first edit will")
             while not self.stop.is_set():
@@ -133,7 +147,7 @@ class Worker:
 
     def _requeue_own(self) -> None:
         with self.rt.session() as session:
-            count = crud.requeue_claims(session, self.epoch)
+            count = crud.requeue_claims(session, self._lease_epoch)
         if count:
             log.info("re-queued %d edits of the failed step", count)
         self.resume()
@@ -144,9 +158,10 @@ class Worker:
         worker: it then runs only restores (the way out), edits wait."""
         with self.rt.session() as session:
             version = crud.current_version(session)
+        assert version is not None  # the base version is made when the model is loaded
         try:
-            checkpoint = self.rt.store.load(version.checkpoint_sha256)
-            self.rt.trainer.load_state(checkpoint.interventions, checkpoint.history)
+            checkpoint = self.rt.loaded_store.load(version.checkpoint_sha256)
+            self.rt.loaded_trainer.load_state(checkpoint.interventions, checkpoint.history)
             self.broken = None
         except Exception as err:
             self.broken = f"version {version.id} cannot be loaded: {type(err).__name__}: {err}"
@@ -174,6 +189,8 @@ class Worker:
         if self._lost.is_set():
             raise LeaseLost("the heartbeat found another epoch")
         settings = self.rt.settings
+        edits: list[Edit]
+        restore: Restore | None
         with self.rt.session() as session:
             if self.broken:
                 edits, restore = [], crud.first_queued_restore(session)
@@ -191,7 +208,7 @@ class Worker:
         if head.mode != "batched":
             self.apply([head], batched=False)
             return
-        run = []
+        run: list[Edit] = []
         for edit in edits:
             if edit.mode != "batched" or len(run) == settings.batch_size:
                 break
@@ -204,10 +221,10 @@ class Worker:
 
     # ----- applying -----
     def apply(self, queued: list[Edit], batched: bool) -> None:
-        trainer, settings = self.rt.trainer, self.rt.settings
+        trainer, settings = self.rt.loaded_trainer, self.rt.settings
         began = time.perf_counter()
         with self.rt.session() as session:
-            rows = crud.claim_edits(session, [e.id for e in queued], self.epoch)
+            rows = crud.claim_edits(session, [e.id for e in queued], self._lease_epoch)
         if not rows:  # taken over, or the rows changed: look again
             if self._lost.is_set():
                 raise LeaseLost("claim refused")
@@ -231,24 +248,27 @@ class Worker:
         measured = with_subject_probes(trainer, requests) if settings.evaluate_on_apply else requests
         baseline = locality_baseline(trainer, measured) if settings.evaluate_on_apply else None
         result = trainer.edit_batch(requests) if batched else trainer.edit(requests[0])
-        metrics: list[dict | None] = [None] * len(requests)
+        metrics: Sequence[dict[str, Any] | None] = [None] * len(requests)
         if settings.evaluate_on_apply:
             try:
                 metrics = evaluate(trainer, measured, baseline)
             except ValueError as err:  # a probe too long for the context: keep the edit, say why
                 metrics = [{"error": str(err)}] * len(requests)
         with self.rt.session() as session:  # the checkpoint the trainer's state was loaded from
-            parent = crud.get_version(session, self.head_id).checkpoint_sha256
-        sha256, path = self.rt.store.save(trainer, parent)  # durable before any row points at it
+            head = crud.get_version(session, self._head_version)
+            assert head is not None  # version rows are never deleted
+            parent = head.checkpoint_sha256
+        store = self.rt.loaded_store
+        sha256, path = store.save(trainer, parent)  # durable before any row points at it
         weights = {str(layer): w for layer, w in result.basis_weights.items()}
         with self.rt.session() as session:
-            crud.ensure_checkpoint(session, sha256, str(path), self.rt.store.size(sha256))
+            crud.ensure_checkpoint(session, sha256, str(path), store.size(sha256))
             kind = "batch" if batched else "edit"
             version = crud.new_version(session, kind, sha256, len(trainer.history), self.head_id)
             self._advance(session, version.id)
             for row, row_metrics in zip(good, metrics):
                 claimed = crud.finish_claimed(
-                    session, row.id, self.epoch, status="applied", version_id=version.id,
+                    session, row.id, self._lease_epoch, status="applied", version_id=version.id,
                     steps=result.steps, loss=result.loss, train_seconds=result.seconds,
                     losses=result.losses, basis_weights=weights, metrics=row_metrics,
                 )
@@ -261,7 +281,7 @@ class Worker:
         log.info("applied edits %s as version %d", [row.id for row in good], version.id)
 
     def _advance(self, session, version_id: int) -> None:
-        if not crud.advance_head(session, self.epoch, self.head_id, version_id):
+        if not crud.advance_head(session, self._lease_epoch, self._head_version, version_id):
             session.rollback()
             raise LeaseLost(f"version {self.head_id} is no longer the head, or epoch {self.epoch} ended")
 
@@ -270,7 +290,7 @@ class Worker:
             return
         with self.rt.session() as session:
             for row, reason in failures:
-                if not crud.finish_claimed(session, row.id, self.epoch, status="failed", error=reason):
+                if not crud.finish_claimed(session, row.id, self._lease_epoch, status="failed", error=reason):
                     session.rollback()
                     raise LeaseLost(f"edit {row.id} is no longer claimed by epoch {self.epoch}")
             session.commit()
@@ -283,9 +303,10 @@ class Worker:
         began = time.perf_counter()
         with self.rt.session() as session:
             target = crud.get_version(session, restore.target_version_id)
+        assert target is not None  # a restore's target is a version (a foreign key)
         try:
-            checkpoint = self.rt.store.load(target.checkpoint_sha256)
-            self.rt.trainer.load_state(checkpoint.interventions, checkpoint.history)
+            checkpoint = self.rt.loaded_store.load(target.checkpoint_sha256)
+            self.rt.loaded_trainer.load_state(checkpoint.interventions, checkpoint.history)
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"
             log.error("restore %d of version %d failed: %s", restore.id, target.id, reason)

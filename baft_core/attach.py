@@ -9,6 +9,7 @@ import copy
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,13 +19,16 @@ from .intervention import BasisIntervention
 from .relations import RelationCheck
 from .routing import Router, Routes
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
-def text_config(model: nn.Module):
+
+def text_config(model: PreTrainedModel) -> PreTrainedConfig:
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def final_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The output head on hidden states [n, d], as the model's own forward applies it. Callers
     pass 2-D rows: a 3-D slice such as `hidden[:, -1:]` sends torch's matmul down a path that
     copies the whole (vocab x d) head first, 50 ms a call on SmolLM2 on a CPU."""
@@ -33,7 +37,7 @@ def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+def find_decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The model's stack of decoder blocks, found by shape rather than by family-specific names."""
     depth = text_config(model).num_hidden_layers
     for _, module in model.named_modules():
@@ -46,6 +50,10 @@ class InterventionSet(nn.Module):
     """One trainable intervention (block) per edited layer, the frozen bases of sealed blocks, the
     route keys that open them, and the running basis usage of the trainable block for load
     balancing."""
+
+    # Buffers (`__init__`)
+    usage_sum: torch.Tensor
+    edit_count: torch.Tensor
 
     def __init__(
         self,
@@ -81,7 +89,7 @@ class InterventionSet(nn.Module):
         # A checkpoint stores a block that holds no edit as the generator state it was drawn
         # from, not as its values.
         generator = self.block_generator(0)
-        self.draw_state = generator.get_state()
+        self.draw_state: torch.Tensor | None = generator.get_state()
         self.by_layer = nn.ModuleDict(self._fresh_blocks(generator))
         self.sealed = nn.ModuleDict(
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates, sealed_rank) for layer in self.layers}
@@ -122,7 +130,29 @@ class InterventionSet(nn.Module):
         return blocks
 
     def __getitem__(self, layer: int) -> BasisIntervention:
-        return self.by_layer[str(layer)]
+        block = self.by_layer[str(layer)]
+        assert isinstance(block, BasisIntervention)
+        return block
+
+    def trainable_blocks(self) -> list[BasisIntervention]:
+        """The trainable block of each edited layer (`by_layer`'s values)."""
+        blocks = []
+        for block in self.by_layer.values():
+            assert isinstance(block, BasisIntervention)
+            blocks.append(block)
+        return blocks
+
+    def _sealed_at(self, layer: int) -> SealedBases:
+        """The sealed bases of one edited layer."""
+        sealed = self.sealed[str(layer)]
+        assert isinstance(sealed, SealedBases)
+        return sealed
+
+    def _all_sealed(self) -> Iterator[SealedBases]:
+        """The sealed bases of every edited layer (`sealed`'s values)."""
+        for sealed in self.sealed.values():
+            assert isinstance(sealed, SealedBases)
+            yield sealed
 
     @property
     def routing_layer(self) -> int:
@@ -151,7 +181,7 @@ class InterventionSet(nn.Module):
         if trainable_open is not None:
             edited = torch.where(trainable_open.unsqueeze(1), edited, h32)
             weights = weights * trainable_open.unsqueeze(1)
-        sealed = self.sealed[str(layer)]
+        sealed = self._sealed_at(layer)
         if sealed.num_bases:
             candidates = None if blocks_open is None else blocks_open.repeat_interleave(self.sealed_rank, dim=1)
             delta, sealed_weights = sealed(h32, block.gate_inputs(h32), candidates)
@@ -161,16 +191,16 @@ class InterventionSet(nn.Module):
     @property
     def sealed_gates(self) -> bool:
         """Whether sealed blocks keep their learned gates (else routing alone decides)."""
-        return self.sealed[str(self.layers[0])].use_gates
+        return self._sealed_at(self.layers[0]).use_gates
 
     @property
     def sealed_rank(self) -> int:
         """The bases each sealed block keeps at each layer."""
-        return self.sealed[str(self.layers[0])].bases_of(self.rank)
+        return self._sealed_at(self.layers[0]).bases_of(self.rank)
 
     @property
     def sealed_blocks(self) -> int:
-        return self.sealed[str(self.layers[0])].num_bases // self.sealed_rank
+        return self._sealed_at(self.layers[0]).num_bases // self.sealed_rank
 
     def seal(self) -> None:
         """Freeze the trainable block into the sealed bases and start a fresh one, standardising
@@ -182,7 +212,7 @@ class InterventionSet(nn.Module):
         self.relations.seal(self.sealed_blocks)
         for layer in self.layers:
             block = self[layer]
-            self.sealed[str(layer)].append(block)
+            self._sealed_at(layer).append(block)
             fresh = fresh_blocks[str(layer)].to(block.rotation.weight.device)
             fresh.gate_center.copy_(block.gate_center)
             fresh.gate_scale.copy_(block.gate_scale)
@@ -205,14 +235,14 @@ class InterventionSet(nn.Module):
     def num_parameters(self) -> int:
         """Trainable parameters plus the frozen ones of sealed blocks, their route keys and
         relation check."""
-        sealed = sum(s.num_values for s in self.sealed.values()) + self.router.num_values
+        sealed = sum(s.num_values for s in self._all_sealed()) + self.router.num_values
         sealed += self.relations.keys.numel() + self.relations.probes.numel()
         return sum(p.numel() for p in self.parameters()) + sealed
 
     def num_bytes(self) -> int:
         """What `num_parameters` counts, in bytes as held (ungated sealed bases, route keys'
         earlier tokens and the relation check in fp16)."""
-        sealed = sum(s.num_bytes for s in self.sealed.values()) + self.router.num_bytes + self.relations.num_bytes
+        sealed = sum(s.num_bytes for s in self._all_sealed()) + self.router.num_bytes + self.relations.num_bytes
         return sum(p.numel() * p.element_size() for p in self.parameters()) + sealed
 
 
@@ -222,7 +252,7 @@ class Attachment:
     Forwards through one model must not overlap: callers that share a model between threads
     hold one lock around each forward (the Editor's `lock`)."""
 
-    def __init__(self, model: nn.Module, interventions: InterventionSet):
+    def __init__(self, model: PreTrainedModel, interventions: InterventionSet):
         self.model = model
         self.interventions = interventions
         self.decoder_layers = find_decoder_layers(model)
@@ -272,12 +302,13 @@ class Attachment:
         if interventions is not None and not {interventions.routing_layer, interventions.relations.layer} <= set(self._handles):
             raise ValueError("that adapter routes or checks relations at a layer that is not hooked")
         previous = self._mask, self._record, self._active, self._routes
+        recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if record else None
         self._mask = mask
-        self._record = {} if record else None
+        self._record = recorded
         self._active = interventions
         self._routes = routes
         try:
-            yield self._record if record else {}
+            yield recorded if recorded is not None else {}
         finally:
             self._mask, self._record, self._active, self._routes = previous
 
@@ -308,8 +339,13 @@ class Attachment:
             if routes is not None and routes.prompt is not None and layer == interventions.routing_layer:
                 routes.open = interventions.route(hidden, routes.prompt)
             relations = interventions.relations
-            decided = routes is not None and routes.prompt is not None and routes.open is not None
-            if decided and layer == relations.layer and relations.enabled:
+            if (
+                routes is not None
+                and routes.prompt is not None
+                and routes.open is not None
+                and layer == relations.layer
+                and relations.enabled
+            ):
                 routes.open = relations.shut(hidden, routes.prompt, routes.open)
             if layer not in interventions.layers or not mask.any():  # nothing to edit here
                 return output
@@ -356,6 +392,7 @@ class Attachment:
         routes; the other rows are left as they are."""
         hidden = output[0] if isinstance(output, tuple) else output
         groups, mask = self._groups, self._mask
+        assert groups is not None and mask is not None  # the hook calls this only inside `intervene_rows`
         self._groups = None  # the single-adapter path below, not this one again
         try:
             for group in groups:

@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -203,8 +204,8 @@ def run(args: argparse.Namespace) -> dict:
             reached = [m for m in marks if done - len(group) < m <= done]
             if reached and done < len(edits):
                 so_far = list(range(done)) if every or done <= args.evaluate else [i for i in measured if i < done]
-                summary = metrics.summarize(metrics.evaluate(editor, [edits[i] for i in so_far], [baseline[i] for i in so_far]))
-                curve.append({"edits": done, "evaluated": len(so_far), **summary})
+                partial = metrics.summarize(metrics.evaluate(editor, [edits[i] for i in so_far], [baseline[i] for i in so_far]))
+                curve.append({"edits": done, "evaluated": len(so_far), **partial})
         final = metrics.evaluate(editor, [edits[i] for i in measured], [baseline[i] for i in measured])
         for i, values in zip(measured, final):
             rows[i]["metrics"] = values
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
                 )
                 + "\n"
             )
-    summary = {
+    summary: dict[str, Any] = {  # summary.json
         "command": "python -m baft_core.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "method": args.method,
         "mode": args.mode,

@@ -57,7 +57,8 @@ def appended(rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         base = rows.new_empty((3 * (count + len(new)) // 2, *rows.shape[1:]))
         base[:count] = rows
         base[count : count + len(new)] = new
-    base.written = count + len(new)
+    # How far this tensor is written: an attribute of our own, which Tensor's type does not declare
+    setattr(base, "written", count + len(new))  # noqa: B010
     return base[: count + len(new)]
 
 
@@ -85,6 +86,14 @@ def strongest_directions(
 
 
 class SealedBases(nn.Module):
+    # Buffers: the rows of all sealed bases (`_ROWS`, `_BIASES`), and the gates' cutoff
+    rotation: torch.Tensor
+    change_weight: torch.Tensor
+    gate_weight: torch.Tensor
+    change_bias: torch.Tensor
+    gate_bias: torch.Tensor
+    cutoff: torch.Tensor
+
     def __init__(self, hidden_size: int, cutoff: float, use_gates: bool = True, sealed_rank: int | None = None):
         """`sealed_rank`: how many bases each sealed block keeps (`strongest_directions`); None:
         all it has. Blocks that keep their gates keep all their bases (each gate is a basis')."""

@@ -490,6 +490,7 @@ def _fold(
         # Formats before 6 name their segments by sha256 alone.
         checksums = json.loads(own_metadata.get("segment_crc32", "null")) or [None] * len(segment_ids)
         if edits_left is not None:
+            assert blocks_left is not None  # checkpoints write "sealed_blocks" with "edits"
             if own_metadata.get("edits", str(edits_left)) != str(edits_left) or own_metadata.get(
                 "sealed_blocks", str(blocks_left)
             ) != str(blocks_left):

@@ -179,6 +179,7 @@ class EditConfig:
             raise ValueError("sealed_rank must be an integer >= 1 or null")
         if self.prompt_positions < 1:
             raise ValueError("prompt_positions must be >= 1")
+        assert self.block_edits is not None, "__post_init__ resolves block_edits"
         if min(self.block_edits, self.replay_size, self.negative_edits, self.continuation_tokens, self.subject_probes) < 0:
             raise ValueError(
                 "block_edits, replay_size, negative_edits, continuation_tokens and subject_probes must be >= 0"

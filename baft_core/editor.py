@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
@@ -85,8 +86,9 @@ class Editor:
         self._rng = random.Random(self.config.seed)
         self.trainer = Trainer(self, self._rng)
         # Held around every forward through the shared model (training steps, generation steps,
-        # evaluation), so that generation interleaves with training at step granularity.
-        self.lock = threading.RLock()
+        # evaluation), so that generation interleaves with training at step granularity. Any
+        # re-entrant lock will do: the service puts in its FairLock.
+        self.lock: AbstractContextManager[object] = threading.RLock()
 
     # ----- adapter state -----
     @property
@@ -158,7 +160,7 @@ class Editor:
         half-trained state."""
         cfg = self.config
         start = time.perf_counter()  # the whole edit: keys, neighbours, continuations, training
-        block = cfg.block_edits
+        block = cfg.block_edits or 0  # (never None: `EditConfig.__post_init__` resolves it)
         sealing = bool(block) and int(self.interventions.edit_count) + len(requests) >= block
         # A block sealed now without its gates acts at full weight on the prompts routed to it:
         # train it so, and with every edit it holds. (The adapter decides: one loaded from
@@ -218,7 +220,11 @@ class Editor:
         tokens as they read mid-text and at the start of a text (`Router`)."""
         contexts = self._route_contexts() if self.config.route_contexts else None
         count = self.config.route_tokens
-        states, owners, tokens, prefix, prefixes = [], [], [], [], []
+        states: list[torch.Tensor] = []
+        owners: list[int] = []
+        tokens: list[int] = []
+        prefix: list[int] = []
+        prefixes: list[torch.Tensor] = []
         for j, request in enumerate(requests):
             texts = [f"{c} {request.prompt}" if c else request.prompt for c in ["", *self.config.route_contexts]]
             subject = (request.subject or "").strip()
@@ -235,15 +241,15 @@ class Editor:
                     spans.append(span)
                     at_start.append(bool(subject) and text.lstrip().startswith(subject))
             with self.lock:
-                last = self._last_states(cuts, contexts, count)  # [texts, count, d]
+                subject_states = self._last_states(cuts, contexts, count)  # [texts, count, d]
             # Mid-text and at a text's start: the first text of each kind whose key reads earlier
             # tokens gives them for every key of its kind.
             groups: dict[bool, int] = {}
-            for start, span, text_states in zip(at_start, spans, last):
+            for start, span, text_states in zip(at_start, spans, subject_states):
                 if span > 1 and count > 1 and start not in groups:
                     groups[start] = len(prefixes)
                     prefixes.append(text_states[:-1].flip(0))
-            states.append(last[:, -1])
+            states.append(subject_states[:, -1])
             owners += [j] * len(cuts)
             tokens += spans
             prefix += [groups.get(start, -1) if span > 1 else -1 for start, span in zip(at_start, spans)]
@@ -265,7 +271,7 @@ class Editor:
         suffix = None
         if contexts is not None and len(cuts) > context_count:
             suffix = _shared_suffix(cuts[1 : 1 + context_count], contexts.prefixes)
-        if suffix is None:  # the contexts' tokens change at the seam: each text whole
+        if suffix is None or contexts is None:  # the contexts' tokens change at the seam: each text whole
             return _last_positions(self.routing_layer_output(cuts)[0], count)
         alone = [cuts[0], *cuts[1 + context_count :]]
         parts = [_last_positions(self.routing_layer_output([cut])[0], count) for cut in alone]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch.nn import functional as F
@@ -13,6 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attach import Attachment, InterventionSet, RowGroup, final_logits
 from .encoding import left_padded, pad_token_id, positions_from_mask
+from .prefix_cache import kv_layers
 from .routing import Routes
 
 
@@ -65,7 +67,7 @@ def stream(
         interventions = attachment.interventions
     routes = Routes(prompt=attention.bool(), offsets=torch.zeros_like(attention))
     for fed in range(1, max_new_tokens + 1):
-        edited = nullcontext()
+        edited: AbstractContextManager[object] = nullcontext()
         if attachment is not None:
             edited = attachment.intervene(intervene, interventions=interventions, routes=routes)
         with lock or nullcontext(), edited:
@@ -115,6 +117,9 @@ def generate(
     return rows
 
 
+FinishReason = Literal["stop", "length"]  # an end-of-sequence token, or max_new_tokens
+
+
 @dataclass(eq=False)
 class Row:
     """One request in a `ContinuousBatch`: its prompt, limits, adapter and sampling, and what it
@@ -128,7 +133,7 @@ class Row:
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = frozenset()
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (an end-of-sequence token) or "length"
+    finish_reason: FinishReason | None = None  # "stop" (an end-of-sequence token) or "length"
     cancelled: bool = False  # set by the caller: the row leaves at the next step boundary
     blocks_open: torch.Tensor | None = None  # [sealed blocks] its prompt opened (routing.py)
 
@@ -269,6 +274,7 @@ class ContinuousBatch:
         self._leave()
         if not self.rows:
             return
+        assert self._cache is not None and self._attention is not None  # a batch with rows has both
         rows = self.rows
         input_ids = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
         position_ids = self._attention.sum(-1, keepdim=True)  # real tokens so far: the next position
@@ -324,8 +330,9 @@ class ContinuousBatch:
             self._cache, self._attention, self.rows = cache, attention, rows
             self._trim()
             return
+        assert self._attention is not None  # set with the cache
         width = max(self._attention.shape[1], attention.shape[1])
-        for mine, new in zip(self._cache.layers, cache.layers):
+        for mine, new in zip(kv_layers(self._cache), kv_layers(cache)):
             mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(new.keys[index], width, -2)])
             mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(new.values[index], width, -2)])
         self._attention = torch.cat([_pad_left(self._attention, width, 1), _pad_left(attention, width, 1)])
@@ -338,6 +345,7 @@ class ContinuousBatch:
         if not keep:
             self.rows, self._cache, self._attention = [], None, None
             return
+        assert self._cache is not None and self._attention is not None  # a batch with rows has both
         index = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(index)
         self._attention = self._attention[index]
@@ -346,16 +354,27 @@ class ContinuousBatch:
 
     def _trim(self) -> None:
         """Drops the leading columns that are padding in every row (left by rows that left)."""
+        assert self._cache is not None and self._attention is not None  # a batch with rows has both
         first = int(self._attention.any(0).long().argmax())
         if first:
             self._attention = self._attention[:, first:]
-            for layer in self._cache.layers:
+            for layer in kv_layers(self._cache):
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
 
 
 class _NoRoutes(nullcontext):
     def __init__(self, rows: int):
         super().__init__([None] * rows)
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The rows' tensors of one kind concatenated, None where they have none (a forward's routes
+    all set the same fields)."""
+    if parts[0] is None:
+        return None
+    tensors = [part for part in parts if part is not None]
+    assert len(tensors) == len(parts), "routes that set different fields"
+    return torch.cat(tensors)
 
 
 class _Grouped:
@@ -368,17 +387,19 @@ class _Grouped:
         device = mask.device
         for members in groups:
             stacked = [routes[i] for i in members]
-            prompt = None if stacked[0].prompt is None else torch.cat([r.prompt for r in stacked])
-            opened = None if stacked[0].open is None else torch.cat([r.open for r in stacked])
-            self.routes.append(Routes(prompt=prompt, open=opened, offsets=torch.cat([r.offsets for r in stacked])))
+            prompt = _cat([r.prompt for r in stacked])
+            opened = _cat([r.open for r in stacked])
+            self.routes.append(Routes(prompt=prompt, open=opened, offsets=_cat([r.offsets for r in stacked])))
         adapters = [rows[members[0]].interventions for members in groups]
+        self.context: AbstractContextManager[object]
         if len(groups) == 1:
             self.context = attachment.intervene(mask, interventions=adapters[0], routes=self.routes[0])
         else:
-            self.context = attachment.intervene_rows(
-                mask,
-                [RowGroup(a, torch.tensor(m, device=device), r) for a, m, r in zip(adapters, groups, self.routes)],
-            )
+            row_groups = []
+            for adapter, members, group_routes in zip(adapters, groups, self.routes):
+                assert adapter is not None  # `ContinuousBatch.join` gives every row one
+                row_groups.append(RowGroup(adapter, torch.tensor(members, device=device), group_routes))
+            self.context = attachment.intervene_rows(mask, row_groups)
 
     def __enter__(self) -> list[torch.Tensor | None]:
         self.context.__enter__()

@@ -40,6 +40,10 @@ def kept_span(states: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 class BasisIntervention(nn.Module):
+    # Buffers (`add_gates`)
+    gate_center: torch.Tensor
+    gate_scale: torch.Tensor
+
     def __init__(
         self,
         hidden_size: int,

@@ -159,7 +159,7 @@ def evaluate(
     # One greedy decode of each edit prompt (one per request) serves both rel_em and rep.
     prompts = [group[0] for group in kinds["rel"]]
     decoded = _greedy_answers(editor, prompts, REPEAT_WINDOW) if prompts else []
-    columns = {
+    columns: dict[str, list[float | None]] = {
         "rel": per_request(scored(kinds["rel"], accuracy)),
         "gen": per_request(scored(kinds["gen"], accuracy)),
         "loc": per_request(loc_scores),
@@ -176,9 +176,9 @@ def evaluate(
 def summarize(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
     """Mean of each metric over the requests that have it (None where none has)."""
     names = list(dict.fromkeys(name for row in rows for name in row))
-    out = {}
+    out: dict[str, float | None] = {}
     for name in names:
-        values = [r[name] for r in rows if r.get(name) is not None]
+        values = [value for r in rows if (value := r.get(name)) is not None]
         out[name] = mean(values) if values else None
     # KnowEdit's summary figure of a grouped metric: the mean of its groups' means.
     for metric in dict.fromkeys(name.split("/")[0] for name in names if "/" in name):

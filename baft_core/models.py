@@ -78,7 +78,7 @@ def _build_cache(gguf: Path, digest: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # Dequantised weights are plain tensors: drop the GGUF marker so they save as safetensors.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # an attribute transformers sets without declaring it
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -137,6 +137,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=load_dtype(precision), local_files_only=True
     )
-    model.to(torch_device).eval()
+    # transformers wraps `to` in functools.wraps(nn.Module.to), typed as the unbound function
+    model.to(torch_device).eval()  # type: ignore[arg-type]
     pack_frozen(model, precision, torch_device)
     return LoadedModel(model, tokenizer, identity, precision)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,8 +76,9 @@ class _PackedLinear(nn.Module):
 
     dtype: torch.dtype
     kernel: str
-    pack: Callable[[torch.Tensor], torch.Tensor]
-    product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    # The packed weight is the kind's own (a tensor in oneDNN's layout, FBGEMM's ScriptObject)
+    pack: Callable[[torch.Tensor], Any]
+    product: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
 
     def __init__(self, linear: nn.Linear):
         super().__init__()

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from torch import nn
 from . import packed_linears
 from .config import EditConfig
 from .prefix_cache import attention_context, training_attention
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # fp32 models whose frozen linear layers are packed (packed_linears.py): holding fp16 weights,
 # multiplied by FBGEMM, or fp32 weights in oneDNN's layout
@@ -127,7 +131,7 @@ def measured_choice(config, cache_dir: Path) -> dict:
         except Exception as error:  # the probe only picks a speed: a model it cannot cut still runs
             log.warning("timing the precisions failed (%r): running float32, not remembered; DTYPE chooses", error)
             return {"key": key, "seconds": {}, "choice": "float32", "error": repr(error)}
-        record = {"key": key, "seconds": seconds, "choice": min(seconds, key=seconds.get)}
+        record = {"key": key, "seconds": seconds, "choice": min(seconds, key=seconds.__getitem__)}
         staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
         staging.write_text(json.dumps(record, indent=1, default=str))
         staging.rename(path)
@@ -142,7 +146,7 @@ def measure_candidates(config, candidates: list[str], repeats: int = PROBE_REPEA
     as fp16 weights, bench/results/precision_probe*.json)."""
     reference = probe_model(config)
     probes = {name: _prepared(reference, name) for name in candidates}
-    times = {name: [] for name in candidates}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     running = list(candidates)
     for repeat in range(repeats + 1):
         for name in running if repeat % 2 == 0 else running[::-1]:
@@ -155,7 +159,7 @@ def measure_candidates(config, candidates: list[str], repeats: int = PROBE_REPEA
     return {name: round(min(values), 6) for name, values in times.items()}
 
 
-def probe_model(config) -> nn.Module:
+def probe_model(config) -> PreTrainedModel:
     """The model of `config` cut to `probe_layers` decoder layers, randomly initialised, in fp32."""
     from transformers import AutoModelForCausalLM
 
@@ -179,7 +183,7 @@ def probe_layers(config) -> int:
     return max(1, min(span, PROBE_MAX_LAYER_BYTES // layer_bytes))
 
 
-def probe_step_seconds(model: nn.Module, dtype: torch.dtype) -> float:
+def probe_step_seconds(model: PreTrainedModel, dtype: torch.dtype) -> float:
     """One training step's worth of work: PROBE_ROWS positions forward through every layer and
     the head, and the gradient back to the input, as the editor's steps run (attention kernel
     included)."""
@@ -191,8 +195,9 @@ def probe_step_seconds(model: nn.Module, dtype: torch.dtype) -> float:
     return time.perf_counter() - start
 
 
-def _prepared(reference: nn.Module, precision: str) -> nn.Module:
-    model = copy.deepcopy(reference).to(load_dtype(precision))
+def _prepared(reference: PreTrainedModel, precision: str) -> PreTrainedModel:
+    # transformers wraps `to` in functools.wraps(nn.Module.to), typed as the unbound function
+    model = copy.deepcopy(reference).to(load_dtype(precision))  # type: ignore[arg-type]
     pack_frozen(model, precision, torch.device("cpu"))
     return model
 

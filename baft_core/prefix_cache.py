@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, cast
 
 import torch
 from torch import nn
@@ -34,6 +34,20 @@ def training_attention(dtype: torch.dtype, device: torch.device) -> SDPBackend |
 def attention_context(kernel: SDPBackend | None):
     """Runs attention inside it on `kernel` (None: torch's own choice)."""
     return nullcontext() if kernel is None else sdpa_kernel(kernel)
+
+
+class KVLayer(Protocol):
+    """One layer of an attention KV cache, as this package reads and rewrites it."""
+
+    keys: torch.Tensor  # [batch, kv heads, seq, head dim]
+    values: torch.Tensor
+    is_initialized: bool
+
+
+def kv_layers(cache: DynamicCache) -> list[KVLayer]:
+    """The cache's layers (the list itself). The caches here hold the keys and values of attention
+    layers; transformers types a cache layer as any of its kinds, linear attention's included."""
+    return cast(list[KVLayer], cache.layers)
 
 
 class _Captured(Exception):
@@ -65,7 +79,7 @@ def layer_output(
     """The unedited output [batch, seq, d] of one decoder layer; the layers above are not run.
     With `cache`, the KV of earlier tokens (which `attention` then covers too) is read from it and
     that of `input_ids` added to it, up to `layer`."""
-    captured = {}
+    captured: dict[str, torch.Tensor] = {}
 
     def grab(module, args, output):
         captured["h"] = output[0] if isinstance(output, tuple) else output
@@ -98,7 +112,7 @@ class SharedPrefixes:
         ids, self.mask = (t.to(device) for t in left_padded(prefixes, pad_id))
         cache = DynamicCache(config=model.config)
         layer_output(model, layer, ids, self.mask, cache)
-        self.kv = [(done.keys, done.values) for done in cache.layers if done.is_initialized]
+        self.kv = [(done.keys, done.values) for done in kv_layers(cache) if done.is_initialized]
 
     @torch.no_grad()
     def last_states(self, suffix: list[int], count: int = 1) -> torch.Tensor:
@@ -226,7 +240,10 @@ class CachedBatch:
         input of layer L0 at every suffix position, the continuations, the log-probabilities
         after each answer and each continuation token, and the sealed blocks each prompt opens."""
         device, width = prefix_ids.device, prefix_ids.shape[1]
-        layers, inputs, captured, handles = self.attachment.decoder_layers, [], {}, []
+        layers = self.attachment.decoder_layers
+        inputs: list[torch.Tensor] = []
+        captured: dict[str, torch.Tensor] = {}
+        handles: list[torch.utils.hooks.RemovableHandle] = []
 
         def grab_input(module, args, kwargs):
             inputs.append(args[0] if args else kwargs["hidden_states"])
@@ -318,9 +335,9 @@ class CachedBatch:
         if not width:
             return _Unedited(None, layer_input, continuations, after, routes)
         total = width + spoken_ids.shape[1] + len(inputs) - 1
-        if any(layer.keys.shape[-2] != total for layer in cache.layers):
+        if any(layer.keys.shape[-2] != total for layer in kv_layers(cache)):
             raise ValueError(f"an edit example of {total} tokens is longer than the model's sliding window")
-        prefix_kv = [(layer.keys[..., :width, :], layer.values[..., :width, :]) for layer in cache.layers]
+        prefix_kv = [(layer.keys[..., :width, :], layer.values[..., :width, :]) for layer in kv_layers(cache)]
         return _Unedited(prefix_kv, layer_input, continuations, after, routes)
 
     def _run(self, cache: DynamicCache):

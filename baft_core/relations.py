@@ -36,6 +36,17 @@ class RelationCheck(nn.Module):
     """Per sealed block, its edits' prompt states (`keys`) and their probes' (`probes`) at decoder
     layer `layer`'s output, and the trainable block's awaiting its seal (`pending_*`)."""
 
+    # Buffers (`__init__`)
+    keys: torch.Tensor
+    key_block: torch.Tensor
+    probes: torch.Tensor
+    probe_block: torch.Tensor
+    pending_keys: torch.Tensor
+    pending_probes: torch.Tensor
+    threshold: torch.Tensor
+    margin: torch.Tensor
+    center: torch.Tensor
+
     def __init__(self, hidden_size: int, layer: int, threshold: float, margin: float):
         super().__init__()
         self.layer = layer

@@ -60,7 +60,7 @@ def subject_tokens(tokenizer, prompt: str, subject: str | None) -> tuple[int, in
     text = prompt.rstrip()
     full = tokenizer(text, add_special_tokens=True).input_ids
     start = text.rfind(subject) if subject and subject.strip() else -1
-    if start < 0:
+    if start < 0 or not subject:  # (a subject was found only if there is one)
         return len(full) - 1, 1
     before = len(tokenizer(text[:start].rstrip(), add_special_tokens=True).input_ids) if text[:start].strip() else 0
     prefix = tokenizer(text[: start + len(subject)], add_special_tokens=True).input_ids
@@ -116,6 +116,27 @@ class Router(nn.Module):
     in the editor's history), each sealed block's answer window, the keys of the trainable block's
     edits awaiting sealing, and the lowest threshold a key may have (0: no routing). Keys are read
     at decoder layer `layer`. A block without keys (sealed before routing existed) stays open."""
+
+    # Buffers (`__init__` says what each holds)
+    keys: torch.Tensor
+    key_threshold: torch.Tensor
+    key_block: torch.Tensor
+    key_edit: torch.Tensor
+    pending: torch.Tensor
+    pending_threshold: torch.Tensor
+    pending_edit: torch.Tensor
+    key_tokens: torch.Tensor
+    key_prefix: torch.Tensor
+    prefixes: torch.Tensor
+    pending_tokens: torch.Tensor
+    pending_prefix: torch.Tensor
+    pending_prefixes: torch.Tensor
+    prefix_threshold: torch.Tensor
+    block_span: torch.Tensor
+    pending_span: torch.Tensor
+    threshold: torch.Tensor
+    center: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(
         self, hidden_size: int, threshold: float, layer: int, subject_tokens: int = 1, prefix_threshold: float = 0.3
@@ -214,6 +235,7 @@ class Router(nn.Module):
             thresholds = torch.full((len(keys),), float(self.threshold))
         if tokens is None:
             tokens, prefix = torch.ones(len(keys), dtype=torch.long), torch.full((len(keys),), -1)
+        assert prefix is not None, "`prefix` comes with `tokens`"
         tokens = tokens.clamp(max=self.subject_tokens).to(self.pending_tokens)
         prefix = torch.where(tokens > 1, prefix.to(self.pending_prefix) + len(self.pending_prefixes), -1)
         if prefixes is not None and len(prefixes):
@@ -229,8 +251,8 @@ class Router(nn.Module):
     def widen_window(self, span: int) -> None:
         """The trainable block is to hold an edit whose answer is `span` tokens long: its window
         grows to the widest of its edits'. A new tensor: forks share this buffer."""
-        span = torch.tensor([span], device=self.pending_span.device)
-        self.pending_span = torch.maximum(self.pending_span, span) if len(self.pending_span) else span
+        widest = torch.tensor([span], device=self.pending_span.device)
+        self.pending_span = torch.maximum(self.pending_span, widest) if len(self.pending_span) else widest
 
     @torch.no_grad()
     def seal(self, block: int) -> None:

@@ -78,7 +78,7 @@ class Trainer:
             unrelated, opened = self._gate_examples(interventions, features, requests or [])
         elif not gated and interventions.router.enabled:
             kept = self._kept_states(requests or [])
-        blocks = list(interventions.by_layer.values())
+        blocks = interventions.trainable_blocks()
         for intervention in blocks:
             intervention.gated = intervention.gated and gated
         try:
@@ -96,7 +96,7 @@ class Trainer:
     def _optimizer(self, interventions: InterventionSet) -> torch.optim.Optimizer:
         cfg = self.editor.config
         rotations, sources, gates = [], [], []
-        for intervention in interventions.by_layer.values():
+        for intervention in interventions.trainable_blocks():
             rotations += list(intervention.rotation.parameters())
             sources += list(intervention.source.parameters())
             if intervention.gated:
@@ -111,9 +111,11 @@ class Trainer:
             groups.append({"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups)
         # Keep every R orthonormal after each step, whoever drives this optimizer.
-        optimizer.register_step_post_hook(
-            lambda *_: [i.orthonormalize() for i in interventions.by_layer.values()]
-        )
+        def orthonormalize(*_: object) -> None:
+            for block in interventions.trainable_blocks():  # the blocks in place when it steps
+                block.orthonormalize()
+
+        optimizer.register_step_post_hook(orthonormalize)
         return optimizer
 
     @torch.no_grad()
@@ -214,9 +216,12 @@ class Trainer:
             # they kept the subject's other facts but took most paraphrases with them, as the
             # gates do (docs/method.md).
             spans = {layer: kept_span(kept[layer]) for layer in interventions.layers}
-            optimizer.register_step_post_hook(
-                lambda *_: [interventions[layer].leave_alone(*spans[layer]) for layer in interventions.layers]
-            )
+
+            def leave_kept_alone(*_: object) -> None:
+                for layer in interventions.layers:
+                    interventions[layer].leave_alone(*spans[layer])
+
+            optimizer.register_step_post_hook(leave_kept_alone)
         steps, parts = 0, {}
         # The edit loss does not train the gates, only the margins do: letting it made the gates
         # open on unrelated inputs (locality 0.67 against 0.99 on 8 ZsRE edits) and the loss swing.
@@ -232,7 +237,8 @@ class Trainer:
                     loss = loss + cfg.continuation_weight * drift
                     parts["continuation"] = drift.item()
                 if gated:
-                    usage, margin = [], 0.0
+                    usage: list[torch.Tensor] = []
+                    margin: torch.Tensor | float = 0.0
                     for layer in interventions.layers:
                         weights, hidden = record[layer]
                         usage.append(weights[is_new & on_edit, : interventions.rank].mean(0))
@@ -251,6 +257,7 @@ class Trainer:
                     if unrelated is not None:
                         margin = margin / len(interventions.layers)
                         loss = loss + cfg.locality_weight * margin
+                        assert isinstance(margin, torch.Tensor)  # summed over the layers
                         parts["margin"] = margin.item()
                 parts["loss"] = loss.item()
                 # Stop once the edit is learnt (cross-entropy and balancing): what is left of the
@@ -267,13 +274,13 @@ class Trainer:
         if gated and cfg.block_edits and interventions.sealed_gates:
             record, extra, parts["ce_sealed"] = self._fit_under_cutoff(interventions, batch, optimizer, max_steps)
             steps += extra
-        weights = self._record_usage(interventions, record, is_new & ~batch.after_answer, len(new))
+        basis_weights = self._record_usage(interventions, record, is_new & ~batch.after_answer, len(new))
         self._remember_edit_features(record, batch.rows, on_edit, len(new))
         return EditResult(
             steps=steps,
             loss=parts["loss"],
             losses=parts,
-            basis_weights=weights,
+            basis_weights=basis_weights,
         )
 
     def _fit_under_cutoff(
@@ -390,7 +397,7 @@ def _training(interventions: InterventionSet, cutoff: float = 0.0) -> Iterator[N
     """The trainable block in train mode, the edit loss kept off its gates (`gate_follows_edit`)
     and gates below `cutoff` acting as 0; back to eval mode, gates that follow the edit and no
     cutoff however the training ends."""
-    blocks = list(interventions.by_layer.values())
+    blocks = interventions.trainable_blocks()
     for intervention in blocks:
         intervention.cutoff = cutoff
         intervention.gate_follows_edit = False

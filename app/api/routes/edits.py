@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query
 from sqlalchemy.exc import IntegrityError
@@ -25,7 +25,7 @@ from ..deps import DbService, ReadyRuntime, require_json, require_read, require_
 
 router = APIRouter(prefix="/edits", tags=["edits"])
 EditId = Annotated[int, Path(ge=1, le=MAX_ID)]
-ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
 
 
 def _accepted(edits, single: bool) -> EditAccepted | EditsAccepted:
@@ -46,8 +46,10 @@ def create_edits(
     body: Annotated[EditIn | EditBatchIn, Body()],
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ):
-    single = isinstance(body, EditIn)
-    items = [body] if single else list(body)
+    if isinstance(body, EditIn):
+        single, items = True, [body]
+    else:
+        single, items = False, list(body)
     fingerprint = hashlib.sha256(
         json.dumps([i.model_dump() for i in items], sort_keys=True).encode()
     ).hexdigest()
@@ -70,6 +72,7 @@ def create_edits(
         try:
             edits = crud.add_edits(session, rows, idempotency_key, fingerprint, service.settings.max_queue)
         except IntegrityError:  # a concurrent request with the same key won
+            assert idempotency_key is not None  # only keyed rows can conflict
             session.rollback()
             return _replay(crud.edits_by_key(session, idempotency_key), fingerprint, single)
         except crud.QueueFull as full:
@@ -132,6 +135,7 @@ def edit_metrics(
     if row.status != "applied":
         reason = f"edit {edit_id} is {row.status}" + (f" ({row.error})" if row.error else "")
         raise HTTPException(409, reason + "; metrics exist once it is applied")
+    assert row.version_id is not None  # an applied edit is in a version
     if version is None and row.metrics is not None:
         return MetricsOut.build(row, row.version_id, "at_apply", row.metrics)
     target = row.version_id if version is None else None if version == "current" else int(version)

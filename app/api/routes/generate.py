@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TypedDict
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
@@ -12,6 +13,15 @@ from ...schemas import ErrorOut, GenerateIn, GenerateOut
 from ..deps import ReadyRuntime, require_read
 
 router = APIRouter(tags=["generate"])
+
+
+class _Options(TypedDict):
+    """`Runtime.stream`'s options, as the body gives them."""
+
+    temperature: float
+    top_p: float
+    seed: int | None
+    version_id: int | None
 
 
 @router.post(
@@ -27,7 +37,7 @@ def generate(body: GenerateIn, runtime: ReadyRuntime):
     limit = runtime.settings.max_new_tokens
     if body.max_new_tokens > limit:
         raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds this server's limit of {limit}")
-    options = dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, version_id=body.version)
+    options = _Options(temperature=body.temperature, top_p=body.top_p, seed=body.seed, version_id=body.version)
     if not body.stream:
         return runtime.generate(body.prompt, body.max_new_tokens, **options)
     began = time.perf_counter()

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -100,7 +101,7 @@ class OpenAIRoute(APIRoute):
 
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(require_read)])
-ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 403, 404, 409, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIError} for code in (400, 401, 403, 404, 409, 503)}
 
 
 # ----- model names -----
@@ -110,7 +111,7 @@ def _versions(runtime: Runtime) -> list[Version]:
 
 
 def _card(runtime: Runtime, name: str, version: Version | None, created) -> ModelCard:
-    return ModelCard(id=name, created=int(created.timestamp()), owned_by="baft", version=version and version.id)
+    return ModelCard(id=name, created=int(created.timestamp()), owned_by="baft", version=None if version is None else version.id)
 
 
 def resolve(runtime: Runtime, model: str) -> int | None:
@@ -163,7 +164,7 @@ def _limit(runtime: Runtime, requested: int | None, prompt_tokens: int) -> int:
     the server's limit allow."""
     server = runtime.settings.max_new_tokens
     if requested is None:
-        return max(1, min(server, runtime.reader.context - prompt_tokens))
+        return max(1, min(server, runtime.loaded_reader.context - prompt_tokens))
     if requested > server:
         raise InvalidRequest(f"max_tokens {requested} exceeds this server's limit of {server}")
     return requested
@@ -271,6 +272,7 @@ def chat_completions(body: ChatCompletionIn, runtime: ReadyRuntime):
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if not body.stream:
         text = "".join(until_stop(generation, body.stops))
+        assert generation.finish_reason is not None  # set once its text is read to the end
         return ChatCompletionOut(
             id=completion_id,
             created=created,

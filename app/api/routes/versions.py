@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ... import crud
 from ...models import Restore
-from ...schemas import MAX_ID, ErrorOut, RestoreIn, RestoreOut, VersionOut, VersionPage
+from ...schemas import MAX_ID, ErrorOut, RestoreIn, RestoreOut, RestoreStatus, VersionOut, VersionPage
 from ...service import Service
 from ..deps import DbService, require_json, require_read, require_write
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/versions", tags=["versions"])
 restores = APIRouter(prefix="/restores", tags=["versions"])
 VersionId = Annotated[int, Path(ge=1, le=MAX_ID)]
-ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 503)}
 
 
 @router.get("", response_model=VersionPage, dependencies=[Depends(require_read)], responses=ERRORS)
@@ -62,11 +62,13 @@ async def restore_version(service: DbService, version_id: VersionId, body: Resto
     while restore.status == "queued" and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         try:
-            restore = await run_in_threadpool(_get_restore, service, restore.id)
+            current = await run_in_threadpool(_get_restore, service, restore.id)
         except DBAPIError as err:
             # The restore is accepted (committed): a 503 now would have the client send it again.
             log.warning("restore %d accepted; its status cannot be read (%s)", restore.id, err)
             break
+        assert current is not None  # restore rows are never deleted
+        restore = current
     return _restore_answer(restore)
 
 
@@ -95,7 +97,7 @@ def _restore_answer(restore: Restore) -> JSONResponse:
         raise HTTPException(409, f"restore of version {restore.target_version_id} failed: {restore.error}")
     out = RestoreOut(
         restore_id=restore.id,
-        status=restore.status,
+        status=cast(RestoreStatus, restore.status),  # a row's status is one of these (and is validated)
         version=restore.version_id,
         restored_from=restore.target_version_id,
         error=restore.error,
