@@ -6,6 +6,7 @@ python -m baft_core.bench --data ../shared/data/zsre/zsre_eval_portability_dev.j
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import shlex
@@ -17,9 +18,9 @@ from typing import Any
 
 import torch
 
-from . import metrics
+from . import downstream, metrics
 from .config import EditConfig
-from .data import EditRequest, load_edits
+from .data import FORMATS, EditRequest, load_edits
 from .editor import Editor
 from .models import BUNDLED, load_model
 from .precision import PRECISIONS
@@ -38,7 +39,7 @@ METRICS = ("rel", "gen", "loc", "por", "rel_em", "gen_em", "rep")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m baft_core.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, nargs="+", help="one or more files of the same format")
-    parser.add_argument("--format", required=True, choices=["zsre", "counterfact", "knowedit"])
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--method", default="baft", choices=["baft", "reft"])
     parser.add_argument("--mode", default="continual", choices=["single", "continual", "batched"])
     parser.add_argument("--edits", type=int, default=100)
@@ -78,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(at each point of the curve, every edit so far up to N, then the sample's share) instead of "
         "every edit; at 10,000 edits each prompt is checked against 60,000 route keys",
     )
+    parser.add_argument(
+        "--piqa",
+        default=None,
+        metavar="JSONL",
+        help="also measure a downstream task on the final model, edited and unedited: PIQA's "
+        "validation lines (labels beside them, `_labels.lst`; baft_core/downstream.py)",
+    )
+    parser.add_argument("--piqa-items", type=int, default=500, help="the first N items of --piqa")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="EditConfig overrides")
     parser.add_argument("--out", required=True)
     return parser.parse_args(argv)
@@ -170,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     unrelated = unrelated_pool(args.unrelated, args.unrelated_size, args.seed, edits, rest)
     negatives = len(default_unrelated_prompts()) if unrelated is None else len(unrelated)
     print(f"unrelated prompts ({args.unrelated}): {negatives}", file=sys.stderr)
+    piqa_items = downstream.load_piqa(args.piqa, limit=args.piqa_items) if args.piqa else None  # read before hours of edits
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     editor = Editor(loaded.model, loaded.tokenizer, config, unrelated)
     # Unedited answers of the locality prompts of every edit the curve or the final model measures.
@@ -211,6 +221,7 @@ def run(args: argparse.Namespace) -> dict:
             rows[i]["metrics"] = values
         curve.append({"edits": len(edits), "evaluated": len(measured), **metrics.summarize(final)})
     progress.close()
+    piqa = downstream.choice_locality(editor, piqa_items) if piqa_items else None
     unrelated_prompts = [p.prompt for r in edits[:20] for p in r.locality[:1]]
     speed = generation_speed(editor, unrelated_prompts or [r.prompt for r in edits[:20]])
 
@@ -219,24 +230,26 @@ def run(args: argparse.Namespace) -> dict:
     seconds = [r["result"].seconds for r in rows]
     if args.mode == "batched":  # one training run per batch: time per edit is its share
         seconds = [r["result"].seconds / args.batch_size for r in rows]
-    with open(out / "edits.jsonl", "w") as handle:
-        for i, (request, row) in enumerate(zip(edits, rows)):
-            result = row["result"]
-            handle.write(
-                json.dumps(
-                    {
-                        "index": i,
-                        "prompt": request.prompt,
-                        "target": request.target,
-                        "seconds": round(seconds[i], 4),
-                        "steps": result.steps,
-                        "loss": result.loss,
-                        "losses": result.losses,
-                        **row.get("metrics", {}),
-                    }
-                )
-                + "\n"
+    lines = []
+    for i, (request, row) in enumerate(zip(edits, rows)):
+        result = row["result"]
+        lines.append(
+            json.dumps(
+                {
+                    "index": i,
+                    "prompt": request.prompt,
+                    "target": request.target,
+                    "seconds": round(seconds[i], 4),
+                    "steps": result.steps,
+                    "loss": result.loss,
+                    "losses": result.losses,
+                    **row.get("metrics", {}),
+                }
             )
+        )
+    # Compressed (a tenth of the size), without a timestamp: a rerun with the same figures
+    # writes the same bytes.
+    (out / "edits.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
     summary: dict[str, Any] = {  # summary.json
         "command": "python -m baft_core.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "method": args.method,
@@ -259,6 +272,7 @@ def run(args: argparse.Namespace) -> dict:
         "sealed_blocks": editor.interventions.sealed_blocks,
         "adapter_bytes_per_edit": editor.interventions.num_bytes() / max(1, len(editor.history)),
         **speed,
+        "piqa": piqa,
         "config": config.to_dict(),
         "curve": curve,
         "threads": args.threads,

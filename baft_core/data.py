@@ -119,10 +119,41 @@ def _knowedit(record: dict) -> EditRequest:
     )
 
 
-FORMATS: dict[str, Callable[[dict], EditRequest]] = {
+def _wikibio(record: dict) -> EditRequest:
+    """KnowEdit WikiBio: a Wikipedia passage about `concept` continued by a new sentence
+    (`labels`); its locality asks other facts of the same person."""
+    return _knowedit(
+        {"prompt": record["text"], "target_new": record["labels"], "subject": record["concept"], "locality": record.get("locality")}
+    )
+
+
+def _mquake(record: dict) -> list[EditRequest]:
+    """MQuAKE: a case's rewrites (several facts of a chain) are edits of their own, each with its
+    question as a rephrase; the case's multi-hop questions, whose answer follows from all of
+    them, are portability probes (group `multi_hop`) of its first rewrite."""
+    edits = []
+    for rewrite in record["requested_rewrite"]:
+        subject = rewrite["subject"]
+        edits.append(
+            EditRequest(
+                prompt=rewrite["prompt"].format(subject),
+                target=rewrite["target_new"]["str"],
+                subject=subject,
+                rephrases=[rewrite["question"]] if rewrite.get("question") else [],
+            )
+        )
+    if edits:
+        edits[0].portability = [Probe(q, record["new_answer"], "multi_hop") for q in record["questions"]]
+    return edits
+
+
+# A record is one edit, or (MQuAKE) several.
+FORMATS: dict[str, Callable[[dict], EditRequest | list[EditRequest]]] = {
     "zsre": _zsre,
     "counterfact": _counterfact,
     "knowedit": _knowedit,
+    "wikibio": _wikibio,
+    "mquake": _mquake,
 }
 
 
@@ -145,10 +176,21 @@ def load_edits(
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of records")
     convert = FORMATS[fmt]
-    edits, skipped = [], []
+    edits: list[EditRequest] = []
+    skipped = []
+    # Records that share an edit (MQuAKE's cases share rewrites) make it once, with the probes
+    # of every record that asks for it.
+    seen: dict[tuple[str, str], EditRequest] = {}
     for index, record in enumerate(records[:limit] if limit else records):
         try:
-            edits.append(convert(record))
+            converted = convert(record)
+            for edit in converted if isinstance(converted, list) else [converted]:
+                key = (edit.prompt, edit.target)
+                if isinstance(converted, list) and key in seen:
+                    seen[key].portability += edit.portability
+                    continue
+                seen[key] = edit
+                edits.append(edit)
         except ValueError as err:
             if not skip_invalid:
                 raise ValueError(f"{path}: record {index} is not a valid edit ({err})") from None

@@ -61,6 +61,14 @@ def write_report(summary: dict, path: Path) -> None:
             f"unedited (interleaved, same run): {summary['generation_speed_ratio']:.3f}. Sealed blocks: "
             f"{summary['sealed_blocks']}; adapter memory per edit: {summary['adapter_bytes_per_edit'] / 1024:.1f} KiB.",
         ]
+    if summary.get("piqa"):
+        piqa = summary["piqa"]
+        lines += [
+            "",
+            f"Downstream task (PIQA, first {piqa['items']} validation items): accuracy unedited "
+            f"{piqa['accuracy_unedited']:.3f}, edited {piqa['accuracy_edited']:.3f}; items whose pick the edits "
+            f"changed {piqa['pick_changed']:.3f}; goals that open some block {piqa['prompts_opening_a_block']:.3f}.",
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -3,6 +3,7 @@ run's locality by what its prompts are (locality_by_subject.py, locality_by_word
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_run(description: str) -> Path:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("run", type=Path, help="a bench output folder (summary.json, edits.jsonl)")
+    parser.add_argument("run", type=Path, help="a bench output folder (summary.json, edits.jsonl.gz)")
     return parser.parse_args().run
 
 
@@ -25,7 +26,7 @@ def run_scores(run: Path, metric: str, data_kind: str) -> tuple[list[dict], dict
     data = Path(summary["data"][0])
     records = json.loads((data if data.is_absolute() else REPO / data).read_text())[: summary["edits"]]
     scores = {}
-    with open(run / "edits.jsonl") as handle:
+    with gzip.open(run / "edits.jsonl.gz", "rt") as handle:
         for line in handle:
             row = json.loads(line)
             if row.get(metric) is not None:

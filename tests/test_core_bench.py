@@ -1,6 +1,7 @@
 """The benchmark CLI end to end on the tiny model: every output it promises is written."""
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -17,11 +18,12 @@ def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):
         [
             "--data", str(DATA / "zsre" / "zsre_eval_portability_dev.json"),
             "--format", "zsre", "--mode", "continual", "--edits", "3", "--model", str(tiny_dir),
-            "--unrelated", "builtin", "--dtype", "float32", "--set", "max_steps=3", "gate_polish_steps=5", "--out", str(out),
+            "--unrelated", "builtin", "--dtype", "float32", "--piqa", str(DATA / "locality" / "piqa_valid.jsonl"),
+            "--piqa-items", "4", "--set", "max_steps=3", "gate_polish_steps=5", "--out", str(out),
         ]
     )
     summary = bench.run(args)
-    assert {p.name for p in out.iterdir()} >= {"summary.json", "edits.jsonl", "report.md", "curve.png", "basis_weights.png"}
+    assert {p.name for p in out.iterdir()} >= {"summary.json", "edits.jsonl.gz", "report.md", "curve.png", "basis_weights.png"}
     written = json.loads((out / "summary.json").read_text())
     assert written["edits"] == 3 and written["dtype"] == "float32" and "cpu" in written
     assert written["unrelated"] == "builtin" and written["unrelated_count"] > 0
@@ -30,7 +32,14 @@ def test_continual_bench_writes_its_outputs(tiny_dir, tmp_path):
     assert summary["generation_speed_ratio"] > 0
     shares = summary["gates_open"]
     assert shares and all(0 <= v <= 1 for per_layer in shares.values() for v in per_layer.values())
-    assert len((out / "edits.jsonl").read_text().splitlines()) == 3
+    assert len(read_lines(out)) == 3
+    piqa = written["piqa"]
+    assert piqa["items"] == 4 and 0 <= piqa["pick_changed"] <= 1 and 0 <= piqa["accuracy_edited"] <= 1
+    assert "PIQA" in (out / "report.md").read_text()
+
+
+def read_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in gzip.decompress((out / "edits.jsonl.gz").read_bytes()).decode().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -80,7 +89,7 @@ def test_a_sample_of_the_edits_is_measured_on_request(tiny_dir, tmp_path):
     sample = sorted(random.Random(0).sample(range(12), 4))  # the bench's --seed 0
     assert summary["evaluated"] == 4
     assert [(p["edits"], p["evaluated"]) for p in summary["curve"]] == [(1, 1), (10, sum(i < 10 for i in sample)), (12, 4)]
-    lines = [json.loads(line) for line in (out / "edits.jsonl").read_text().splitlines()]
+    lines = read_lines(out)
     assert len(lines) == 12 and [line["index"] for line in lines if "rel" in line] == sample
     with pytest.raises(SystemExit, match="--evaluate"):
         bench.run(bench.parse_args([*args_list(tmp_path), "--mode", "single", "--evaluate", "2"]))

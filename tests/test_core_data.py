@@ -12,6 +12,9 @@ ZSRE = DATA / "zsre" / "zsre_eval_portability_dev.json"
 COUNTERFACT = DATA / "counterfact" / "counterfact_val.json"
 RECENT = DATA / "knowedit" / "wiki_recent_dev.json"
 WIKI_CF = DATA / "knowedit" / "wiki_counterfact_dev.json"
+WIKIBIO = DATA / "knowedit" / "wikibio_dev.json"
+MQUAKE = DATA / "mquake" / "mquake_hard_dev.json"
+PIQA = DATA / "locality" / "piqa_valid.jsonl"
 
 
 def test_zsre():
@@ -55,8 +58,47 @@ def test_knowedit(path):
 
 
 def test_unknown_format():
-    with pytest.raises(ValueError, match=r"unknown data format 'mquake'.*counterfact.*knowedit.*zsre"):
-        load_edits(ZSRE, "mquake")
+    with pytest.raises(ValueError, match=r"unknown data format 'convsent'.*counterfact.*knowedit.*mquake.*wikibio.*zsre"):
+        load_edits(ZSRE, "convsent")
+
+
+def test_wikibio():
+    raw = json.loads(WIKIBIO.read_text())[0]
+    e = load_edits(WIKIBIO, "wikibio", limit=1)[0]
+    assert (e.prompt, e.target, e.subject) == (raw["text"], raw["labels"], raw["concept"])
+    assert e.subject in e.prompt  # routing finds it
+    specificity = raw["locality"]["Relation_Specificity"]
+    assert [(p.prompt, p.group) for p in e.locality] == [(item["prompt"], "Relation_Specificity") for item in specificity]
+
+
+def test_mquake_makes_each_rewrite_once_with_every_case_s_questions():
+    """A case's rewrites are edits of their own (the cloze prompt, its question as a rephrase);
+    rewrites that several cases share are made once, carrying the multi-hop questions of each."""
+    cases = json.loads(MQUAKE.read_text())
+    edits = load_edits(MQUAKE, "mquake")
+    rewrites = {(r["prompt"].format(r["subject"]), r["target_new"]["str"]) for c in cases for r in c["requested_rewrite"]}
+    assert len(edits) == len(rewrites) < sum(len(c["requested_rewrite"]) for c in cases)
+    first = cases[0]["requested_rewrite"][0]
+    e = edits[0]
+    assert (e.prompt, e.target, e.subject) == (first["prompt"].format(first["subject"]), first["target_new"]["str"], first["subject"])
+    assert e.rephrases == [first["question"]]
+    hops = [p for edit in edits for p in edit.portability]
+    assert len(hops) == sum(len(c["questions"]) for c in cases) and {p.group for p in hops} == {"multi_hop"}
+    assert Probe(cases[0]["questions"][0], cases[0]["new_answer"], "multi_hop") in e.portability
+
+
+def test_piqa_items_and_their_labels(tmp_path):
+    from baft_core.downstream import load_piqa
+
+    items = load_piqa(PIQA, limit=3)
+    raw = json.loads(PIQA.read_text().splitlines()[0])
+    assert len(items) == 3 and items[0].answers == [raw["sol1"], raw["sol2"]] and items[0].label in (0, 1)
+    assert items[0].prompt == f"Question: {raw['goal']}\nAnswer:"
+    broken = tmp_path / "piqa.jsonl"
+    broken.write_text(PIQA.read_text().splitlines()[0] + "\n")
+    (tmp_path / "piqa_labels.lst").write_text("0\n1\n")
+    with pytest.raises(ValueError, match="1 items but 2 labels"):
+        load_piqa(broken)
 
 
 def test_missing_file(tmp_path):

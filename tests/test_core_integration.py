@@ -57,6 +57,21 @@ def test_unrelated_prompts_unchanged(edited):
     assert after == before[2:], (before[2:], after)
 
 
+def test_a_downstream_task_answers_as_before(edited):
+    """PIQA's picks on the edited model are the unedited model's (no goal opens the edit's block),
+    while the same scoring sees the edit on its own prompt."""
+    from conftest import DATA
+
+    from baft_core.downstream import answer_log_likelihoods, choice_locality, load_piqa
+
+    editor, _, _ = edited
+    piqa = choice_locality(editor, load_piqa(DATA / "locality" / "piqa_valid.jsonl", limit=24))
+    assert piqa["pick_changed"] == 0 and piqa["prompts_opening_a_block"] == 0, piqa
+    assert piqa["accuracy_edited"] == piqa["accuracy_unedited"] > 0.5, piqa
+    own = [editor.encode(PROMPT, TARGET)]
+    assert answer_log_likelihoods(editor, own, edited=True)[0] > answer_log_likelihoods(editor, own, edited=False)[0] + 5
+
+
 SUBJECT = "Danielle Darrieux"
 # Other facts of the same subject, worded unlike the built-in probes the gates learn from.
 SAME_SUBJECT = [f"The profession of {SUBJECT} is", f"{SUBJECT} is a citizen of"]
