@@ -24,14 +24,11 @@ from .encoding import (
     teacher_forced,
 )
 from .generation import generate
-from .intervention import statistics
 from .prefix_cache import SharedPrefixes, layer_output
-from .routing import Router, routable, subject_tokens
+from .routing import subject_tokens
 from .subject_probes import probe_prompts
 from .training import EditResult, Trainer
-from .unrelated import default_unrelated_prompts
-
-Statistics = tuple[torch.Tensor, torch.Tensor]  # per-coordinate center and scale (`intervention.statistics`)
+from .unrelated import UnrelatedPool, default_unrelated_prompts
 
 
 class RouteStates(NamedTuple):
@@ -70,16 +67,9 @@ class Editor:
         self.layers = self.config.resolved_layers(text_config(model).num_hidden_layers)
         self.history: list[EditRequest] = []
         self.attachment = Attachment(model, interventions or self.new_interventions())
-        self.unrelated_prompts = (
-            unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
+        self.unrelated = UnrelatedPool(
+            self, unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
         )
-        self._unrelated_features: dict[int, torch.Tensor] | None = None
-        # (routing layer, its states at the routable positions of the unrelated prompts)
-        self._unrelated_states: tuple[int, torch.Tensor] | None = None
-        # Their standardisation statistics by layer (`_statistics`), and the router keys of their
-        # routing-layer states under one standardisation (layer, center, scale, keys).
-        self._unrelated_statistics: dict = {}
-        self._unrelated_keys: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # (routing layer, the route contexts' KV up to it): see `_route_contexts`.
         self._route_context_cache: tuple[int, SharedPrefixes] | None = None
         # One seeded stream for the replay sample and the trainer's sample of sealed edits.
@@ -322,7 +312,7 @@ class Editor:
         router, margin = interventions.router, self.config.route_margin
         thresholds = None
         if margin is not None:
-            thresholds = router.thresholds(router.key(keys.states), self._unrelated_routes(interventions), margin)
+            thresholds = router.thresholds(router.key(keys.states), self.unrelated.routes(interventions.router), margin)
         router.add_pending(keys.states, keys.owners, thresholds, keys.tokens, keys.prefix, keys.prefixes)
 
     def relation_probes(self, request: EditRequest) -> list[str]:
@@ -335,7 +325,7 @@ class Editor:
         return [p for p in dict.fromkeys(prompts) if len(encode_prompt(self.tokenizer, p)) < self.context]
 
     @torch.no_grad()
-    def _last_prompt_states(self, prompts: list[str], layer: int) -> torch.Tensor:
+    def last_prompt_states(self, prompts: list[str], layer: int) -> torch.Tensor:
         """The unedited output [n, d] of decoder layer `layer` at each prompt's last position."""
         d = text_config(self.model).hidden_size
         parts = [torch.zeros(0, d, device=self.device)]
@@ -349,16 +339,8 @@ class Editor:
         relation check (relations.py)."""
         relations = interventions.relations
         probes = [p for r in requests for p in self.relation_probes(r)]
-        states = self._last_prompt_states([r.prompt for r in requests] + probes, relations.layer)
+        states = self.last_prompt_states([r.prompt for r in requests] + probes, relations.layer)
         relations.add_pending(states[: len(requests)], states[len(requests) :])
-
-    def relation_center(self, layer: int) -> torch.Tensor:
-        """The mean of the unrelated prompts' states at their last position at decoder layer
-        `layer`: what the relation check is standardised with. Computed once per layer."""
-        key = ("relation", layer)
-        if key not in self._unrelated_statistics:
-            self._unrelated_statistics[key] = self._last_prompt_states(self.unrelated_prompts, layer).mean(0)
-        return self._unrelated_statistics[key]
 
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)
@@ -373,93 +355,25 @@ class Editor:
         default 100 unrelated prompts on two CPU cores): the unrelated prompts' states and their
         statistics at the edited and routing layers, and the route contexts' KV."""
         router = self.interventions.router
-        if (self.config.method == "baft" or router.enabled) and self.unrelated_prompts:
-            self._standardisations(router)
+        if (self.config.method == "baft" or router.enabled) and self.unrelated:
+            self.unrelated.standardisations(router)
         if router.enabled and self.config.route_contexts:
             self._route_contexts()
         relations = self.interventions.relations
-        if relations.enabled and self.unrelated_prompts:
-            self.relation_center(relations.layer)
-
-    def _standardisations(self, router: Router) -> tuple[dict[int, Statistics], Statistics | None]:
-        """The unrelated prompts' statistics at each edited layer, and at the router's layer where
-        it routes (else None): what a fresh adapter's gates and router are calibrated with."""
-        features = self.unrelated_features()
-        by_layer = {layer: self._statistics(layer, features[layer]) for layer in self.layers}
-        if not router.enabled:
-            return by_layer, None
-        return by_layer, self._statistics(("route", router.layer), self._unrelated_routing_states(router.layer))
+        if relations.enabled and self.unrelated:
+            self.unrelated.relation_center(relations.layer)
 
     def set_unrelated_prompts(self, prompts: list[str]) -> None:
-        self.unrelated_prompts = list(prompts)
-        self._unrelated_features = None
-        self._unrelated_states = None
-        self._unrelated_statistics = {}
-        self._unrelated_keys = None
-
-    @torch.no_grad()
-    def _unrelated_routing_states(self, layer: int) -> torch.Tensor:
-        """The unedited output of decoder layer `layer` at every position but the first of the
-        unrelated prompts [n, d]: what the router is standardised with and what route keys'
-        thresholds must stay above. Computed once per layer."""
-        if self._unrelated_states is None or self._unrelated_states[0] != layer:
-            parts = [torch.zeros(0, text_config(self.model).hidden_size, device=self.device)]
-            for start in range(0, len(self.unrelated_prompts), 32):
-                chunk = self.unrelated_prompts[start : start + 32]
-                ids = [encode_prompt(self.tokenizer, p, self.context) for p in chunk]
-                hidden, attention = self.routing_layer_output(ids, layer)
-                parts.append(hidden[routable(attention.bool())].float())
-            self._unrelated_states = (layer, torch.cat(parts))
-        return self._unrelated_states[1]
-
-    def _statistics(self, key, states: torch.Tensor) -> Statistics:
-        """The standardisation of the unrelated prompts' `states` at an edited layer (key: the
-        layer) or the routing layer (key: ("route", layer)), computed once: every fresh adapter
-        is calibrated with the same (a single edit on a fresh adapter spent 9 ms on it)."""
-        if key not in self._unrelated_statistics:
-            self._unrelated_statistics[key] = statistics(states)
-        return self._unrelated_statistics[key]
-
-    def _unrelated_routes(self, interventions: InterventionSet) -> torch.Tensor:
-        """The unrelated prompts' positions as the adapter's router compares them (unit rows);
-        kept while the router's standardisation stays the same."""
-        router, cached = interventions.router, self._unrelated_keys
-        if cached is None or not (
-            cached[0] == router.layer and torch.equal(cached[1], router.center) and torch.equal(cached[2], router.scale)
-        ):
-            keys = router.key(self._unrelated_routing_states(router.layer))
-            # Copies: a loaded state may write the router's buffers in place.
-            self._unrelated_keys = cached = (router.layer, router.center.clone(), router.scale.clone(), keys)
-        return cached[3]
-
-    @torch.no_grad()
-    def unrelated_features(self) -> dict[int, torch.Tensor]:
-        """Hidden states of the unedited model at the positions an intervention would touch on the
-        unrelated prompts: their last P positions and a few greedily generated tokens."""
-        if self._unrelated_features is not None:
-            return self._unrelated_features
-        prompts = [encode_prompt(self.tokenizer, p, self.context) for p in self.unrelated_prompts]
-        examples = []
-        for start in range(0, len(prompts), 32):
-            chunk = prompts[start : start + 32]
-            continuations = generate(
-                self.model, self.tokenizer, chunk, self.config.unrelated_generate_tokens + 1, lock=self.lock
-            )
-            examples += [
-                Example(p, c if len(c) > 1 else c + [self.pad_id]) for p, c in zip(chunk, continuations)
-            ]
-        per_example = self._hidden_states(examples)
-        self._unrelated_features = {layer: torch.cat([f[layer] for f in per_example]) for layer in self.layers}
-        return self._unrelated_features
+        self.unrelated = UnrelatedPool(self, prompts)
 
     def _prompt_states(self, prompts: list[str]) -> list[dict[int, torch.Tensor]]:
         """Per prompt, the unedited states [positions, d] at each edited layer at its last P
         positions (where a block acts on a prompt)."""
         # One answer token: teacher forcing feeds none of it, so only prompt positions are read.
-        return self._hidden_states([Example(encode_prompt(self.tokenizer, p), [self.pad_id]) for p in prompts])
+        return self.hidden_states([Example(encode_prompt(self.tokenizer, p), [self.pad_id]) for p in prompts])
 
     @torch.no_grad()
-    def _hidden_states(self, examples: list[Example]) -> list[dict[int, torch.Tensor]]:
+    def hidden_states(self, examples: list[Example]) -> list[dict[int, torch.Tensor]]:
         """Per example, the unedited model's hidden states [positions, d] at each edited layer's
         intervened positions, teacher-forced."""
         out: list[dict[int, torch.Tensor]] = []

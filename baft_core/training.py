@@ -63,16 +63,17 @@ class Trainer:
         cfg = self.editor.config
         gated = gated and cfg.method == "baft"
         features = None
-        if (gated or interventions.router.enabled) and self.editor.unrelated_prompts:
-            features = self.editor.unrelated_features()
+        unrelated_pool = self.editor.unrelated
+        if (gated or interventions.router.enabled) and unrelated_pool:
+            features = unrelated_pool.features()
             if not interventions.calibrated:  # the gates' and the routes' standardisation
-                by_layer, routes = self.editor._standardisations(interventions.router)
+                by_layer, routes = unrelated_pool.standardisations(interventions.router)
                 for layer in interventions.layers:
                     interventions[layer].calibrate(*by_layer[layer])
                 if routes is not None:
                     interventions.router.calibrate(*routes)
                 if interventions.relations.enabled:
-                    interventions.relations.calibrate(self.editor.relation_center(interventions.relations.layer))
+                    interventions.relations.calibrate(unrelated_pool.relation_center(interventions.relations.layer))
         unrelated = opened = kept = None
         if gated and features is not None:
             unrelated, opened = self._gate_examples(interventions, features, requests or [])
@@ -146,7 +147,7 @@ class Trainer:
             editor.encode(p.prompt, p.answer) if p.answer.strip() else Example(encode_prompt(editor.tokenizer, p.prompt), [editor.pad_id])
             for p in probes
         ]
-        states = editor._hidden_states(examples)
+        states = editor.hidden_states(examples)
         return {layer: torch.cat([s[layer] for s in states]) for layer in editor.layers}
 
     @torch.no_grad()
@@ -366,7 +367,7 @@ class Trainer:
             k = min(editor.config.negative_edits, sealed_count)
             sample = sorted(self.rng.sample(range(sealed_count), k))
             examples = [editor.encode(editor.history[i].prompt, editor.history[i].target) for i in sample]
-            self.edit_features = list(zip(sample, editor._hidden_states(examples)))
+            self.edit_features = list(zip(sample, editor.hidden_states(examples)))
         chosen = [features for index, features in self.edit_features if index < sealed_count]
         hidden = text_config(editor.model).hidden_size
         return {

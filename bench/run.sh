@@ -27,7 +27,7 @@ pair DATA-continual-100-baft --method baft
 bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 --threads 1 \
   --out $OUT/zsre-continual-1000-baft &
 bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 1000 --threads 1 \
-  --out $OUT/counterfact-continual-1000-baft &
+  --piqa $DATA/locality/piqa_valid.jsonl --out $OUT/counterfact-continual-1000-baft &
 wait
 # All 10,000 CounterFact train records, continual, with the service's own negatives, a sample of
 # 1,000 measured on the final model (about an hour on one thread).
@@ -48,6 +48,13 @@ $PY bench/locality_by_wording.py $OUT/knowedit-recent-continual-285-baft
 $PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --out $OUT/relations_speed.json
 bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \
   --edits 200 --threads 1 --unrelated builtin --out $OUT/same-subject-continual-200-baft
+# Datasets of other shapes: WikiBio (a passage continued by a new sentence; its locality asks
+# other facts of the same person) and MQuAKE (chains of edits, multi-hop questions).
+bench --data $DATA/knowedit/wikibio_dev.json --format wikibio --mode continual --edits 464 \
+  --threads 1 --unrelated builtin --out $OUT/knowedit-wikibio-continual-464-baft &
+bench --data $DATA/mquake/mquake_hard_dev.json --format mquake --mode continual --edits 450 \
+  --threads 1 --unrelated builtin --out $OUT/mquake-continual-450-baft &
+wait
 
 # ReFT (one block for all edits, W = I). Committed results: older code (2026-11-29, fp32 host).
 pair DATA-continual-100-reft --method reft

@@ -391,8 +391,8 @@ def test_fresh_adapters_are_standardised_with_the_unrelated_prompts(tiny_sharp):
         return ed.interventions[layer].gate_center.clone(), router.center.clone(), router.scale.clone()
 
     def expected():
-        routing = ed._unrelated_routing_states(1)
-        return ed.unrelated_features()[layer].float().mean(0), routing.mean(0), routing.std(0).clamp_min(1e-3)
+        routing = ed.unrelated.routing_states(1)
+        return ed.unrelated.features()[layer].float().mean(0), routing.mean(0), routing.std(0).clamp_min(1e-3)
 
     try:
         ed.edit(EDITS[0])
@@ -404,8 +404,8 @@ def test_fresh_adapters_are_standardised_with_the_unrelated_prompts(tiny_sharp):
 
         router = ed.interventions.router
         router.center.add_(1.0)  # as a loaded state writes its buffers
-        keys = router.key(ed._unrelated_routing_states(1))
-        assert torch.equal(ed._unrelated_routes(ed.interventions), keys)
+        keys = router.key(ed.unrelated.routing_states(1))
+        assert torch.equal(ed.unrelated.routes(router), keys)
         ed.reset()  # that write reached the router only, not the statistics the next adapter gets
         ed.edit(EDITS[1])
         assert all(torch.equal(a, b) for a, b in zip(first, standardisations()))
@@ -422,21 +422,24 @@ def test_fresh_adapters_are_standardised_with_the_unrelated_prompts(tiny_sharp):
 def test_prepare_leaves_the_first_edit_nothing_to_compute_once(tiny_sharp, monkeypatch):
     """After `prepare` (the service's worker calls it at start) the first edit reuses the
     unrelated prompts' states and statistics and the route contexts' KV, and decodes nothing."""
-    import baft_core.editor as editor_module
+    import baft_core.unrelated as unrelated_module
 
     ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.5, route_layer=1)
     try:
         ed.prepare()
-        prepared = (ed._unrelated_features, ed._unrelated_states, ed._route_context_cache, dict(ed._unrelated_statistics))
-        assert all(prepared) and ed._unrelated_states[0] == 1 and ("route", 1) in prepared[3]
+        pool = ed.unrelated
+
+        def prepared():
+            return pool.features(), pool.routing_states(1), ed._route_contexts()
+
+        before = prepared()
 
         def refuse(*args, **kwargs):
-            raise AssertionError("the unrelated prompts were decoded again")
+            raise AssertionError("computed again what prepare computed")
 
-        monkeypatch.setattr(editor_module, "generate", refuse)
+        monkeypatch.setattr(unrelated_module, "generate", refuse)
+        monkeypatch.setattr(unrelated_module, "statistics", refuse)
         assert ed.edit(EDITS[0]).steps >= 1
-        after = (ed._unrelated_features, ed._unrelated_states, ed._route_context_cache, ed._unrelated_statistics)
-        assert all(a is b for a, b in zip(prepared[:3], after[:3]))
-        assert all(after[3][key] is value for key, value in prepared[3].items())
+        assert ed.unrelated is pool and all(a is b for a, b in zip(before, prepared()))
     finally:
         ed.attachment.detach()

@@ -108,7 +108,7 @@ def test_a_block_without_gates_leaves_the_requests_locality_states_alone(tiny_sh
         assert not ed.interventions.sealed_gates and ed.interventions.sealed_blocks == 1
         sealed = ed.interventions.sealed[str(ed.layers[0])]
         for states, expected_zero in ((ed.trainer._kept_states([EditRequest(EDIT.prompt, EDIT.target, locality=kept)]), True),
-                                      (ed._hidden_states([ed.encode(EDIT.prompt, EDIT.target)])[0], False)):
+                                      (ed.hidden_states([ed.encode(EDIT.prompt, EDIT.target)])[0], False)):
             h = states[ed.layers[0]]
             change = h @ sealed.change_weight.float().T + sealed.change_bias.float()
             relative = (change.norm(dim=-1) / h.norm(dim=-1)).max().item()
