@@ -254,6 +254,9 @@ class Attachment:
 
     def __init__(self, model: PreTrainedModel, interventions: InterventionSet):
         self.model = model
+        # The dtype hidden states come in: route keys are held in it (`Router.hold_keys_in`).
+        self.key_dtype: torch.dtype = next(model.get_input_embeddings().parameters()).dtype
+        interventions.router.hold_keys_in(self.key_dtype)
         self.interventions = interventions
         self.decoder_layers = find_decoder_layers(model)
         self._mask: torch.Tensor | None = None
@@ -282,6 +285,7 @@ class Attachment:
         if interventions.layers != self.interventions.layers:
             raise ValueError("the new adapter edits other layers than the attached one")
         self._hook_layers(interventions)
+        interventions.router.hold_keys_in(self.key_dtype)
         self.interventions = interventions
 
     @contextmanager

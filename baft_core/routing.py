@@ -195,6 +195,15 @@ class Router(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.prefixes))
 
     @torch.no_grad()
+    def hold_keys_in(self, dtype: torch.dtype) -> None:
+        """Keys in the dtype the model computes in: a prompt is compared with every key, which at
+        tens of thousands of edits is a large product, and in the model's bf16 or fp16 it reads
+        half the bytes (a cosine in bf16 with fp32 accumulation is off by about 1e-4). New
+        tensors, and only where the dtype differs: forks share these buffers."""
+        if self.keys.dtype != dtype:
+            self.keys, self.pending = self.keys.to(dtype), self.pending.to(dtype)
+
+    @torch.no_grad()
     def calibrate(self, center: torch.Tensor, scale: torch.Tensor) -> None:
         """Standardise with the `statistics` of ordinary routing-layer states. New tensors, not
         in-place writes: forks share these buffers; and copies: the editor keeps the statistics
@@ -291,7 +300,8 @@ class Router(nn.Module):
         if not len(self.keys) or not len(rows):
             return opened
         # Few (position, key) pairs pass: index them rather than reduce [batch, keys] tensors.
-        match, key = (self.key(hidden[rows, positions]) @ self.keys.T > self.key_threshold).nonzero(as_tuple=True)
+        scores = self.key(hidden[rows, positions]).to(self.keys.dtype) @ self.keys.T
+        match, key = (scores > self.key_threshold).nonzero(as_tuple=True)
         rows, positions = rows[match], positions[match]
         passes = torch.ones(len(key), dtype=torch.bool, device=key.device)
         for back in range(1, self.subject_tokens):

@@ -127,8 +127,13 @@ $PY bench/precision_probe.py --out $OUT/precision_probe.json
 $PY bench/repeat_baseline.py --out $OUT/repeat_baseline.json
 
 $PY bench/summarize.py
-# Routing's cost per prompt at 10, 1,000 and 10,000 synthetic edits (docs/results.md).
+# Routing's cost per prompt at 10, 1,000 and 10,000 synthetic edits, an edit's time at 10,000
+# against 10, and route keys in bf16 against fp32 (docs/results.md, docs/method.md).
 $PY bench/routing_cost.py
+$PY bench/edit_time_growth.py
+$PY bench/route_key_dtype.py
+# What the unedited model answers to MQuAKE's multi-hop questions (docs/results.md).
+$PY bench/mquake_unedited.py
 
 # The service's measurements (docs/serving.md, docs/operations.md) have their own commands:
 # bench/service_bench.py and bench/fault_injection.py (see bench/results/service/ and

@@ -103,6 +103,36 @@ def test_router_opens_blocks_within_the_threshold():
     assert router.key_edit.tolist() == [0, 1, 2] and router.pending_edit.shape[0] == 0
 
 
+def test_keys_held_in_bf16_open_the_same_blocks():
+    """Route keys held in the model's bf16 (`hold_keys_in`) open the same blocks as in fp32 for
+    states not within a rounding of a threshold, new keys follow, and a router already in the
+    dtype keeps its tensors (forks share them)."""
+    generator = torch.Generator().manual_seed(0)
+    routers = []
+    for dtype in (torch.float32, torch.bfloat16):
+        router = Router(64, threshold=0.5, layer=0)
+        router.hold_keys_in(dtype)
+        for block in range(40):
+            router.add_pending(torch.randn(3, 64, generator=torch.Generator().manual_seed(block)), torch.full((3,), block))
+            router.seal(block)
+        routers.append(router)
+    fp32, bf16 = routers
+    assert bf16.keys.dtype == torch.bfloat16 and torch.allclose(bf16.keys.float(), fp32.keys, atol=4e-3)
+    keys = bf16.keys
+    bf16.hold_keys_in(torch.bfloat16)
+    assert bf16.keys is keys
+    # Prompts near some keys (a key plus noise) and far from all.
+    near = fp32.keys[torch.randint(0, len(fp32.keys), (16,), generator=generator)] * 3
+    hidden = torch.cat([near + 0.8 * torch.randn(16, 64, generator=generator), torch.randn(16, 64, generator=generator)])
+    hidden = torch.stack([torch.zeros(32, 64), hidden], 1)  # each row's first position is never read
+    prompt = torch.ones(32, 2, dtype=torch.bool)
+    scores = fp32.key(hidden[:, 1]) @ fp32.keys.T - fp32.key_threshold
+    assert (scores.abs() > 1e-2).all()  # no state within a rounding of a threshold
+    opened = fp32.open_blocks(hidden, prompt, 40)
+    assert opened.any() and not opened.all()
+    assert torch.equal(bf16.open_blocks(hidden.bfloat16(), prompt, 40), opened)
+
+
 def test_key_thresholds_stay_above_unrelated_prompts():
     router = Router(2, threshold=0.8, layer=0)
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
@@ -284,6 +314,34 @@ def test_route_keys_survive_checkpoints(tiny_sharp, tmp_path):
         assert router.key_edit.tolist() == router.key_block.tolist() and router.layer == ed.interventions.routing_layer
         assert (router.key_threshold >= 0.8).all() and len(router.key_threshold) == 2 * per_edit
         assert abs(float(router.threshold) - 0.8) < 1e-6
+        assert ed.generate(prompts, max_new_tokens=6) == expected
+    finally:
+        ed.attachment.detach()
+
+
+def test_a_bf16_model_holds_its_route_keys_in_bf16_through_checkpoints(tiny_sharp_dir, tmp_path):
+    """On a model that computes in bf16 the route keys are held, stored and reloaded in bf16, and
+    the reloaded adapter answers as before; an adapter of fp32 keys is converted when attached."""
+    from baft_core import load_model
+
+    loaded = load_model(str(tiny_sharp_dir), device="cpu", dtype="bfloat16")
+    ed = make_editor(loaded, block_edits=1, route_threshold=0.8)
+    try:
+        for request in EDITS:
+            ed.edit(request)
+        keys = ed.interventions.router.keys
+        assert keys.dtype == torch.bfloat16 and len(keys)
+        prompts = [r.prompt for r in EDITS] + ["Bananas are rich in"]
+        expected = ed.generate(prompts, max_new_tokens=6)
+        ed.save(tmp_path, "tiny")
+        ed.reset()
+        ed.load(tmp_path, "tiny")
+        assert torch.equal(ed.interventions.router.keys, keys)
+        assert ed.generate(prompts, max_new_tokens=6) == expected
+        fp32 = ed.interventions.fork()
+        fp32.router.hold_keys_in(torch.float32)
+        ed.load_state(fp32, ed.history)
+        assert ed.interventions.router.keys.dtype == torch.bfloat16
         assert ed.generate(prompts, max_new_tokens=6) == expected
     finally:
         ed.attachment.detach()
