@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .encoding import Example, encode, teacher_forced
+from .metrics import open_blocks, teacher_forced_routes
 
 BATCH = 16
 
@@ -51,8 +52,6 @@ def load_piqa(path: str | Path, labels: str | Path | None = None, limit: int | N
 def answer_log_likelihoods(editor, examples: list[Example], edited: bool) -> list[float]:
     """The summed log-probability of each example's answer tokens after its prompt, teacher-forced,
     through the edited model (routing decided on the prompt, as in generation) or the unedited one."""
-    from .metrics import teacher_forced_routes  # metrics imports nothing from here
-
     scores: list[float] = []
     device = editor.device
     for start in range(0, len(examples), BATCH):
@@ -71,16 +70,14 @@ def answer_log_likelihoods(editor, examples: list[Example], edited: bool) -> lis
 def choice_locality(editor, items: list[Choice]) -> dict[str, float | int]:
     """The task's accuracy unedited and edited, the share of items whose pick changed, and the
     share of their prompts that open some block."""
-    from .metrics import open_blocks
-
     examples = [encode(editor.tokenizer, item.prompt, answer, editor.context) for item in items for answer in item.answers]
+    first = [0]  # each item's first example
+    for item in items:
+        first.append(first[-1] + len(item.answers))
     picks = {}
     for edited in (False, True):
         scores = answer_log_likelihoods(editor, examples, edited)
-        offsets = [0]
-        for item in items:
-            offsets.append(offsets[-1] + len(item.answers))
-        picks[edited] = [max(range(len(item.answers)), key=lambda k: scores[offsets[i] + k]) for i, item in enumerate(items)]
+        picks[edited] = [max(range(len(item.answers)), key=lambda k: scores[first[i] + k]) for i, item in enumerate(items)]
     opened = open_blocks(editor, [item.prompt for item in items]).any(1) if editor.interventions.sealed_blocks else None
     count = len(items)
     return {
