@@ -31,7 +31,7 @@ class EditConfig:
     # comparison of the two measures the gates, not a rank. On 100 single CounterFact edits
     # generality rose with the rank (4: 0.57, 8: 0.63, 12: 0.73, 16: 0.82, 24: 0.85) at locality
     # 1.00; the price is ZsRE portability (0.30 at rank 4, 0.18 at 24), the answer said again more
-    # often after itself, and 6x the stored values per edit (docs/results.md). ReFT ran
+    # often after itself, and 6x the stored values per edit (docs/benchmarks.md). ReFT ran
     # at the paper's 12 before; those runs are kept there (`--set rank=12`).
     rank: int = 24
     layers: list[int] | None = None  # None: DEFAULT_LAYER_FRACTIONS of the model's depth
@@ -63,7 +63,7 @@ class EditConfig:
     # before, and greedy decoding said the answer again ("Argentina Argentina ..."): over 100
     # continual edits the answer came again after itself for 0.45 of ZsRE's prompts and 0.90 of
     # CounterFact's, against 0.12 and 0.31 with the window, which also needs no continuation
-    # term (6.59 steps an edit against 7.60 on ZsRE; docs/results.md).
+    # term (6.59 steps an edit against 7.60 on ZsRE; docs/benchmarks.md).
     answer_window: bool = True
     # Blocks trained without gates that act after the answer (ReFT; routed blocks without
     # `answer_window`) must keep the unedited model's next-token distribution there
@@ -83,12 +83,12 @@ class EditConfig:
     # Capacity in fixed-size blocks: a block (rank `rank` at each layer) holds this many edits,
     # then it is sealed (frozen) and a fresh block takes the next ones. 0: one block for all
     # edits, as in the paper. A block per edit kept 100 continual ZsRE edits at rel 0.98 where
-    # one shared block fell to 0.49 (docs/results.md). None: 1 for BaFT, 0 for ReFT
+    # one shared block fell to 0.49 (docs/benchmarks.md). None: 1 for BaFT, 0 for ReFT
     # (ungated blocks would all act on every input).
     block_edits: int | None = None
     # A block sealed without gates keeps this many of its strongest directions at each layer
     # (blocks.py), a third of its rank's memory: on 100 continual edits ZsRE and CounterFact kept
-    # their metrics (docs/results.md). None: all `rank`.
+    # their metrics (docs/benchmarks.md). None: all `rank`.
     sealed_rank: int | None = 8
     # In sealed blocks a gate below this is exactly off (thousands of small leaks add up).
     sealed_cutoff: float = 0.1
@@ -120,7 +120,7 @@ class EditConfig:
     sealed_gates: bool = False
     # Sealed edits whose route key is within the threshold of a new edit's key (at most this
     # many, nearest first) are replayed while training it: their prompts will open the new block
-    # too. Without it, 100 ZsRE edits kept rel 0.96 instead of 1.00 (docs/results.md).
+    # too. Without it, 100 ZsRE edits kept rel 0.96 instead of 1.00 (docs/benchmarks.md).
     route_neighbours: int = 8
 
     # Same-subject probes (subject_probes.py): up to this many other relations of an edit's

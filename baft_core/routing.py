@@ -19,7 +19,7 @@ each of a few generic prefixes (`EditConfig.route_contexts`), since paraphrases 
 subject, and its subject alone, for texts that start with it. On 100 CounterFact edits this raised
 the share of paraphrases that open their own edit's block from 0.52 (one key, at the first edited
 layer 17) to 0.89 (one key at layer 4) and 0.98 (with the context keys), with locality prompts
-opening some block 0.02 of the time against 0.01 (docs/results.md).
+opening some block 0.02 of the time against 0.01 (docs/benchmarks.md).
 
 A subject's last token alone is a weak key: at so early a layer its state is mostly that token's,
 and subjects that end alike ("Otis Taylor" and "Phoebe Atwood Taylor", "Weddell Sea" and

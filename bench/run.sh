@@ -22,7 +22,7 @@ pair() {  # two runs side by side, one thread each: ZsRE and CounterFact val, co
   wait
 }
 
-# ----- Main runs: today's defaults (docs/results.md, "Current defaults") -----
+# ----- Main runs: today's defaults (docs/benchmarks.md, "Current defaults") -----
 pair DATA-continual-100-baft --method baft
 bench --data $ZSRE --format zsre --method baft --mode continual --edits 1000 --threads 1 \
   --out $OUT/zsre-continual-1000-baft &
@@ -63,7 +63,7 @@ bench --data $ZSRE --format zsre --method reft --mode single --edits 100 --out $
 # rank 12 and replay of 32 earlier edits a step, the defaults then.
 pair DATA-continual-100-baft-oneblock --set block_edits=0 rank=12 beta=0.05 replay_size=32
 
-# ----- Ablation (docs/results.md, "Ablation"): today's defaults but one lever -----
+# ----- Ablation (docs/benchmarks.md, "Ablation"): today's defaults but one lever -----
 # Without the relation check (relations.py).
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
   --threads 1 --unrelated builtin --set relation_threshold=0 \
@@ -128,11 +128,11 @@ $PY bench/repeat_baseline.py --out $OUT/repeat_baseline.json
 
 $PY bench/summarize.py
 # Routing's cost per prompt at 10, 1,000 and 10,000 synthetic edits, an edit's time at 10,000
-# against 10, and route keys in bf16 against fp32 (docs/results.md, docs/method.md).
+# against 10, and route keys in bf16 against fp32 (docs/benchmarks.md, docs/method.md).
 $PY bench/routing_cost.py
 $PY bench/edit_time_growth.py
 $PY bench/route_key_dtype.py
-# What the unedited model answers to MQuAKE's multi-hop questions (docs/results.md).
+# What the unedited model answers to MQuAKE's multi-hop questions (docs/benchmarks.md).
 $PY bench/mquake_unedited.py
 
 # The service's measurements (docs/serving.md, docs/operations.md) have their own commands:

@@ -179,7 +179,7 @@ def main() -> None:
         "# Benchmark results",
         "",
         "Written by `bench/summarize.py` from the files below; the tables and what they show:",
-        "[docs/results.md](../../docs/results.md). The bundled SmolLM2-135M-Instruct on CPU cores; every",
+        "[docs/benchmarks.md](../../docs/benchmarks.md). The bundled SmolLM2-135M-Instruct on CPU cores; every",
         "edit of a continual run is evaluated on the final model. `bench/run.sh` regenerates every run",
         "with today's code. `rep`: the new answer said again in the 16 greedy tokens after it.",
         "`routing`: rephrases that open their own edit's block / locality prompts that open any block.",
