@@ -60,10 +60,13 @@ def answer_log_likelihoods(editor, examples: list[Example], edited: bool) -> lis
         mask = tf.intervene.to(device) if edited else None
         with editor.lock, editor.attachment.intervene(mask, routes=teacher_forced_routes(tf, device)):
             logits = editor.model(input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device)).logits
-        log_probs = logits.float().log_softmax(-1).cpu()
-        targets = tf.targets
-        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores += (picked * (targets != -100)).sum(-1).tolist()
+        # Only the answer positions: the vocabulary-wide log-softmax of every position of 16
+        # prompts would be hundreds of megabytes.
+        answer = tf.targets != -100
+        log_probs = logits[answer.to(device)].float().log_softmax(-1).cpu()
+        picked = log_probs.gather(-1, tf.targets[answer].unsqueeze(-1)).squeeze(-1)
+        rows = answer.nonzero()[:, 0]
+        scores += torch.zeros(len(chunk)).index_add_(0, rows, picked).tolist()
     return scores
 
 

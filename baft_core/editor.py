@@ -297,7 +297,7 @@ class Editor:
         router, limit = self.interventions.router, self.config.route_neighbours
         if states is None or not limit or not len(router.keys):
             return []
-        scores = (router.key(states.states).to(router.keys.dtype) @ router.keys.T).amax(0)  # best match of each stored key
+        scores = router.similarity(states.states).amax(0)  # best match of each stored key
         near = (scores > router.key_threshold).nonzero().squeeze(1)
         chosen: list[int] = []
         for i in near[scores[near].argsort(descending=True)].tolist():

@@ -214,6 +214,11 @@ class Router(nn.Module):
         """Routing-layer states [n, d] as routing compares them: standardised, unit rows."""
         return nn.functional.normalize((hidden.float() - self.center) / self.scale, dim=-1)
 
+    def similarity(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, keys]: the cosine of routing-layer states [n, d] with every stored key, in the keys'
+        dtype (`hold_keys_in`)."""
+        return self.key(hidden).to(self.keys.dtype) @ self.keys.T
+
     @torch.no_grad()
     def thresholds(self, keys: torch.Tensor, unrelated: torch.Tensor, margin: float) -> torch.Tensor:
         """Each key's threshold [k]: `margin` above the nearest of the unrelated prompt positions
@@ -300,8 +305,7 @@ class Router(nn.Module):
         if not len(self.keys) or not len(rows):
             return opened
         # Few (position, key) pairs pass: index them rather than reduce [batch, keys] tensors.
-        scores = self.key(hidden[rows, positions]).to(self.keys.dtype) @ self.keys.T
-        match, key = (scores > self.key_threshold).nonzero(as_tuple=True)
+        match, key = (self.similarity(hidden[rows, positions]) > self.key_threshold).nonzero(as_tuple=True)
         rows, positions = rows[match], positions[match]
         passes = torch.ones(len(key), dtype=torch.bool, device=key.device)
         for back in range(1, self.subject_tokens):
