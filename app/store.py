@@ -49,6 +49,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _mkdir_durably(path: Path) -> None:
+    """Creates a directory and its missing parents, each one's name synced into its parent: a
+    directory whose name a power loss can take back takes every checkpoint in it along."""
+    missing: list[Path] = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        _fsync(directory.parent)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -105,7 +117,7 @@ class CheckpointStore:
         """Writes the editor's state durably and caches it; identical states land in one
         directory. `parent`: the checkpoint the editor's state was loaded from, which the new
         one then extends (None: a checkpoint that holds the whole state)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        _mkdir_durably(self.segments)
         base = self.load(parent) if parent else None
         self._drop_corrupt_segments(editor.interventions.segment_ids)
         staging = self.root / ".staging" / uuid.uuid4().hex
@@ -198,6 +210,7 @@ class CheckpointStore:
         data = crud.get_blob(session, sha256)
         if data is None or hashlib.sha256(data).hexdigest() != sha256:
             raise CheckpointError(f"checkpoint {sha256} is not in the database")
+        _mkdir_durably(self.root)
         staging = self.root / ".staging" / uuid.uuid4().hex
         staging.mkdir(parents=True)
         _write_durably(staging / ADAPTER_FILE, data)
@@ -211,7 +224,7 @@ class CheckpointStore:
         _fsync(self.root)
 
     def _fetch_segments(self, session: Session, ids: list[str]) -> None:
-        self.segments.mkdir(parents=True, exist_ok=True)
+        _mkdir_durably(self.segments)
         for segment_id in ids:
             path = self.segments / f"{segment_id}.safetensors"
             if path.is_file() and _sha256(path) == segment_id:

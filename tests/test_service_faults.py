@@ -3,8 +3,6 @@ whose checkpoint is gone bad, torn files found on disk where a checkpoint is wri
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 from fastapi.testclient import TestClient
 from service_support import TINY_EDIT_CONFIG, tiny_settings, wait_ready, wait_until
@@ -117,27 +115,3 @@ def test_torn_files_are_not_reused_when_a_checkpoint_is_written_again(tiny, tmp_
     assert hashlib.sha256((path / ADAPTER_FILE).read_bytes()).hexdigest() == sha256
     loaded = CheckpointStore(tmp_path, "tiny", "cpu").load(sha256)
     assert len(loaded.history) == 1
-
-
-def test_checkpoint_files_and_directories_reach_the_disk_before_save_returns(tiny, tmp_path, monkeypatch):
-    """Records what the real os.fsync is called on (it still runs): every file of the checkpoint
-    and every directory whose entries changed, so a row may point at it after a power loss."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
-    editor = _trained_editor(tiny, layers=[1, 2])
-    try:
-        sha256, path = CheckpointStore(tmp_path, "tiny", "cpu").save(editor)
-    finally:
-        editor.attachment.detach()
-    segments = sorted((tmp_path / SEGMENTS_DIR).glob("*.safetensors"))
-    staged = {Path(p).name for p in synced if "/.staging/" in p}
-    assert {ADAPTER_FILE, "manifest.json"} <= staged  # the files, before the rename to their name
-    assert {str(s) for s in segments} <= set(synced)
-    assert str(tmp_path / SEGMENTS_DIR) in synced and str(tmp_path) in synced  # the new names
-    assert synced.index(str(tmp_path)) == len(synced) - 1  # the rename into place, last
