@@ -5,7 +5,8 @@ edits and restores while processes are killed; then the history is checked.
 
 Everything runs on loopback with its own throwaway PostgreSQL cluster (initdb, run as the
 `postgres` user, port 8150) and Redis (port 8151), so the shared ones are never touched and this
-script may kill both. The model is the tests' tiny random Llama (4 layers, d=64, the SmolLM2
+script may kill both. Each process has its own DATA_DIR, as if on its own machine: checkpoints
+reach the others through the database (CHECKPOINT_STORAGE=database). The model is the tests' tiny random Llama (4 layers, d=64, the SmolLM2
 tokenizer) so that an edit trains in well under a second. A supervisor restarts a killed process
 after a second or two, as a restart policy would.
 
@@ -116,8 +117,8 @@ class Postgres:
 class Fleet:
     """The service's processes, restarted after a kill like a restart policy would."""
 
-    def __init__(self, env: dict[str, str], logs: Path):
-        self.env, self.logs = env, logs
+    def __init__(self, env: dict[str, str], logs: Path, machines: Path):
+        self.env, self.logs, self.machines = env, logs, machines
         self.specs = {
             "worker-1": ["worker"], "worker-2": ["worker"],
             **{f"api-{i + 1}": ["serve", "--host", "127.0.0.1", "--port", str(p), "--log-level", "warning"]
@@ -130,8 +131,11 @@ class Fleet:
 
     def start(self, name: str) -> None:
         handle = open(self.logs / f"{name}.log", "ab")
+        # Each process keeps its own DATA_DIR, as on its own machine: they share only PostgreSQL
+        # (rows and checkpoint blobs) and Redis.
+        env = {**self.env, "DATA_DIR": str(self.machines / name)}
         self.procs[name] = subprocess.Popen([sys.executable, "-m", "app", *self.specs[name]], cwd=REPO,
-                                            env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+                                            env=env, stdout=handle, stderr=subprocess.STDOUT)
         self.started[name] = time.monotonic()
 
     def start_redis(self) -> None:
@@ -350,13 +354,13 @@ def main() -> None:
     pg = Postgres(root / "pg")
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "READ_API_KEYS")}
     env.update(
-        DATABASE_URL=pg.url, REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0", DATA_DIR=str(root / "data"),
+        DATABASE_URL=pg.url, REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0",
         MODEL=str(model_dir), MODELS_DIR=str(root / "models"), DEVICE="cpu", DTYPE="float32",
         EDIT_CONFIG=json.dumps(EDIT_CONFIG),
         EVALUATE_ON_APPLY="false", LEASE_TTL_S="3", POLL_INTERVAL_S="0.2", BATCH_WAIT_MS="200",
         CHECKPOINT_STORAGE="database", MAX_QUEUE=str(args.max_queue), RESTORE_WAIT_S="20", PYTHONUNBUFFERED="1",
     )
-    fleet = Fleet(env, logs)
+    fleet = Fleet(env, logs, root / "machines")
     try:
         run(args, root, model_dir, pg, env, fleet)
     finally:  # whatever failed: no process, cluster or directory of this run is left behind
@@ -367,7 +371,8 @@ def main() -> None:
 
 def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fleet: Fleet) -> None:
     fleet.start_redis()
-    subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=REPO, env={**env, "DATA_DIR": str(root / "migrate")},
+                   check=True)
     for name in fleet.specs:
         fleet.start(name)
     for port in API_PORTS:
@@ -420,7 +425,7 @@ def run(args, root: Path, model_dir: Path, pg: Postgres, env: dict[str, str], fl
     log(f"queue drained after {drained_s:.0f} s")
 
     with sessions() as session:
-        report = audit(session, root / "data" / "checkpoints")
+        report = audit(session, root / "auditor")  # no local files: it reads the database's
         rows = {e.id: e for e in session.query(Edit)}
         keys = {e.idempotency_key for e in rows.values()}
         head = crud.current_version(session)
