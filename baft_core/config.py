@@ -126,7 +126,7 @@ class EditConfig:
     # Same-subject probes (subject_probes.py): up to this many other relations of an edit's
     # subject, beside the request's own `locality` prompts, which the relation check keeps its
     # block shut on (and, with `sealed_gates`, its gates learn to stay closed on). 0: none.
-    subject_probes: int = 32
+    subject_probes: int = 48
     # The relation check (relations.py): a routed block stays shut on a prompt whose state at the
     # last position comes within this cosine of one of its probes' and is no nearer its edit's
     # prompt's than that by `relation_margin`. 0 turns it off.

@@ -3,9 +3,9 @@
 A routed block opens on its subject (routing.py), so without more it acts on every question about
 that subject, not only on the edited relation. When an edit arrives, the editor asks the model as
 it stands about the same subject with other relations (a built-in list of common ones, written for
-this project) and trains the edit's block to leave those answers unchanged: BaFT's locality with
-negatives that share the subject, which random unrelated prompts never do. Relations that read
-like the edited one are left out, since there the new answer is wanted.
+this project, most in two wordings) and trains the edit's block to leave those answers unchanged:
+BaFT's locality with negatives that share the subject, which random unrelated prompts never do.
+Relations that read like the edited one are left out, since there the new answer is wanted.
 """
 from __future__ import annotations
 
@@ -57,6 +57,29 @@ RELATIONS: tuple[Relation, ...] = (
     Relation("{subject} is a work in the genre of", ("genre", "style", "movement")),
     Relation("The original broadcaster of {subject} is", ("network", "broadcast", "channel", "aired")),
     Relation("{subject} is followed by", ("follow", "succeed", "successor", "next")),
+    # The same relations asked as "The <property> of {subject} is", the form questions built from
+    # Wikidata's property labels take: at the layer the relation check reads, a prompt is nearer
+    # a probe worded like it than one worded otherwise, and without these a question of that form
+    # about another relation was nearer the edit's own prompt (when worded so) than any probe.
+    Relation("The name of the country of citizenship of {subject} is", ("citizen", "nationality", "national")),
+    Relation("The occupation of {subject} is", ("occupation", "profession", "job", "career", "works as", "work as")),
+    Relation("The place of birth of {subject} is", ("born", "birth")),
+    Relation("The place of death of {subject} is", ("died", "death", "dead", "passed away", "burial", "buried")),
+    Relation("The name of the employer of {subject} is", ("employer", "works for", "work for", "worked for", "employ")),
+    Relation(
+        "The name of the alma mater of {subject} is",
+        ("educat", "studied", "school", "university", "alma mater", "college"),
+    ),
+    Relation("The name of the spouse of {subject} is", ("spouse", "married", "wife", "husband")),
+    Relation("The name of the child of {subject} is", ("child", "son", "daughter")),
+    Relation("The name of the award {subject} won is", ("award", "prize", "won", "honour", "honor")),
+    Relation("The name of the founder of {subject} is", ("found", "creat", "establish")),
+    Relation("The name of the country which {subject} is associated with is", ("country", "nation")),
+    Relation("The official language of {subject} is", ("language", "tongue", "speak", "spoke")),
+    Relation("The name of the league which {subject} plays in is", ("team", "club", "plays for", "played for", "league")),
+    Relation("The genre of {subject} is", ("genre", "style", "movement")),
+    Relation("The author of {subject} is", ("author", "writer", "wrote", "written", "creat")),
+    Relation("{subject} follows", ("follow", "succeed", "successor", "next")),
 )
 
 
