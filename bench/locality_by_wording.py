@@ -2,8 +2,9 @@
 built-in probes the relation check holds prompts against (`subject_probes.RELATIONS`, the very text
 with the edit's subject), or otherwise.
 
-The built-in list was written for the service, not taken from a benchmark, but some of KnowEdit's
-templates read the same ("The gender of {subject} is"): on those prompts the check compares a
+The built-in list was written for the service, not taken from a benchmark, but its second wordings
+take the form of questions built from Wikidata property labels, which is KnowEdit's form, and many
+of its prompts read the same ("The gender of {subject} is"): on those prompts the check compares a
 prompt with itself. The other prompts say how the check carries to wordings it has never seen.
 Each edit is placed by its Relation_Specificity prompts: all worded like a probe, none, or some
 (per-prompt scores are not in the run's rows).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from test_core_editor import UNRELATED, make_editor
 
-from baft_core import EditRequest
+from baft_core import EditConfig, EditRequest
 from baft_core.data import Probe
 from baft_core.metrics import evaluate, summarize, with_subject_probes
 from baft_core.subject_probes import RELATIONS, SUBJECT_PROBE_GROUP, probe_prompts
@@ -21,6 +21,18 @@ def test_probes_ask_other_relations_of_the_subject():
     assert "The gender of Danielle Darrieux is" in prompts
     assert len(prompts) == len(set(prompts)) < len(RELATIONS)
     assert probe_prompts(EDIT.prompt, EDIT.subject, 3) == prompts[:3]
+
+
+def test_the_default_probes_ask_each_relation_in_both_wordings():
+    """The relation check compares wordings: a question of the form "The <property> of S is"
+    is nearer a probe worded so, so the default limit takes both wordings of every relation."""
+    occupation = "The occupation of Danielle Darrieux is"
+    prompts = probe_prompts(EDIT.prompt, EDIT.subject, EditConfig().subject_probes)
+    assert occupation in prompts and "By profession, Danielle Darrieux is a" in prompts
+    assert "The official language of Danielle Darrieux is" not in prompts  # the edited relation
+    assert len(prompts) == len(probe_prompts(EDIT.prompt, EDIT.subject, len(RELATIONS)))
+    asked = probe_prompts(occupation, EDIT.subject, EditConfig().subject_probes)
+    assert not any(word in p for p in asked for word in ("profession", "occupation"))
 
 
 def test_no_probes_without_a_subject_in_the_prompt():
