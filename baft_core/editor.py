@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
@@ -324,14 +325,18 @@ class Editor:
         prompts += [p.prompt for p in request.locality if subject and subject in p.prompt]
         return [p for p in dict.fromkeys(prompts) if len(encode_prompt(self.tokenizer, p)) < self.context]
 
+    def layer_outputs(self, prompts: list[str], layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`routing_layer_output` of text prompts at decoder layer `layer`, 32 prompts at a time."""
+        for start in range(0, len(prompts), 32):
+            ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts[start : start + 32]]
+            yield self.routing_layer_output(ids, layer)
+
     @torch.no_grad()
     def last_prompt_states(self, prompts: list[str], layer: int) -> torch.Tensor:
         """The unedited output [n, d] of decoder layer `layer` at each prompt's last position."""
         d = text_config(self.model).hidden_size
         parts = [torch.zeros(0, d, device=self.device)]
-        for start in range(0, len(prompts), 32):
-            ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts[start : start + 32]]
-            parts.append(self.routing_layer_output(ids, layer)[0][:, -1].float())  # left-padded
+        parts += [hidden[:, -1].float() for hidden, _ in self.layer_outputs(prompts, layer)]  # left-padded
         return torch.cat(parts)
 
     def _add_relation_states(self, interventions: InterventionSet, requests: list[EditRequest]) -> None:

@@ -24,62 +24,77 @@ class Relation:
     markers: tuple[str, ...]
 
 
+# Markers of the relations the list asks in two wordings (one tuple for both).
+BIRTH = ("born", "birth")
+DEATH = ("died", "death", "dead", "passed away", "burial", "buried")
+CITIZENSHIP = ("citizen", "nationality", "national")
+OCCUPATION = ("occupation", "profession", "job", "career", "works as", "work as")
+LANGUAGE = ("language", "tongue", "speak", "spoke")
+EMPLOYER = ("employer", "works for", "work for", "worked for", "employ")
+EDUCATION = ("educat", "studied", "school", "university", "alma mater", "college")
+SPOUSE = ("spouse", "married", "wife", "husband")
+CHILD = ("child", "son", "daughter")
+AWARD = ("award", "prize", "won", "honour", "honor")
+TEAM = ("team", "club", "plays for", "played for", "league")
+FOUNDER = ("found", "creat", "establish")
+COUNTRY = ("country", "nation")
+AUTHOR = ("author", "writer", "wrote", "written", "creat")
+GENRE = ("genre", "style", "movement")
+SUCCESSION = ("follow", "succeed", "successor", "next")
+
 RELATIONS: tuple[Relation, ...] = (
     # People
-    Relation("{subject} was born in the city of", ("born", "birth")),
-    Relation("The place where {subject} died is", ("died", "death", "dead", "passed away", "burial", "buried")),
-    Relation("{subject} holds citizenship of", ("citizen", "nationality", "national")),
-    Relation("By profession, {subject} is a", ("occupation", "profession", "job", "career", "works as", "work as")),
+    Relation("{subject} was born in the city of", BIRTH),
+    Relation("The place where {subject} died is", DEATH),
+    Relation("{subject} holds citizenship of", CITIZENSHIP),
+    Relation("By profession, {subject} is a", OCCUPATION),
     Relation("The gender of {subject} is", ("gender", "sex")),
-    Relation("{subject} speaks the language", ("language", "tongue", "speak", "spoke")),
-    Relation("{subject} works for", ("employer", "works for", "work for", "worked for", "employ")),
-    Relation("{subject} was educated at", ("educat", "studied", "school", "university", "alma mater", "college")),
-    Relation("{subject} is married to", ("spouse", "married", "wife", "husband")),
+    Relation("{subject} speaks the language", LANGUAGE),
+    Relation("{subject} works for", EMPLOYER),
+    Relation("{subject} was educated at", EDUCATION),
+    Relation("{subject} is married to", SPOUSE),
     Relation("The father of {subject} is", ("father", "parent", "son of", "daughter of")),
     Relation("The mother of {subject} is", ("mother", "parent", "son of", "daughter of")),
-    Relation("A child of {subject} is", ("child", "son", "daughter")),
+    Relation("A child of {subject} is", CHILD),
     Relation("A sibling of {subject} is", ("sibling", "brother", "sister")),
-    Relation("{subject} received the award", ("award", "prize", "won", "honour", "honor")),
+    Relation("{subject} received the award", AWARD),
     Relation("The political party of {subject} is", ("party", "politic")),
     Relation("The position held by {subject} is", ("position", "office", "title", "role")),
     Relation("The field of work of {subject} is", ("field", "discipline", "work in", "works in", "expert")),
-    Relation("{subject} plays for the team", ("team", "club", "plays for", "played for", "league")),
+    Relation("{subject} plays for the team", TEAM),
     Relation("The religion of {subject} is", ("religion", "religious", "faith", "believ")),
     # Organisations, places, works
-    Relation("{subject} was founded by", ("found", "creat", "establish")),
+    Relation("{subject} was founded by", FOUNDER),
     Relation("The headquarters of {subject} are in", ("headquarter", "located", "location", "based in", "seat")),
     Relation("{subject} is a part of", ("member", "part of", "belongs", "associated")),
     Relation("The capital city of {subject} is", ("capital",)),
-    Relation("{subject} is in the country", ("country", "nation")),
+    Relation("{subject} is in the country", COUNTRY),
     Relation("The continent of {subject} is", ("continent",)),
-    Relation("{subject} was created by the author", ("author", "writer", "wrote", "written", "creat")),
+    Relation("{subject} was created by the author", AUTHOR),
     Relation("The director of {subject} is", ("director", "directed")),
-    Relation("{subject} is a work in the genre of", ("genre", "style", "movement")),
+    Relation("{subject} is a work in the genre of", GENRE),
     Relation("The original broadcaster of {subject} is", ("network", "broadcast", "channel", "aired")),
-    Relation("{subject} is followed by", ("follow", "succeed", "successor", "next")),
+    Relation("{subject} is followed by", SUCCESSION),
     # The same relations asked as "The <property> of {subject} is", the form questions built from
     # Wikidata's property labels take: at the layer the relation check reads, a prompt is nearer
     # a probe worded like it than one worded otherwise, and without these a question of that form
     # about another relation was nearer the edit's own prompt (when worded so) than any probe.
-    Relation("The name of the country of citizenship of {subject} is", ("citizen", "nationality", "national")),
-    Relation("The occupation of {subject} is", ("occupation", "profession", "job", "career", "works as", "work as")),
-    Relation("The place of birth of {subject} is", ("born", "birth")),
-    Relation("The place of death of {subject} is", ("died", "death", "dead", "passed away", "burial", "buried")),
-    Relation("The name of the employer of {subject} is", ("employer", "works for", "work for", "worked for", "employ")),
-    Relation(
-        "The name of the alma mater of {subject} is",
-        ("educat", "studied", "school", "university", "alma mater", "college"),
-    ),
-    Relation("The name of the spouse of {subject} is", ("spouse", "married", "wife", "husband")),
-    Relation("The name of the child of {subject} is", ("child", "son", "daughter")),
-    Relation("The name of the award {subject} won is", ("award", "prize", "won", "honour", "honor")),
-    Relation("The name of the founder of {subject} is", ("found", "creat", "establish")),
-    Relation("The name of the country which {subject} is associated with is", ("country", "nation")),
-    Relation("The official language of {subject} is", ("language", "tongue", "speak", "spoke")),
-    Relation("The name of the league which {subject} plays in is", ("team", "club", "plays for", "played for", "league")),
-    Relation("The genre of {subject} is", ("genre", "style", "movement")),
-    Relation("The author of {subject} is", ("author", "writer", "wrote", "written", "creat")),
-    Relation("{subject} follows", ("follow", "succeed", "successor", "next")),
+    Relation("The name of the country of citizenship of {subject} is", CITIZENSHIP),
+    Relation("The occupation of {subject} is", OCCUPATION),
+    Relation("The place of birth of {subject} is", BIRTH),
+    Relation("The place of death of {subject} is", DEATH),
+    Relation("The name of the employer of {subject} is", EMPLOYER),
+    Relation("The name of the alma mater of {subject} is", EDUCATION),
+    Relation("The name of the spouse of {subject} is", SPOUSE),
+    Relation("The name of the child of {subject} is", CHILD),
+    Relation("The name of the award {subject} won is", AWARD),
+    Relation("The name of the founder of {subject} is", FOUNDER),
+    Relation("The name of the country which {subject} is associated with is", COUNTRY),
+    Relation("The official language of {subject} is", LANGUAGE),
+    Relation("The name of the league which {subject} plays in is", TEAM),
+    Relation("The genre of {subject} is", GENRE),
+    Relation("The author of {subject} is", AUTHOR),
+    Relation("{subject} follows", SUCCESSION),
 )
 
 

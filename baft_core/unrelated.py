@@ -67,10 +67,7 @@ class UnrelatedPool:
         if layer not in self._routing_states:
             editor = self.editor
             parts = [torch.zeros(0, text_config(editor.model).hidden_size, device=editor.device)]
-            for start in range(0, len(self.prompts), 32):
-                ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in self.prompts[start : start + 32]]
-                hidden, attention = editor.routing_layer_output(ids, layer)
-                parts.append(hidden[routable(attention.bool())].float())
+            parts += [hidden[routable(mask.bool())].float() for hidden, mask in editor.layer_outputs(self.prompts, layer)]
             self._routing_states[layer] = torch.cat(parts)
         return self._routing_states[layer]
 

@@ -6,8 +6,8 @@ edits and restores while processes are killed; then the history is checked.
 Everything runs on loopback with its own throwaway PostgreSQL cluster (initdb, run as the
 `postgres` user, port 8150) and Redis (port 8151), so the shared ones are never touched and this
 script may kill both. Each process has its own DATA_DIR, as if on its own machine: checkpoints
-reach the others through the database (CHECKPOINT_STORAGE=database). The model is the tests' tiny random Llama (4 layers, d=64, the SmolLM2
-tokenizer) so that an edit trains in well under a second. A supervisor restarts a killed process
+reach the others through the database (CHECKPOINT_STORAGE=database). The model is the tests' tiny
+random Llama (4 layers, d=64, the SmolLM2 tokenizer) so that an edit trains in well under a second. A supervisor restarts a killed process
 after a second or two, as a restart policy would.
 
 At the end (after everything is back and the queue is empty) it checks:
