@@ -69,6 +69,7 @@ class InterventionSet(nn.Module):
         sealed_rank: int | None = None,
         route_tokens: int = 1,
         route_prefix_threshold: float = 0.3,
+        route_prefix_gap: int = 0,
         relation_layer: int | None = None,
         relation_threshold: float = 0.0,
         relation_margin: float = 0.0,
@@ -78,8 +79,9 @@ class InterventionSet(nn.Module):
         two, is where the relation check reads (relations.py; `relation_threshold` 0: no check).
         `seed` fixes every block's random draw (`block_generator`).
         `sealed_rank`: the directions a block keeps when sealed without gates (None: all).
-        `route_tokens`, `route_prefix_threshold`: how many subject tokens a route key reads, and
-        the threshold of those before its last (`Router`)."""
+        `route_tokens`, `route_prefix_threshold`, `route_prefix_gap`: how many subject tokens a
+        route key reads, the threshold of those before its last, and how many tokens may stand
+        between them (`Router`)."""
         super().__init__()
         routing_layer = min(layers) if routing_layer is None else routing_layer
         if routing_layer > min(layers):
@@ -94,7 +96,9 @@ class InterventionSet(nn.Module):
         self.sealed = nn.ModuleDict(
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates, sealed_rank) for layer in self.layers}
         )
-        self.router = Router(hidden_size, route_threshold, routing_layer, route_tokens, route_prefix_threshold)
+        self.router = Router(
+            hidden_size, route_threshold, routing_layer, route_tokens, route_prefix_threshold, route_prefix_gap
+        )
         relation_layer = routing_layer if relation_layer is None else relation_layer
         if not routing_layer <= relation_layer <= min(layers):
             raise ValueError(

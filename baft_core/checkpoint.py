@@ -546,6 +546,7 @@ def load_checkpoint(
     config_data.setdefault("sealed_rank", None)
     config_data.setdefault("route_tokens", 1)  # before format 9 a key read its subject's last token
     config_data.setdefault("relation_threshold", 0.0)  # before format 10 no relation check
+    config_data.setdefault("route_prefix_gap", 0)  # a key's subject tokens in a row, as when saved
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
     routing_layer = int(metadata.get("routing_layer", layers[0]))
@@ -561,6 +562,7 @@ def load_checkpoint(
         sealed_rank=config.sealed_rank,
         route_tokens=config.route_tokens,
         route_prefix_threshold=config.route_prefix_threshold,
+        route_prefix_gap=config.route_prefix_gap,
         relation_layer=int(metadata.get("relation_layer", routing_layer)),
         relation_threshold=config.relation_threshold if config.block_edits and config.route_threshold else 0.0,
         relation_margin=config.relation_margin,

@@ -106,6 +106,10 @@ class EditConfig:
     # the key's must reach (routing.py). 1: the subject's last token alone.
     route_tokens: int = 3
     route_prefix_threshold: float = 0.3
+    # How many tokens may stand between a key's subject tokens in a prompt (a middle name:
+    # "Ines Sylvia Perg" for "Ines Perg"): a key looks this many positions further back for its
+    # earlier tokens (routing.py). Adapters saved before it existed load with 0.
+    route_prefix_gap: int = 2
     # Each key's threshold is also this far above its nearest unrelated prompt position (None:
     # every key has route_threshold). On 100 CounterFact edits it cut the locality prompts that
     # open some block from 0.06 to 0.01 (loc 0.98 to 0.99) at the same generality.
@@ -125,8 +129,9 @@ class EditConfig:
 
     # Same-subject probes (subject_probes.py): up to this many other relations of an edit's
     # subject, beside the request's own `locality` prompts, which the relation check keeps its
-    # block shut on (and, with `sealed_gates`, its gates learn to stay closed on). 0: none.
-    subject_probes: int = 48
+    # block shut on (and, with `sealed_gates`, its gates learn to stay closed on). 0: none. The
+    # list has 59 prompts (subject_probes.py); an edit's own relation leaves out at least one.
+    subject_probes: int = 64
     # The relation check (relations.py): a routed block stays shut on a prompt whose state at the
     # last position comes within this cosine of one of its probes' and is no nearer its edit's
     # prompt's than that by `relation_margin`. 0 turns it off.
@@ -206,6 +211,8 @@ class EditConfig:
             raise ValueError("route_tokens must be an integer >= 1")
         if not -1 <= self.route_prefix_threshold < 1:
             raise ValueError("route_prefix_threshold must be in [-1, 1)")
+        if not isinstance(self.route_prefix_gap, int) or isinstance(self.route_prefix_gap, bool) or self.route_prefix_gap < 0:
+            raise ValueError("route_prefix_gap must be an integer >= 0")
         if not 0 <= self.relation_threshold < 1 or not -1 <= self.relation_margin < 1:
             raise ValueError("relation_threshold must be in [0, 1) and relation_margin in [-1, 1)")
         if self.route_margin is not None and not 0 <= self.route_margin < 1:

@@ -31,7 +31,11 @@ that matches the key opens its block only if the positions before it match those
 twice, as they read mid-text and at the start of a text, where the attention sink before them
 changes them; its keys share those two (an exploratory check on those 5,000 edits: locality prompts
 opening some block 0.30 -> 0.16, paraphrases opening their own 0.978 -> 0.995 with the subject-
-alone key; docs/method.md).
+alone key; docs/method.md). A subject's other names often put a middle name between those
+tokens ("Ines Sylvia Perg" for "Ines Perg"): each earlier token may match any of the positions
+before the matched one, within as many as the key has earlier tokens plus
+`EditConfig.route_prefix_gap`, rather than its own place in a row. A name that drops one of them
+("Jessica Cooke" for "Jessica E Cooke") still opens nothing.
 
 A block acts at the positions its edit was trained on: on a prompt it opens, the last P prompt
 positions and the first T - 1 answer tokens fed after them (T: the block's longest answer in
@@ -139,7 +143,13 @@ class Router(nn.Module):
     scale: torch.Tensor
 
     def __init__(
-        self, hidden_size: int, threshold: float, layer: int, subject_tokens: int = 1, prefix_threshold: float = 0.3
+        self,
+        hidden_size: int,
+        threshold: float,
+        layer: int,
+        subject_tokens: int = 1,
+        prefix_threshold: float = 0.3,
+        prefix_gap: int = 0,
     ):
         super().__init__()
         self.layer = layer
@@ -163,6 +173,10 @@ class Router(nn.Module):
             "pending_prefixes", torch.zeros(0, max(subject_tokens - 1, 0), hidden_size, dtype=torch.float16)
         )
         self.register_buffer("prefix_threshold", torch.tensor(float(prefix_threshold)))
+        # How many more positions than its earlier tokens a key looks back for them: a subject
+        # named with a middle name the edit did not use ("Ines Sylvia Perg" for "Ines Perg") puts
+        # tokens between them.
+        self.prefix_gap = prefix_gap
         # Each sealed block's window: the length T of its longest answer in tokens. It acts where
         # fewer than T answer tokens have been fed, i.e. on the prompt and the answer's first T - 1
         # tokens (UNLIMITED: everywhere). The trainable block's ([T], or empty: none, it acts
@@ -307,16 +321,19 @@ class Router(nn.Module):
         # Few (position, key) pairs pass: index them rather than reduce [batch, keys] tensors.
         match, key = (self.similarity(hidden[rows, positions]) > self.key_threshold).nonzero(as_tuple=True)
         rows, positions = rows[match], positions[match]
-        passes = torch.ones(len(key), dtype=torch.bool, device=key.device)
-        for back in range(1, self.subject_tokens):
-            reads = self.key_tokens[key] > back
-            if not reads.any():
-                break
-            earlier = positions - back
-            present = (earlier >= 0) & prompt[rows, earlier.clamp(min=0)]
-            wanted = self.prefixes[self.key_prefix[key].clamp(min=0), back - 1].float()
-            similar = (self.key(hidden[rows, earlier.clamp(min=0)]) * wanted).sum(-1) > self.prefix_threshold
-            passes &= ~reads | (present & similar)
+        # Each earlier subject token the key reads must match one of the positions before the
+        # matched one, within the key's earlier tokens plus `prefix_gap` more.
+        count = self.subject_tokens - 1
+        reads = torch.arange(1, count + 1, device=key.device) < self.key_tokens[key].unsqueeze(1)  # [m, count]
+        found = ~reads
+        if reads.any():
+            wanted = self.prefixes[self.key_prefix[key].clamp(min=0)].float()  # [m, count, d]
+            for back in range(1, count + self.prefix_gap + 1):
+                earlier = positions - back
+                present = (earlier >= 0) & prompt[rows, earlier.clamp(min=0)]
+                state = self.key(hidden[rows, earlier.clamp(min=0)])
+                found |= present.unsqueeze(1) & (torch.einsum("md,mcd->mc", state, wanted) > self.prefix_threshold)
+        passes = found.all(1)
         opened[rows[passes], self.key_block[key[passes]]] = True
         return opened
 

@@ -1,11 +1,12 @@
 """Same-subject probes: what else the model says about an edit's subject, kept as it was.
 
 A routed block opens on its subject (routing.py), so without more it acts on every question about
-that subject, not only on the edited relation. When an edit arrives, the editor asks the model as
-it stands about the same subject with other relations (a built-in list of common ones, written for
-this project, most in two wordings) and trains the edit's block to leave those answers unchanged:
-BaFT's locality with negatives that share the subject, which random unrelated prompts never do.
-Relations that read like the edited one are left out, since there the new answer is wanted.
+that subject, not only on the edited relation. When an edit arrives, the editor puts the same
+subject to other relations (a built-in list of common ones, written for this project, most in two
+wordings) and the relation check keeps the edit's block shut on prompts that read like them
+(relations.py): BaFT's locality with negatives that share the subject, which random unrelated
+prompts never do. Relations that read like the edited one are left out, since there the new answer
+is wanted.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class Relation:
     markers: tuple[str, ...]
 
 
-# Markers of the relations the list asks in two wordings (one tuple for both).
+# Each relation's markers, one tuple for both its wordings.
 BIRTH = ("born", "birth")
 DEATH = ("died", "death", "dead", "passed away", "burial", "buried")
 CITIZENSHIP = ("citizen", "nationality", "national")
@@ -40,45 +41,61 @@ FOUNDER = ("found", "creat", "establish")
 COUNTRY = ("country", "nation")
 AUTHOR = ("author", "writer", "wrote", "written", "creat")
 GENRE = ("genre", "style", "movement")
-SUCCESSION = ("follow", "succeed", "successor", "next")
+# "X follows" and "X is followed by" ask two relations (what came before X, what came after).
+PREDECESSOR = ("follows", "preceded", "predecessor", "comes after", "came after", "replaced")
+SUCCESSOR = ("followed by", "succeeded by", "successor", "next", "replaced by")
+FATHER = ("father", "parent", "son of", "daughter of")
+MOTHER = ("mother", "parent", "son of", "daughter of")
+SIBLING = ("sibling", "brother", "sister")
+PARTY = ("party", "politic")
+POSITION = ("position", "office", "title", "role")
+FIELD = ("field", "discipline", "work in", "works in", "expert")
+RELIGION = ("religion", "religious", "faith", "believ")
+HEADQUARTERS = ("headquarter", "located", "location", "based in", "seat")
+CAPITAL = ("capital",)
+CONTINENT = ("continent",)
+DIRECTOR = ("director", "directed")
+BROADCASTER = ("network", "broadcast", "channel", "aired")
 
 RELATIONS: tuple[Relation, ...] = (
     # People
     Relation("{subject} was born in the city of", BIRTH),
     Relation("The place where {subject} died is", DEATH),
-    Relation("{subject} holds citizenship of", CITIZENSHIP),
+    Relation("{subject} is a citizen of", CITIZENSHIP),
     Relation("By profession, {subject} is a", OCCUPATION),
     Relation("The gender of {subject} is", ("gender", "sex")),
     Relation("{subject} speaks the language", LANGUAGE),
     Relation("{subject} works for", EMPLOYER),
     Relation("{subject} was educated at", EDUCATION),
     Relation("{subject} is married to", SPOUSE),
-    Relation("The father of {subject} is", ("father", "parent", "son of", "daughter of")),
-    Relation("The mother of {subject} is", ("mother", "parent", "son of", "daughter of")),
+    Relation("The father of {subject} is", FATHER),
+    Relation("The mother of {subject} is", MOTHER),
     Relation("A child of {subject} is", CHILD),
-    Relation("A sibling of {subject} is", ("sibling", "brother", "sister")),
+    Relation("A sibling of {subject} is", SIBLING),
     Relation("{subject} received the award", AWARD),
-    Relation("The political party of {subject} is", ("party", "politic")),
-    Relation("The position held by {subject} is", ("position", "office", "title", "role")),
-    Relation("The field of work of {subject} is", ("field", "discipline", "work in", "works in", "expert")),
+    Relation("The political party of {subject} is", PARTY),
+    Relation("The position held by {subject} is", POSITION),
+    Relation("The field of work of {subject} is", FIELD),
     Relation("{subject} plays for the team", TEAM),
-    Relation("The religion of {subject} is", ("religion", "religious", "faith", "believ")),
+    Relation("The religion of {subject} is", RELIGION),
     # Organisations, places, works
     Relation("{subject} was founded by", FOUNDER),
-    Relation("The headquarters of {subject} are in", ("headquarter", "located", "location", "based in", "seat")),
+    Relation("The headquarters of {subject} are in", HEADQUARTERS),
     Relation("{subject} is a part of", ("member", "part of", "belongs", "associated")),
-    Relation("The capital city of {subject} is", ("capital",)),
+    Relation("The capital city of {subject} is", CAPITAL),
     Relation("{subject} is in the country", COUNTRY),
-    Relation("The continent of {subject} is", ("continent",)),
+    Relation("The continent of {subject} is", CONTINENT),
     Relation("{subject} was created by the author", AUTHOR),
-    Relation("The director of {subject} is", ("director", "directed")),
+    Relation("The director of {subject} is", DIRECTOR),
     Relation("{subject} is a work in the genre of", GENRE),
-    Relation("The original broadcaster of {subject} is", ("network", "broadcast", "channel", "aired")),
-    Relation("{subject} is followed by", SUCCESSION),
+    Relation("The original broadcaster of {subject} is", BROADCASTER),
+    Relation("{subject} is followed by", SUCCESSOR),
     # The same relations asked as "The <property> of {subject} is", the form questions built from
     # Wikidata's property labels take: at the layer the relation check reads, a prompt is nearer
     # a probe worded like it than one worded otherwise, and without these a question of that form
-    # about another relation was nearer the edit's own prompt (when worded so) than any probe.
+    # about another relation was nearer the edit's own prompt (when worded so) than any probe:
+    # after "The name of the mother of S is", "The name of the father of S is" went through the
+    # edit while "The father of S is" was a probe.
     Relation("The name of the country of citizenship of {subject} is", CITIZENSHIP),
     Relation("The occupation of {subject} is", OCCUPATION),
     Relation("The place of birth of {subject} is", BIRTH),
@@ -94,7 +111,20 @@ RELATIONS: tuple[Relation, ...] = (
     Relation("The name of the league which {subject} plays in is", TEAM),
     Relation("The genre of {subject} is", GENRE),
     Relation("The author of {subject} is", AUTHOR),
-    Relation("{subject} follows", SUCCESSION),
+    Relation("{subject} follows", PREDECESSOR),
+    Relation("The name of the father of {subject} is", FATHER),
+    Relation("The name of the mother of {subject} is", MOTHER),
+    Relation("The names of the siblings of {subject} are", SIBLING),
+    Relation("The name of the political party of {subject} is", PARTY),
+    Relation("The name of the position held by {subject} is", POSITION),
+    Relation("The name of the field of work of {subject} is", FIELD),
+    Relation("The name of the sports team which {subject} is a member of is", TEAM),
+    Relation("The name of the religion which {subject} is associated with is", RELIGION),
+    Relation("The name of the headquarters location of {subject} is", HEADQUARTERS),
+    Relation("The name of the capital city of {subject} is", CAPITAL),
+    Relation("The name of the continent which {subject} is part of is", CONTINENT),
+    Relation("The name of the director of {subject} is", DIRECTOR),
+    Relation("The name of the original broadcaster of {subject} is", BROADCASTER),
 )
 
 

@@ -68,6 +68,10 @@ pair DATA-continual-100-baft-oneblock --set block_edits=0 rank=12 beta=0.05 repl
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
   --threads 1 --unrelated builtin --set relation_threshold=0 \
   --out $OUT/ablation/knowedit-counterfact-continual-714-no-relation-check
+# A key's earlier subject tokens in the positions just before it, no middle name between (routing.py).
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --set route_prefix_gap=0 \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-gap0
 pair ablation/DATA-continual-100-nowindow --set answer_window=false
 pair ablation/DATA-continual-100-sealed-all --set sealed_rank=null
 # The request's own locality prompts, sent as a user would (projected out of the edit's block).

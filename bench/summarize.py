@@ -133,6 +133,8 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
         config = {**config, "route_tokens": 1}  # before `route_tokens` a key read one token
     if "relation_threshold" not in config and config.get("route_threshold"):
         config = {**config, "relation_threshold": 0.0}  # before the relation check
+    if "route_prefix_gap" not in config and config.get("route_threshold"):
+        config = {**config, "route_prefix_gap": 0}  # before the gap a key's tokens stood in a row
     changed = [
         f"{key}={json.dumps(value)}" if key != "route_contexts" else f"{key}: {len(value)}"
         for key, value in config.items()

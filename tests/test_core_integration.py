@@ -73,7 +73,8 @@ def test_a_downstream_task_answers_as_before(edited):
 
 
 SUBJECT = "Danielle Darrieux"
-# Other facts of the same subject, worded unlike the built-in probes the gates learn from.
+# Other facts of the same subject: the profession worded unlike every built-in probe, the
+# citizenship as one of them words it.
 SAME_SUBJECT = [f"The profession of {SUBJECT} is", f"{SUBJECT} is a citizen of"]
 
 
@@ -94,30 +95,31 @@ def test_gates_keep_the_subjects_other_facts(bundled):
 
 
 def test_an_edit_leaves_its_subjects_other_relations(bundled):
-    """With the defaults the relation check keeps an edit's block shut on a question about another
-    relation of its subject (here worded unlike every built-in probe), and open on a paraphrase of
-    its own. Without the check the profession went through the edit too."""
+    """With the defaults the relation check keeps an edit's block shut on questions about other
+    relations of its subject (the profession worded unlike every built-in probe, the citizenship
+    as one of them), and open on a paraphrase of its own. Without the check both went through the
+    edit (" Japanese language and culture", " the Commonwealth of Australia")."""
     torch.manual_seed(0)
     prompts = {True: [], False: []}
     for threshold in (0.0, EditConfig().relation_threshold):
         editor = Editor(bundled.model, bundled.tokenizer, EditConfig(relation_threshold=threshold))
         try:
-            before = editor.generate(SAME_SUBJECT[:1], 8, edited=False)
+            before = editor.generate(SAME_SUBJECT, 8, edited=False)
             editor.edit(EditRequest.from_triple(SUBJECT, "The mother tongue of {subject} is", "Japanese"))
             after = editor.generate([f"The mother tongue of {SUBJECT} is", f"{SUBJECT}'s native language is"], 4)
             assert all(text.strip().startswith("Japanese") for text in after), after
-            prompts[threshold > 0] = editor.generate(SAME_SUBJECT[:1], 8)
+            prompts[threshold > 0] = editor.generate(SAME_SUBJECT, 8)
         finally:
             editor.attachment.detach()
-    assert prompts[True] == before and prompts[False] != before, (before, prompts)
+    assert prompts[True] == before, (before, prompts)
+    assert all(a != b for a, b in zip(prompts[False], before)), (before, prompts)
 
 
 def test_the_prompts_an_edit_comes_with_keep_their_answers(bundled):
     """With the defaults (a block at full weight behind the route), the `locality` prompts a user
     sends with an edit keep their answers exactly: the block's change is projected out at their
-    states. Without them the same edit sent the citizenship question, worded unlike the built-in
-    probes, through it (" Japanese-American heritage ..."); a paraphrase of the edited relation
-    still gets the new answer."""
+    states, which holds where routing and the relation check let a prompt in; a paraphrase of the
+    edited relation still gets the new answer."""
     torch.manual_seed(0)
     editor = Editor(bundled.model, bundled.tokenizer, EditConfig())
     try:

@@ -171,6 +171,28 @@ def test_a_key_opens_only_after_its_earlier_subject_tokens():
     assert opens([0, 0, 0, 1.0]) == [False, True]  # the one-token key: nothing before it is read
 
 
+def test_earlier_subject_tokens_may_stand_apart_by_the_gap():
+    """A key's earlier subject tokens must each match one of the positions before its match,
+    within as many positions as it has earlier tokens plus `prefix_gap` (a middle name between
+    them); a token that is missing keeps the block shut."""
+    hidden_first = [9.0, -9, -9, 9]  # a first position unlike the tokens
+    earlier_a, earlier_b, last, other = [0, 1.0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0]
+
+    def opens(gap: int, *positions: list[float]) -> bool:
+        router = Router(4, threshold=0.8, layer=0, subject_tokens=3, prefix_threshold=0.3, prefix_gap=gap)
+        earlier = torch.tensor([[earlier_a, earlier_b]])  # the token before the last, then the one before it
+        router.add_pending(torch.tensor([last]), torch.tensor([0]), None, torch.tensor([3]), torch.tensor([0]), earlier)
+        router.seal(0)
+        hidden = torch.tensor([[hidden_first, *positions]])
+        return bool(router.open_blocks(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), blocks=1)[0, 0])
+
+    in_a_row = (earlier_b, earlier_a, last)
+    apart = (earlier_b, other, other, earlier_a, last)  # two tokens between the earlier ones
+    assert opens(0, *in_a_row) and opens(2, *in_a_row)
+    assert not opens(0, *apart) and not opens(1, *apart) and opens(2, *apart)
+    assert not opens(2, other, earlier_a, last)  # the first subject token is missing
+
+
 def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
     ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.8)
     try:

@@ -35,6 +35,25 @@ def test_the_default_probes_ask_each_relation_in_both_wordings():
     assert not any(word in p for p in asked for word in ("profession", "occupation"))
 
 
+def test_what_comes_before_and_what_comes_after_are_two_relations():
+    """"S follows" and "S is followed by" ask different things: an edit of one keeps the other
+    as a probe (one marker set for both sent "S is followed by" through an edit of "S follows")."""
+    follows = probe_prompts("Symphony No. 5 follows", "Symphony No. 5", 100)
+    followed = probe_prompts("Symphony No. 5 is followed by", "Symphony No. 5", 100)
+    assert "Symphony No. 5 is followed by" in follows and "Symphony No. 5 follows" not in follows
+    assert "Symphony No. 5 follows" in followed and "Symphony No. 5 is followed by" not in followed
+
+
+def test_relations_are_asked_in_the_wikidata_wording_too():
+    """Worded "The name of the mother of S is", an edit's own prompt is nearer "The name of the
+    father of S is" than "The father of S is" is, so the list asks the father in that form too."""
+    prompts = probe_prompts("The name of the mother of Ada Lovelace is", "Ada Lovelace", EditConfig().subject_probes)
+    assert {"The name of the father of Ada Lovelace is", "The father of Ada Lovelace is"} <= set(prompts)
+    assert not any("mother" in p for p in prompts)
+    wikidata = [r for r in RELATIONS if r.template.startswith(("The name of", "The names of"))]
+    assert len(wikidata) >= 20 and len(RELATIONS) <= EditConfig().subject_probes
+
+
 def test_no_probes_without_a_subject_in_the_prompt():
     assert probe_prompts(EDIT.prompt, None, 10) == []
     assert probe_prompts(EDIT.prompt, "  ", 10) == []
