@@ -546,7 +546,9 @@ def load_checkpoint(
     config_data.setdefault("sealed_rank", None)
     config_data.setdefault("route_tokens", 1)  # before format 9 a key read its subject's last token
     config_data.setdefault("relation_threshold", 0.0)  # before format 10 no relation check
-    config_data.setdefault("route_prefix_gap", 0)  # a key's subject tokens in a row, as when saved
+    # Saved before the gap: its earlier subject tokens within as many positions as they are, the
+    # nearest to the tokens in a row that such a key read then.
+    config_data.setdefault("route_prefix_gap", 0)
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
     routing_layer = int(metadata.get("routing_layer", layers[0]))

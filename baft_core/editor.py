@@ -342,7 +342,7 @@ class Editor:
         parts = [torch.zeros(0, d, device=self.device)]
         parts += [hidden[:, -1].float() for hidden, _ in self.layer_outputs([prompts[i] for i in order], layer)]
         states = torch.cat(parts)  # (left-padded: the last position is each prompt's last)
-        return states[torch.tensor(order, dtype=torch.long).argsort()] if prompts else states
+        return states[torch.tensor(order, dtype=torch.long, device=states.device).argsort()]
 
     def _add_relation_states(self, interventions: InterventionSet, requests: list[EditRequest]) -> None:
         """Leaves the new edits' prompt states and their probes' in the trainable block's
