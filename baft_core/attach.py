@@ -240,12 +240,13 @@ class InterventionSet(nn.Module):
         """Trainable parameters plus the frozen ones of sealed blocks, their route keys and
         relation check."""
         sealed = sum(s.num_values for s in self._all_sealed()) + self.router.num_values
-        sealed += self.relations.keys.numel() + self.relations.probes.numel()
+        relations = self.relations
+        sealed += sum(t.numel() for t in (relations.keys, relations.key_scale, relations.probes, relations.probe_scale))
         return sum(p.numel() for p in self.parameters()) + sealed
 
     def num_bytes(self) -> int:
         """What `num_parameters` counts, in bytes as held (ungated sealed bases, route keys'
-        earlier tokens and the relation check in fp16)."""
+        earlier tokens in fp16, the relation check in int8)."""
         sealed = sum(s.num_bytes for s in self._all_sealed()) + self.router.num_bytes + self.relations.num_bytes
         return sum(p.numel() * p.element_size() for p in self.parameters()) + sealed
 

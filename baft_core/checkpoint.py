@@ -40,6 +40,7 @@ from .attach import InterventionSet
 from .blocks import GATE_ROWS
 from .config import EditConfig
 from .data import EditRequest
+from .relations import quantized
 from .routing import UNLIMITED
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ MANIFEST_FILE = "manifest.json"
 # 10: segments carry their block's relation check (its edits' prompt states and their probes',
 # relations.py); older blocks have none and are never shut by it. An ungated block's rows are
 # fp16 (older fp32 rows load as fp16).
-FORMAT_VERSION = 10
+# 11: a block's relation states are int8 with one scale a row (older fp16 states are quantised as
+# they load, to what a seal would have made of them).
+FORMAT_VERSION = 11
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "change_weight", "gate_weight", "change_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
@@ -72,6 +75,7 @@ _KEY_EDIT, _BLOCK_SPAN = "router.key_edit", "router.block_span"
 _KEY_TOKENS, _KEY_PREFIX, _PREFIXES = "router.key_tokens", "router.key_prefix", "router.prefixes"
 _RELATION_KEYS, _RELATION_KEY_BLOCK = "relations.keys", "relations.key_block"
 _RELATION_PROBES, _PROBE_BLOCK = "relations.probes", "relations.probe_block"
+_RELATION_KEY_SCALE, _PROBE_SCALE = "relations.key_scale", "relations.probe_scale"
 _DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -182,8 +186,11 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         tensors["route_prefixes"] = router.prefixes[rows].detach().cpu().contiguous()
     relations = interventions.relations
     if (relations.probe_block == block).any():
-        tensors["relation_keys"] = relations.keys[relations.key_block == block].detach().cpu().contiguous()
-        tensors["relation_probes"] = relations.probes[relations.probe_block == block].detach().cpu().contiguous()
+        keys, probes = relations.key_block == block, relations.probe_block == block
+        tensors["relation_keys"] = relations.keys[keys].detach().cpu().contiguous()
+        tensors["relation_key_scales"] = relations.key_scale[keys].detach().cpu().contiguous()
+        tensors["relation_probes"] = relations.probes[probes].detach().cpu().contiguous()
+        tensors["relation_probe_scales"] = relations.probe_scale[probes].detach().cpu().contiguous()
     tensors["answer_span"] = router.block_span[block : block + 1].detach().cpu().contiguous()
     return save(tensors)
 
@@ -206,8 +213,8 @@ def _write_segments(
         segment_id = hashlib.sha256(data).hexdigest()
         _atomic_write(segments / f"{segment_id}.safetensors", lambda tmp, data=data: Path(tmp).write_bytes(data))
         checksums[segment_id] = zlib.crc32(data)
-        if block == len(ids):
-            ids.append(segment_id)
+        # A block loaded from an older format serialises otherwise now: it takes the new id.
+        ids[block : block + 1] = [segment_id]
     return list(ids), checksums
 
 
@@ -273,10 +280,13 @@ class _SegmentReader:
         own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
         for name in (
             "route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes",
-            "route_prefixes", "relation_keys", "relation_probes",
+            "route_prefixes", "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales",
         ):
             if name in tensors:
                 own[name] = tensors.pop(name).clone()
+        for name in ("relation_keys", "relation_probes"):
+            if name in own and own[name].is_floating_point():  # format 10: fp16 unit rows
+                own[name], own[name.removesuffix("s") + "_scales"] = quantized(own[name])
         if block == 0:
             count = len(self.held)
             for key, value in tensors.items():
@@ -318,13 +328,14 @@ class _SegmentReader:
                     parts[_KEY_PREFIX].append(torch.where(local >= 0, local + rows, -1))
                     parts[_PREFIXES].append(own["route_prefixes"])
                     rows += len(own["route_prefixes"])
-        for name, blocks, key in (
-            ("relation_keys", _RELATION_KEY_BLOCK, _RELATION_KEYS),
-            ("relation_probes", _PROBE_BLOCK, _RELATION_PROBES),
+        for name, blocks, key, scale in (
+            ("relation_keys", _RELATION_KEY_BLOCK, _RELATION_KEYS, _RELATION_KEY_SCALE),
+            ("relation_probes", _PROBE_BLOCK, _RELATION_PROBES, _PROBE_SCALE),
         ):
-            held = [(block, own[name]) for block, own in enumerate(owns) if name in own]
-            parts[key] = [rows for _, rows in held]
-            parts[blocks] = [torch.full((len(rows),), block, dtype=torch.long) for block, rows in held]
+            held = [(block, own[name], own[name.removesuffix("s") + "_scales"]) for block, own in enumerate(owns) if name in own]
+            parts[key] = [rows for _, rows, _ in held]
+            parts[scale] = [scales for _, _, scales in held]
+            parts[blocks] = [torch.full((len(rows),), block, dtype=torch.long) for block, rows, _ in held]
         return {**self.rows, **{key: torch.cat(values) for key, values in parts.items() if values}}
 
 
@@ -332,7 +343,7 @@ def _own_state(interventions: InterventionSet) -> dict[str, torch.Tensor]:
     """The state an adapter file holds: all but the sealed blocks' (their segments hold those)."""
     sealed = {_sealed_key(layer, n) for layer in interventions.layers for n in _SEALED_ROWS}
     sealed |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN, _KEY_TOKENS, _KEY_PREFIX, _PREFIXES}
-    sealed |= {_RELATION_KEYS, _RELATION_KEY_BLOCK, _RELATION_PROBES, _PROBE_BLOCK}
+    sealed |= {_RELATION_KEYS, _RELATION_KEY_BLOCK, _RELATION_KEY_SCALE, _RELATION_PROBES, _PROBE_BLOCK, _PROBE_SCALE}
     return {k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed}
 
 

@@ -25,7 +25,8 @@ from .encoding import (
     teacher_forced,
 )
 from .generation import generate
-from .prefix_cache import SharedPrefixes, layer_output
+from .prefix_cache import SharedPrefixes, outputs_at_layers
+from .prompt_starts import PromptStarts
 from .routing import subject_tokens
 from .subject_probes import probe_prompts
 from .training import EditResult, Trainer
@@ -73,6 +74,7 @@ class Editor:
         )
         # (routing layer, the route contexts' KV up to it): see `_route_contexts`.
         self._route_context_cache: tuple[int, SharedPrefixes] | None = None
+        self._prompt_starts = PromptStarts(model, self.attachment.decoder_layers, self.pad_id)
         # One seeded stream for the replay sample and the trainer's sample of sealed edits.
         self._rng = random.Random(self.config.seed)
         self.trainer = Trainer(self, self._rng)
@@ -286,10 +288,17 @@ class Editor:
         """The unedited output [batch, seq, d] of decoder layer `layer` (default: the adapter's
         routing layer) for encoded prompts, left-padded, and their attention mask [batch, seq]."""
         layer = self.interventions.routing_layer if layer is None else layer
+        outputs, attention = self.outputs_at_layers(prompts, [layer])
+        return outputs[0], attention
+
+    def outputs_at_layers(self, prompts: list[list[int]], layers: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`routing_layer_output` at each of `layers` (decoder layer indices), from one forward."""
         ids, attention = left_padded(prompts, self.pad_id)
         ids, attention = ids.to(self.device), attention.to(self.device)
+        depth = sorted(set(layers))
         with self.lock:
-            return layer_output(self.model, self.attachment.decoder_layers[layer], ids, attention), attention
+            outputs = outputs_at_layers(self.model, [self.attachment.decoder_layers[i] for i in depth], ids, attention)
+        return [outputs[depth.index(i)] for i in layers], attention
 
     @torch.no_grad()
     def _neighbours(self, states: RouteStates | None) -> list[EditRequest]:
@@ -333,23 +342,38 @@ class Editor:
             yield self.routing_layer_output(ids, layer)
 
     @torch.no_grad()
-    def last_prompt_states(self, prompts: list[str], layer: int) -> torch.Tensor:
-        """The unedited output [n, d] of decoder layer `layer` at each prompt's last position."""
-        d = text_config(self.model).hidden_size
-        # Batched in order of length: a batch is padded to its longest prompt, and the padding
-        # costs what tokens cost (unsorted, about a tenth of an edit's probe forwards).
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        parts = [torch.zeros(0, d, device=self.device)]
-        parts += [hidden[:, -1].float() for hidden, _ in self.layer_outputs([prompts[i] for i in order], layer)]
-        states = torch.cat(parts)  # (left-padded: the last position is each prompt's last)
-        return states[torch.tensor(order, dtype=torch.long, device=states.device).argsort()]
+    def last_prompt_states(
+        self, prompts: list[str], layer: int, subjects: list[str | None] | None = None
+    ) -> torch.Tensor:
+        """The unedited output [n, d] of decoder layer `layer` at each prompt's last position.
+        With each prompt's subject: a prompt's text before its subject, or the subject where the
+        prompt opens with it, is a start that other prompts share (`prompt_starts.py`)."""
+        if not prompts:
+            return torch.zeros(0, text_config(self.model).hidden_size, device=self.device)
+        ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts]
+        subjects = subjects if subjects is not None else [None] * len(prompts)
+        starts = [self.shared_start(*row) for row in zip(prompts, ids, subjects, strict=True)]
+        with self.lock:
+            return self._prompt_starts.last_states(ids, starts, layer)
+
+    def shared_start(self, prompt: str, ids: list[int], subject: str | None) -> list[int]:
+        """The tokens of `prompt`'s shared start (see `last_prompt_states`), [] where there is
+        none or where its tokens are not the prompt's first."""
+        at = prompt.find(subject) if subject and subject.strip() else -1
+        text = prompt[:at] if at > 0 else subject if at == 0 else None
+        if text is None or not text.strip():
+            return []
+        start = encode_prompt(self.tokenizer, text)
+        return start if len(start) < len(ids) and ids[: len(start)] == start else []
 
     def _add_relation_states(self, interventions: InterventionSet, requests: list[EditRequest]) -> None:
         """Leaves the new edits' prompt states and their probes' in the trainable block's
         relation check (relations.py)."""
         relations = interventions.relations
-        probes = [p for r in requests for p in self.relation_probes(r)]
-        states = self.last_prompt_states([r.prompt for r in requests] + probes, relations.layer)
+        probes = [(p, r.subject) for r in requests for p in self.relation_probes(r)]
+        prompts = [r.prompt for r in requests] + [p for p, _ in probes]
+        subjects = [r.subject for r in requests] + [s for _, s in probes]
+        states = self.last_prompt_states(prompts, relations.layer, subjects)
         relations.add_pending(states[: len(requests)], states[len(requests) :])
 
     def encode(self, prompt: str, answer: str) -> Example:

@@ -213,15 +213,17 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, tuple[torch.Tens
 @torch.no_grad()
 def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
     """[prompts, sealed blocks]: which sealed blocks each prompt opens (routing.py) and the
-    relation check leaves open (relations.py), from forwards that stop at those layers."""
+    relation check leaves open (relations.py), from a forward that stops at those layers."""
     parts = []
-    relations = editor.interventions.relations
+    interventions = editor.interventions
+    relations = interventions.relations
+    layers = [interventions.routing_layer, *([relations.layer] if relations.enabled else [])]
     for start in range(0, len(prompts), BATCH):
         ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
-        hidden, attention = editor.routing_layer_output(ids)
-        opened = editor.interventions.route(hidden, attention.bool())
+        hidden, attention = editor.outputs_at_layers(ids, layers)
+        opened = interventions.route(hidden[0], attention.bool())
         if relations.enabled:
-            opened = relations.shut(editor.routing_layer_output(ids, relations.layer)[0], attention.bool(), opened)
+            opened = relations.shut(hidden[1], attention.bool(), opened)
         parts.append(opened.cpu())
     return torch.cat(parts)
 

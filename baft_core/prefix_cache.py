@@ -79,13 +79,30 @@ def layer_output(
     """The unedited output [batch, seq, d] of one decoder layer; the layers above are not run.
     With `cache`, the KV of earlier tokens (which `attention` then covers too) is read from it and
     that of `input_ids` added to it, up to `layer`."""
-    captured: dict[str, torch.Tensor] = {}
+    return outputs_at_layers(model, [layer], input_ids, attention, cache, position_ids)[0]
 
-    def grab(module, args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Captured
 
-    handle = layer.register_forward_hook(grab)
+def outputs_at_layers(
+    model,
+    layers: list[nn.Module],
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    cache: DynamicCache | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """`layer_output` of several decoder layers from one forward, which stops after the last of
+    `layers` (given in order of depth)."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def grab(index: int):
+        def hook(module, args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+            if index == len(layers) - 1:
+                raise _Captured
+
+        return hook
+
+    handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(layers)]
     try:
         position_ids = positions_from_mask(attention) if position_ids is None else position_ids
         model.base_model(
@@ -98,8 +115,9 @@ def layer_output(
     except _Captured:
         pass
     finally:
-        handle.remove()
-    return captured["h"]
+        for handle in handles:
+            handle.remove()
+    return [captured[i] for i in range(len(layers))]
 
 
 class SharedPrefixes:

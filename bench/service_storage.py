@@ -101,10 +101,11 @@ def main() -> None:
         "DATA_DIR": str(data),
         "MODELS_DIR": os.environ.get("MODELS_DIR", str(REPO / "var" / "models")),
         "DEVICE": "cpu",
-        # Storage does not depend on how long an edit trains or on its gates' probes: few steps
-        # and no probes keep the run short. Without measuring on apply the database holds no
-        # metrics, so the ratio below is if anything higher than with them.
-        "EDIT_CONFIG": json.dumps({"max_steps": 5, "subject_probes": 0}),
+        # Storage does not depend on how long an edit trains: few steps keep the run short (the
+        # relation check's probes stay: their states are part of each sealed segment). Without
+        # measuring on apply the database holds no metrics, so the ratio below is if anything
+        # higher than with them.
+        "EDIT_CONFIG": json.dumps({"max_steps": 5}),
         "EVALUATE_ON_APPLY": "false",
     }
     server = subprocess.Popen(

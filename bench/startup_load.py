@@ -4,8 +4,9 @@
 
 Builds the checkpoints a service writes for N continual edits with the default config on the
 bundled model (a sealed block of `sealed_rank` directions at 3 layers per edit, six route keys,
-one version per edit, each extending the one before), through app.store.CheckpointStore with its
-fsyncs, but with random sealed blocks instead of trained ones (training 10,000 edits takes hours;
+the relation check's states of 57 probes; one version per edit, each extending the one before),
+through app.store.CheckpointStore with its fsyncs, but with random sealed blocks instead of
+trained ones (training 10,000 edits takes hours;
 the sizes and the files are the same), and CounterFact requests as the history. Then, in a fresh
 process, times CheckpointStore.load of the last version and Editor.load_state, as a starting
 service does (the files are in the page cache: they were just written). Writes
@@ -33,6 +34,10 @@ from baft_core import EditConfig, Editor, EditRequest, load_model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from routing_cost import KEYS_PER_EDIT, earlier_subject_tokens  # noqa: E402
+
+from baft_core.relations import quantized  # noqa: E402
+
+PROBES_PER_EDIT = 57  # the relation check's probes of an average CounterFact edit
 
 DATA = Path(os.environ.get("BAFT_DATA", "/work/shared/data")) / "counterfact" / "counterfact_train.json"
 OUT = REPO / "bench" / "results" / "service"
@@ -65,11 +70,15 @@ def build(root: Path, edits: int) -> dict:
         template[layer].calibrate(torch.randn(d, generator=generator), torch.rand(d, generator=generator) + 0.5)
     template.router.calibrate(torch.randn(d, generator=generator), torch.rand(d, generator=generator) + 0.5)
     rows = edits * rank
-    sealed = {
-        (layer, name): torch.randn(rows, d, generator=generator) if name.endswith(("rotation", "weight")) else torch.randn(rows, generator=generator)
+    sealed = {  # fp16, as ungated sealed rows are held
+        (layer, name): (torch.randn(rows, d, generator=generator) if name.endswith(("rotation", "weight")) else torch.randn(rows, generator=generator)).half()
         for layer in layers
         for name in ("rotation", "change_weight", "change_bias")  # no gate rows: the defaults keep none
     }
+    # The relation check: each edit's prompt state and its probes', int8 with a scale a row.
+    relation_keys, key_scale = quantized(torch.randn(edits, d, generator=generator))
+    probes, probe_scale = quantized(torch.randn(edits * PROBES_PER_EDIT, d, generator=generator))
+    probe_block = torch.arange(edits).repeat_interleave(PROBES_PER_EDIT)
     keys = torch.nn.functional.normalize(torch.randn(edits * KEYS_PER_EDIT, d, generator=generator), dim=-1)
     thresholds = torch.full((len(keys),), 0.85)
     key_block = torch.arange(edits).repeat_interleave(KEYS_PER_EDIT)
@@ -90,6 +99,10 @@ def build(root: Path, edits: int) -> dict:
         router.block_span = spans[:i]
         router.key_tokens, router.key_prefix = tokens[: i * KEYS_PER_EDIT], prefix[: i * KEYS_PER_EDIT]
         router.prefixes = earlier[: 2 * i]
+        relations = state.relations
+        relations.keys, relations.key_scale, relations.key_block = relation_keys[:i], key_scale[:i], torch.arange(i)
+        p = i * PROBES_PER_EDIT
+        relations.probes, relations.probe_scale, relations.probe_block = probes[:p], probe_scale[:p], probe_block[:p]
         # The fresh trainable block a seal leaves, with the standardisation carried over.
         draw = state.block_generator(i)
         state.draw_state = draw.get_state()

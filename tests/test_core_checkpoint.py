@@ -355,3 +355,41 @@ def test_format_8_route_keys_read_their_last_token_alone(tiny_sharp, edited, tmp
         assert edited.generate([PROMPTS[0]], max_new_tokens=6) == expected
     finally:
         edited.load_state(original, loaded.history)
+
+
+def test_format_10_fp16_relation_states_load_as_a_seal_makes_them(tiny_sharp, edited, tmp_path):
+    """Before format 11 a block's relation states were fp16 unit rows: they load quantised to
+    int8 with a scale a row, and a save into another directory writes the block anew."""
+    expected = edited.generate(PROMPTS[:2], max_new_tokens=6)
+    edited.save(tmp_path, tiny_sharp.identity)
+    relations = edited.interventions.relations
+    assert len(relations.probes) and relations.probes.dtype == torch.int8
+
+    def format_10(metadata, tensors):
+        (segment_id,) = json.loads(metadata["segments"])
+        rows = load((tmp_path / SEGMENTS_DIR / f"{segment_id}.safetensors").read_bytes())
+        for name in ("relation_key", "relation_probe"):
+            scale = rows.pop(f"{name}_scales")
+            rows[f"{name}s"] = (rows[f"{name}s"].float() * scale[:, None]).half()
+        data = save(rows)
+        old_id = hashlib.sha256(data).hexdigest()
+        (tmp_path / SEGMENTS_DIR / f"{old_id}.safetensors").write_bytes(data)
+        kept = {k: v for k, v in metadata.items() if k != "segment_crc32"}
+        return {**kept, "segments": json.dumps([old_id]), "format_version": "10"}, tensors
+
+    rewrite_adapter(tmp_path, format_10)
+    loaded = load_checkpoint(tmp_path, tiny_sharp.identity)
+    old = loaded.interventions.relations
+    assert old.probes.dtype == torch.int8 and old.probes.shape == relations.probes.shape
+    assert (old.probes.int() - relations.probes.int()).abs().max() <= 1
+    assert torch.allclose(old.probe_scale, relations.probe_scale, rtol=1e-3)
+    original = edited.interventions
+    try:
+        edited.load_state(loaded.interventions, loaded.history)
+        assert edited.generate(PROMPTS[:2], max_new_tokens=6) == expected
+        resaved = edited.save(tmp_path / "again", tiny_sharp.identity)
+        assert resaved["format_version"] == 11
+        again = load_checkpoint(tmp_path / "again", tiny_sharp.identity).interventions.relations
+        assert torch.equal(again.probes, old.probes) and torch.equal(again.probe_scale, old.probe_scale)
+    finally:
+        edited.load_state(original, loaded.history)

@@ -45,7 +45,7 @@ def test_a_prompt_like_a_probe_shuts_its_block_and_one_like_the_edit_does_not():
     shut = check.shut(hidden, prompt, opened)
     # Block 1 holds no probes: never shut. A block that is not open stays so.
     assert shut.tolist() == [[True, True], [False, True], [True, True], [False, True]]
-    assert check.keys.dtype == torch.float16 and check.key_block.tolist() == [0]
+    assert check.keys.dtype == torch.int8 and check.key_block.tolist() == [0]
     assert check.probe_block.tolist() == [0, 0] and not len(check.pending_keys)
 
 
@@ -57,6 +57,19 @@ def test_the_margin_and_threshold_decide_how_near_a_probe_must_be():
     assert _check(threshold=0.7, margin=-0.01).shut(near_both, prompt, opened)[0, 0].item() is False
     assert _check(threshold=0.7, margin=0.01).shut(near_both, prompt, opened)[0, 0].item() is True
     assert _check(threshold=0.8, margin=-0.01).shut(near_both, prompt, opened)[0, 0].item() is True
+
+
+def test_sealed_states_are_int8_rows_close_to_their_cosines():
+    torch.manual_seed(0)
+    rows = torch.nn.functional.normalize(torch.randn(64, 576) * torch.rand(64, 576), dim=-1)
+    check = RelationCheck(576, layer=0, threshold=0.8, margin=0.0)
+    check.add_pending(rows[:1], rows[1:])
+    check.seal(0)
+    assert check.probes.dtype == torch.int8 and check.num_bytes == 64 * (576 + 4)
+    queries = torch.nn.functional.normalize(rows[1:] + 0.3 * torch.randn(63, 576) / 24, dim=-1)
+    exact = queries @ rows[1:].half().float().T
+    held = (queries @ check.probes.float().T) * check.probe_scale
+    assert (held - exact).abs().max() < 0.005 and not torch.equal(held, exact)
 
 
 def test_an_edit_leaves_its_probes_shut_and_survives_checkpoints(tiny_sharp, tmp_path):

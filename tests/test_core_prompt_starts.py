@@ -1,0 +1,56 @@
+"""Prompt starts (prompt_starts.py): a prompt's state read over its start's kept KV is the state of
+the whole prompt computed at once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baft_core.encoding import encode_prompt, left_padded
+from baft_core.prefix_cache import layer_output
+from baft_core.prompt_starts import PromptStarts
+from baft_core.subject_probes import probe_prompts
+
+SUBJECT = "Danielle Darrieux"
+PROMPT = f"The mother tongue of {SUBJECT} is"
+
+
+def _whole(model, prompts: list[list[int]], layer: int) -> torch.Tensor:
+    """Each prompt alone, in one forward: the layer's output at its last token."""
+    rows = []
+    for ids in prompts:
+        input_ids, attention = left_padded([ids], 0)
+        rows.append(layer_output(model.model, model.model.model.layers[layer], input_ids, attention)[0, -1])
+    return torch.stack(rows).float()
+
+
+def _starts(tokenizer, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    starts = []
+    for prompt, tokens in zip(prompts, ids):
+        at = prompt.find(SUBJECT)
+        start = encode_prompt(tokenizer, prompt[:at] if at > 0 else SUBJECT)
+        starts.append(start if tokens[: len(start)] == start and len(start) < len(tokens) else [])
+    return ids, starts
+
+
+@torch.no_grad()
+def test_states_over_kept_starts_equal_whole_prompts(tiny_sharp):
+    prompts = [PROMPT, *probe_prompts(PROMPT, SUBJECT, 64), "Water boils at"]
+    ids, starts = _starts(tiny_sharp.tokenizer, prompts)
+    assert sum(map(bool, starts)) > len(prompts) // 2  # most probes share a start
+    assert any(s and ids[i][: len(s)] == encode_prompt(tiny_sharp.tokenizer, SUBJECT) for i, s in enumerate(starts))
+    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers, pad_id=0, kept=8)
+    states = shared.last_states(ids, starts, 2)
+    assert torch.allclose(states, _whole(tiny_sharp, ids, 2), atol=1e-4, rtol=1e-4)
+    # Kept starts (at most `kept`) give the same states at the next call; another layer has its own.
+    assert len(shared) == 8
+    assert torch.allclose(shared.last_states(ids, starts, 2), states, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(shared.last_states(ids, starts, 1), _whole(tiny_sharp, ids, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_a_start_must_begin_its_prompt_and_be_shorter(tiny_sharp):
+    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers, pad_id=0)
+    with pytest.raises(ValueError, match="shorter beginning"):
+        shared.last_states([[5, 6, 7]], [[5, 6, 7]], 1)
+    with pytest.raises(ValueError, match="shorter beginning"):
+        shared.last_states([[5, 6, 7]], [[6]], 1)
