@@ -24,7 +24,13 @@ OLDER_CODE = (
     "older code (before each sealed block acted within its answer's window, which mainly lowers "
     "`rep` and the steps; `bench/run.sh` repeats it with today's code)"
 )
+BEFORE_INT8_RELATIONS = (
+    "the code before int8 relation states and shared probe starts (71863b5): the same config, its "
+    "relation states in fp16 from whole-prompt forwards"
+)
 NOTES = {
+    "knowedit-wikibio-continual-464-baft": BEFORE_INT8_RELATIONS,
+    "ablation/knowedit-counterfact-continual-714-gap0": BEFORE_INT8_RELATIONS,
     "zsre-continual-100-baft-oneblock": "older code: one block of rank 12 for all edits, replaying 32 earlier edits a step (the defaults then)",
     "counterfact-continual-100-baft-oneblock": "older code: one block of rank 12 for all edits, replaying 32 earlier edits a step (the defaults then)",
     "zsre-continual-100-reft": OLDER_CODE,
