@@ -43,13 +43,11 @@ class PromptStarts:
         self._compute(list(dict.fromkeys(tuple(s) for s in starts if s)), layer)
         # Batched in order of what is left to compute: a batch is padded to its longest.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) - len(starts[i]))
-        states: list[torch.Tensor | None] = [None] * len(prompts)
-        for chunk in _batches(order, 32):
-            for i, state in zip(chunk, self._after_starts([prompts[i] for i in chunk], [starts[i] for i in chunk], layer)):
-                states[i] = state
+        parts = [self._after_starts([prompts[i] for i in c], [starts[i] for i in c], layer) for c in _batches(order, 32)]
         while len(self._kv) > self.kept:  # after the batches: they read this call's starts
             self._kv.popitem(last=False)
-        return torch.stack([s for s in states if s is not None]).float()
+        states = torch.cat(parts).float()
+        return states[torch.tensor(order, device=states.device).argsort()]
 
     def _compute(self, starts: list[tuple[int, ...]], layer: int) -> None:
         """Computes and keeps the KV of the starts not yet kept."""
