@@ -2,6 +2,7 @@
 optimisation of each edit's block is in training.py)."""
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -75,6 +76,8 @@ class Editor:
         # (routing layer, the route contexts' KV up to it): see `_route_contexts`.
         self._route_context_cache: tuple[int, SharedPrefixes] | None = None
         self._prompt_starts = PromptStarts(model, self.attachment.decoder_layers, self.pad_id)
+        # A prompt's start is a template's text or a subject: the same few recur at every edit.
+        self._start_tokens = functools.lru_cache(maxsize=1024)(lambda text: tuple(encode_prompt(tokenizer, text)))
         # One seeded stream for the replay sample and the trainer's sample of sealed edits.
         self._rng = random.Random(self.config.seed)
         self.trainer = Trainer(self, self._rng)
@@ -363,7 +366,7 @@ class Editor:
         text = prompt[:at] if at > 0 else subject if at == 0 else None
         if text is None or not text.strip():
             return []
-        start = encode_prompt(self.tokenizer, text)
+        start = list(self._start_tokens(text))
         return start if len(start) < len(ids) and ids[: len(start)] == start else []
 
     def _add_relation_states(self, interventions: InterventionSet, requests: list[EditRequest]) -> None:

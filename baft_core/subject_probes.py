@@ -20,8 +20,9 @@ SUBJECT_PROBE_GROUP = "Subject_Probes"
 @dataclass(frozen=True)
 class Relation:
     template: str  # with {subject}
-    # Words that mark a prompt about this relation (lower case, matched at a word start): an
-    # edit whose prompt has one edits this relation, so the relation is no probe for it.
+    # Patterns that mark a prompt about this relation (lower case, regular expressions matched at
+    # a word start): an edit whose prompt has one edits this relation, so the relation is no probe
+    # for it.
     markers: tuple[str, ...]
 
 
@@ -42,7 +43,8 @@ COUNTRY = ("country", "nation")
 AUTHOR = ("author", "writer", "wrote", "written", "creat")
 GENRE = ("genre", "style", "movement")
 # "X follows" and "X is followed by" ask two relations (what came before X, what came after).
-PREDECESSOR = ("follows", "preceded", "predecessor", "comes after", "came after", "replaced")
+# "replaced by" names the successor, so "replaced" marks the predecessor only without it.
+PREDECESSOR = ("follows", "preceded", "predecessor", "comes after", "came after", "replaced(?! by)")
 SUCCESSOR = ("followed by", "succeeded by", "successor", "next", "replaced by")
 FATHER = ("father", "parent", "son of", "daughter of")
 MOTHER = ("mother", "parent", "son of", "daughter of")
@@ -129,7 +131,7 @@ RELATIONS: tuple[Relation, ...] = (
 
 
 def _mentions(prompt: str, marker: str) -> bool:
-    return re.search(r"\b" + re.escape(marker), prompt) is not None
+    return re.search(r"\b" + marker, prompt) is not None
 
 
 def probe_prompts(prompt: str, subject: str | None, limit: int) -> list[str]:

@@ -163,9 +163,9 @@ class Trainer:
         say something before the subject. Other blocks (no routing, or no same-subject
         prompts) stay closed on the unrelated prompts and on the edits of sealed blocks."""
         layers = interventions.layers
-        probes = [p for r in requests for p in self.editor.keep_prompts(r)]
         routed = interventions.router.enabled and interventions.sealed_gates
-        if routed and probes:
+        probes = [p for r in requests for p in self.editor.keep_prompts(r)] if routed else []
+        if probes:
             contexts = [f"{c} {r.prompt}" for r in requests for c in self.editor.config.route_contexts]
             states = self.editor._prompt_states(probes + contexts)  # one pass for both
 

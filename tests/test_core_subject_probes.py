@@ -42,6 +42,11 @@ def test_what_comes_before_and_what_comes_after_are_two_relations():
     followed = probe_prompts("Symphony No. 5 is followed by", "Symphony No. 5", 100)
     assert "Symphony No. 5 is followed by" in follows and "Symphony No. 5 follows" not in follows
     assert "Symphony No. 5 follows" in followed and "Symphony No. 5 is followed by" not in followed
+    # "replaced" asks what came before, "replaced by" what came after (it named both before).
+    replaced_by = probe_prompts("Symphony No. 5 was replaced by", "Symphony No. 5", 100)
+    assert "Symphony No. 5 follows" in replaced_by and "Symphony No. 5 is followed by" not in replaced_by
+    replaced = probe_prompts("Symphony No. 5 replaced", "Symphony No. 5", 100)
+    assert "Symphony No. 5 is followed by" in replaced and "Symphony No. 5 follows" not in replaced
 
 
 def test_relations_are_asked_in_the_wikidata_wording_too():
