@@ -20,39 +20,16 @@ IGNORED = {"seed", "method"}  # named by their own columns
 
 # Runs not made by today's code with the recorded command, and what differed. A run not named
 # here was made by the code of its date with the defaults of then plus its --set overrides.
-OLDER_CODE = (
-    "older code (before each sealed block acted within its answer's window, which mainly lowers "
-    "`rep` and the steps; `bench/run.sh` repeats it with today's code)"
-)
 BEFORE_INT8_RELATIONS = (
     "the code before int8 relation states and shared probe starts (71863b5): the same config, its "
     "relation states in fp16 from whole-prompt forwards"
 )
 NOTES = {
-    "knowedit-wikibio-continual-464-baft": BEFORE_INT8_RELATIONS,
     "ablation/knowedit-counterfact-continual-714-gap0": BEFORE_INT8_RELATIONS,
-    "zsre-continual-100-baft-oneblock": "older code: one block of rank 12 for all edits, replaying 32 earlier edits a step (the defaults then)",
-    "counterfact-continual-100-baft-oneblock": "older code: one block of rank 12 for all edits, replaying 32 earlier edits a step (the defaults then)",
-    "zsre-continual-100-reft": OLDER_CODE,
-    "counterfact-continual-100-reft": OLDER_CODE,
-    "zsre-single-100-reft": OLDER_CODE,
-    "ablation/zsre-100-routed-open": "older code: rank 4 with the continuation term (the defaults then); no replay of the edits that share a route",
-    "ablation/zsre-100-routed-open-neighbours": "older code: rank 4 with the continuation term (the defaults then), with that replay (`route_neighbours` 8)",
-    "ablation/counterfact-100-route4-onekey": "older code: rank 4 (the default then); one route key per edit",
-    "ablation/counterfact-100-route4-contexts": "older code: rank 4 (the default then); a route key for the prompt and one after each of 5 route contexts",
-    "ablation/counterfact-single-100-rank4": "older code (rank 4 was the default then)",
-    "ablation/counterfact-single-100-rank12": OLDER_CODE,
-    "ablation/counterfact-single-100-rank24": OLDER_CODE,
-    "ablation/zsre-100-stop0.01-epyc": OLDER_CODE,
-    "ablation/zsre-100-stop0.05": OLDER_CODE,
-    "ablation/counterfact-100-stop0.01-epyc": OLDER_CODE,
-    "ablation/counterfact-100-stop0.05": OLDER_CODE,
     **{
         f"ablation/{name}": "`sealed_gates=true` was the default for a while: the recorded command lacks "
         "`--set sealed_gates=true` and names the main folder it was moved from"
         for name in (
-            "zsre-continual-100-baft-gated",
-            "counterfact-continual-100-baft-gated",
             "knowedit-counterfact-continual-714-baft-gated",
             "knowedit-recent-continual-285-baft-gated",
             "same-subject-continual-200-baft-gated",
