@@ -20,12 +20,7 @@ IGNORED = {"seed", "method"}  # named by their own columns
 
 # Runs not made by today's code with the recorded command, and what differed. A run not named
 # here was made by the code of its date with the defaults of then plus its --set overrides.
-BEFORE_INT8_RELATIONS = (
-    "the code before int8 relation states and shared probe starts (71863b5): the same config, its "
-    "relation states in fp16 from whole-prompt forwards"
-)
 NOTES = {
-    "ablation/knowedit-counterfact-continual-714-gap0": BEFORE_INT8_RELATIONS,
     **{
         f"ablation/{name}": "`sealed_gates=true` was the default for a while: the recorded command lacks "
         "`--set sealed_gates=true` and names the main folder it was moved from"
