@@ -76,6 +76,8 @@ _KEY_TOKENS, _KEY_PREFIX, _PREFIXES = "router.key_tokens", "router.key_prefix", 
 _RELATION_KEYS, _RELATION_KEY_BLOCK = "relations.keys", "relations.key_block"
 _RELATION_PROBES, _PROBE_BLOCK = "relations.probes", "relations.probe_block"
 _RELATION_KEY_SCALE, _PROBE_SCALE = "relations.key_scale", "relations.probe_scale"
+# A segment's int8 relation states and the tensor of their scales (one a row).
+_SEGMENT_SCALES = {"relation_keys": "relation_key_scales", "relation_probes": "relation_probe_scales"}
 _DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -284,9 +286,9 @@ class _SegmentReader:
         ):
             if name in tensors:
                 own[name] = tensors.pop(name).clone()
-        for name in ("relation_keys", "relation_probes"):
+        for name, scales in _SEGMENT_SCALES.items():
             if name in own and own[name].is_floating_point():  # format 10: fp16 unit rows
-                own[name], own[name.removesuffix("s") + "_scales"] = quantized(own[name])
+                own[name], own[scales] = quantized(own[name])
         if block == 0:
             count = len(self.held)
             for key, value in tensors.items():
@@ -332,7 +334,7 @@ class _SegmentReader:
             ("relation_keys", _RELATION_KEY_BLOCK, _RELATION_KEYS, _RELATION_KEY_SCALE),
             ("relation_probes", _PROBE_BLOCK, _RELATION_PROBES, _PROBE_SCALE),
         ):
-            held = [(block, own[name], own[name.removesuffix("s") + "_scales"]) for block, own in enumerate(owns) if name in own]
+            held = [(block, own[name], own[_SEGMENT_SCALES[name]]) for block, own in enumerate(owns) if name in own]
             parts[key] = [rows for _, rows, _ in held]
             parts[scale] = [scales for _, _, scales in held]
             parts[blocks] = [torch.full((len(rows),), block, dtype=torch.long) for block, rows, _ in held]
