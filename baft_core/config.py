@@ -28,11 +28,8 @@ ROUTE_CONTEXTS = ("The following is true.", "I read this yesterday.", "Here is a
 class EditConfig:
     method: Method = "baft"  # "reft" is BaFT with every gate fixed at 1
     # Bases per block and layer, the same for both methods: ReFT is BaFT with W = I, so a
-    # comparison of the two measures the gates, not a rank. On 100 single CounterFact edits
-    # generality rose with the rank (4: 0.57, 8: 0.63, 12: 0.73, 16: 0.82, 24: 0.85) at locality
-    # 1.00; the price is ZsRE portability (0.30 at rank 4, 0.18 at 24), the answer said again more
-    # often after itself, and 6x the stored values per edit (docs/benchmarks.md). ReFT ran
-    # at the paper's 12 before; those runs are kept there (`--set rank=12`).
+    # comparison of the two measures the gates, not a rank. A higher rank buys generality at the
+    # price of memory per edit and portability (the rank ablation: docs/method.md).
     rank: int = 24
     layers: list[int] | None = None  # None: DEFAULT_LAYER_FRACTIONS of the model's depth
     prompt_positions: int = 3  # P: last prompt positions that are intervened
@@ -59,11 +56,8 @@ class EditConfig:
     # A routed block sealed with its edit acts, on the prompts it opens, where it was trained: the
     # last P prompt positions and the first T - 1 answer tokens generated after them (T: its
     # answer's length in tokens), which predict the rest of the answer (routing.py). After the
-    # answer the model goes on unedited. False: it acts on every generated token, as blocks did
-    # before, and greedy decoding said the answer again ("Argentina Argentina ..."): over 100
-    # continual edits the answer came again after itself for 0.45 of ZsRE's prompts and 0.90 of
-    # CounterFact's, against 0.12 and 0.31 with the window, which also needs no continuation
-    # term (6.59 steps an edit against 7.60 on ZsRE; docs/benchmarks.md).
+    # answer the model goes on unedited. False: it acts on every generated token, and greedy
+    # decoding says the answer again ("Argentina Argentina ..."; the ablation: docs/method.md).
     answer_window: bool = True
     # Blocks trained without gates that act after the answer (ReFT; routed blocks without
     # `answer_window`) must keep the unedited model's next-token distribution there
@@ -77,14 +71,13 @@ class EditConfig:
     unrelated_generate_tokens: int = 4  # generated positions of each unrelated prompt the gates see
 
     # Continual editing: replay a bounded sample of the trainable block's earlier edits with
-    # each new one. One block for all edits needed 32 to keep 30 ZsRE edits (rel 0.48 with 8,
-    # 1.00 with 32, at about 3x the time per edit); a block per edit has none to replay.
+    # each new one. Only one block for all edits (`block_edits=0`, the paper's layout) has any to
+    # replay; a block per edit has none.
     replay_size: int = 0
     # Capacity in fixed-size blocks: a block (rank `rank` at each layer) holds this many edits,
     # then it is sealed (frozen) and a fresh block takes the next ones. 0: one block for all
-    # edits, as in the paper. A block per edit kept 100 continual ZsRE edits at rel 0.98 where
-    # one shared block fell to 0.49 (docs/benchmarks.md). None: 1 for BaFT, 0 for ReFT
-    # (ungated blocks would all act on every input).
+    # edits, as in the paper (which forgets earlier edits: docs/method.md). None: 1 for BaFT, 0
+    # for ReFT (ungated blocks would all act on every input).
     block_edits: int | None = None
     # A block sealed without gates keeps this many of its strongest directions at each layer
     # (blocks.py), a third of its rank's memory: on 100 continual edits ZsRE and CounterFact kept
@@ -111,20 +104,18 @@ class EditConfig:
     # earlier tokens (routing.py). Adapters saved before it existed load with 0.
     route_prefix_gap: int = 2
     # Each key's threshold is also this far above its nearest unrelated prompt position (None:
-    # every key has route_threshold). On 100 CounterFact edits it cut the locality prompts that
-    # open some block from 0.06 to 0.01 (loc 0.98 to 0.99) at the same generality.
+    # every key has route_threshold): fewer unrelated prompts open a block.
     route_margin: float | None = 0.05
     # Whether a sealed block's learned gates also apply inside the prompts routed to it (BaFT's
     # w(h) behind the route), trained to tell its subject's relations apart: closed on other
     # relations of the same subject (`subject_probes`), open on the edit's prompt, also after each
     # route context. False: a routed block acts at full weight on every prompt about its subject
-    # and is trained without gates. On continual edits True raised KnowEdit's Relation_Specificity
-    # from 0.12 to 0.84 but cut CounterFact generality from 0.89 to 0.16 and ZsRE's from 0.97 to
-    # 0.87, at several times the time per edit (docs/method.md), so it is not the default yet.
+    # and is trained without gates. True costs generality and several times the time per edit
+    # (the gates close on paraphrases too: docs/method.md).
     sealed_gates: bool = False
     # Sealed edits whose route key is within the threshold of a new edit's key (at most this
     # many, nearest first) are replayed while training it: their prompts will open the new block
-    # too. Without it, 100 ZsRE edits kept rel 0.96 instead of 1.00 (docs/benchmarks.md).
+    # too, so it is trained to leave their answers as they are.
     route_neighbours: int = 8
 
     # Same-subject probes (subject_probes.py): up to this many other relations of an edit's

@@ -333,10 +333,15 @@ class Editor:
         """The prompts the relation check keeps the request's block shut on: other relations of
         its subject (`subject_probes.py`) and its own `locality` prompts that name the subject
         (routing keeps the block shut on other subjects), those that fit the model's context."""
+        return [prompt for prompt, _ in self._encoded_probes(request)]
+
+    def _encoded_probes(self, request: EditRequest) -> list[tuple[str, list[int]]]:
+        """`relation_probes` with their tokens."""
         subject = (request.subject or "").strip()
         prompts = probe_prompts(request.prompt, request.subject, self.config.subject_probes)
         prompts += [p.prompt for p in request.locality if subject and subject in p.prompt]
-        return [p for p in dict.fromkeys(prompts) if len(encode_prompt(self.tokenizer, p)) < self.context]
+        encoded = [(prompt, encode_prompt(self.tokenizer, prompt)) for prompt in dict.fromkeys(prompts)]
+        return [(prompt, ids) for prompt, ids in encoded if len(ids) < self.context]
 
     def layer_outputs(self, prompts: list[str], layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`routing_layer_output` of text prompts at decoder layer `layer`, 32 prompts at a time."""
@@ -351,9 +356,15 @@ class Editor:
         """The unedited output [n, d] of decoder layer `layer` at each prompt's last position.
         With each prompt's subject: a prompt's text before its subject, or the subject where the
         prompt opens with it, is a start that other prompts share (`prompt_starts.py`)."""
+        ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts]
+        return self._last_prompt_states(prompts, ids, layer, subjects)
+
+    def _last_prompt_states(
+        self, prompts: list[str], ids: list[list[int]], layer: int, subjects: list[str | None] | None
+    ) -> torch.Tensor:
+        """`last_prompt_states` of prompts already tokenised (`ids`)."""
         if not prompts:
             return torch.zeros(0, text_config(self.model).hidden_size, device=self.device)
-        ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts]
         subjects = subjects if subjects is not None else [None] * len(prompts)
         starts = [self.shared_start(*row) for row in zip(prompts, ids, subjects, strict=True)]
         with self.lock:
@@ -373,10 +384,11 @@ class Editor:
         """Leaves the new edits' prompt states and their probes' in the trainable block's
         relation check (relations.py)."""
         relations = interventions.relations
-        probes = [(p, r.subject) for r in requests for p in self.relation_probes(r)]
-        prompts = [r.prompt for r in requests] + [p for p, _ in probes]
-        subjects = [r.subject for r in requests] + [s for _, s in probes]
-        states = self.last_prompt_states(prompts, relations.layer, subjects)
+        probes = [(prompt, ids, r.subject) for r in requests for prompt, ids in self._encoded_probes(r)]
+        prompts = [r.prompt for r in requests] + [prompt for prompt, _, _ in probes]
+        ids = [encode_prompt(self.tokenizer, r.prompt, self.context) for r in requests] + [i for _, i, _ in probes]
+        subjects = [r.subject for r in requests] + [s for _, _, s in probes]
+        states = self._last_prompt_states(prompts, ids, relations.layer, subjects)
         relations.add_pending(states[: len(requests)], states[len(requests) :])
 
     def encode(self, prompt: str, answer: str) -> Example:

@@ -44,6 +44,7 @@ bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode contin
   --threads 1 --unrelated builtin --out $OUT/knowedit-recent-continual-285-baft &
 wait
 $PY bench/locality_by_wording.py $OUT/knowedit-counterfact-continual-714-baft
+$PY bench/locality_by_subject_ending.py $OUT/knowedit-counterfact-continual-714-baft
 $PY bench/locality_by_wording.py $OUT/knowedit-recent-continual-285-baft
 $PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --out $OUT/relations_speed.json
 bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \

@@ -125,3 +125,28 @@ def test_locality_is_split_by_whether_its_prompt_names_an_edited_subject():
     assert groups["other_subjects"] == {"prompts": 1, "loc": 1.0}
     assert groups["edited_subject"] == {"prompts": 2, "loc": 0.25}
     assert groups["rewritten_fact"] == {"prompts": 1, "loc": 0.0}  # Say's native language, which record 0 edits
+
+
+def test_relation_specificity_is_split_by_whether_a_subject_ending_recurs():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "locality_by_subject_ending.py"
+    spec = importlib.util.spec_from_file_location("locality_by_subject_ending", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def record(subject, prompt, *kept):
+        return {"subject": subject, "prompt": prompt, "locality": {"Relation_Specificity": [{"prompt": p} for p in kept]}}
+
+    records = [
+        record("A women's doubles", "The country of A women's doubles is", "A women's doubles follows"),
+        record("B women's doubles", "The country of B women's doubles is", "B women's doubles follows"),
+        record("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "Danielle Darrieux is a citizen of"),
+        record("Danielle Darrieux", "Danielle Darrieux is a citizen of", "The gender of Danielle Darrieux is"),
+    ]
+    endings = [(7, 8, 9), (7, 8, 9), (4, 5, 6), (4, 5, 6)]
+    groups = module.split(records, {0: 0.0, 1: 0.5, 2: 0.0, 3: 1.0}, endings)
+    assert groups["rewritten_fact"] == {"edits": 1, "Relation_Specificity": 0.0}  # record 3 edits what 2 keeps
+    assert groups["same_subject"] == {"edits": 1, "Relation_Specificity": 1.0}
+    assert groups["ending_shared"] == {"edits": 2, "Relation_Specificity": 0.25}
+    assert groups["ending_unique"] == {"edits": 0, "Relation_Specificity": None}
