@@ -117,6 +117,29 @@ for rank in 4 12 24; do
     --out $OUT/ablation/counterfact-single-100-rank$rank
 done
 $PY bench/paired_speed.py --vary window --edits 200 --out $OUT/ablation/window_speed-epyc-avx512bf16.json
+# The relation check read at the routing layer, and at a stricter cosine, each with its pair: the
+# defaults on the same host. The committed runs were made where `auto` chose fp16 weights (a CPU
+# without bf16 arithmetic); `--dtype fp16-weights` makes the same choice on any CPU.
+F16="--dtype fp16-weights"
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin $F16 --out $OUT/ablation/knowedit-counterfact-continual-714-fp16 &
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin $F16 --set relation_layer=4 \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-relation-layer4 &
+wait
+bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \
+  --threads 1 --unrelated builtin $F16 --out $OUT/ablation/knowedit-recent-continual-285-fp16 &
+bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \
+  --threads 1 --unrelated builtin $F16 --set relation_threshold=0.85 \
+  --out $OUT/ablation/knowedit-recent-continual-285-threshold0.85 &
+wait
+bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 $F16 \
+  --out $OUT/ablation/counterfact-continual-100-fp16 &
+bench --data $CF_VAL --format counterfact --mode continual --edits 100 --threads 1 $F16 \
+  --set relation_threshold=0.85 --out $OUT/ablation/counterfact-continual-100-threshold0.85 &
+wait
+$PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --set checked:relation_layer=4 \
+  --out $OUT/ablation/relations_speed-layer4.json
 
 # ----- Speed of single parts (older code, kept for the design notes in docs/method.md) -----
 $PY bench/paired_speed.py --vary weights --edits 200 --out $OUT/weights_speed.json

@@ -30,6 +30,15 @@ NOTES = {
             "same-subject-continual-200-baft-gated",
         )
     },
+    **{
+        f"ablation/{name}": "today's defaults on a host without bf16 arithmetic (fp16 weights): the pair of "
+        "the `relation_layer` and `relation_threshold` rows, made there"
+        for name in (
+            "counterfact-continual-100-fp16",
+            "knowedit-counterfact-continual-714-fp16",
+            "knowedit-recent-continual-285-fp16",
+        )
+    },
 }
 
 
@@ -89,6 +98,7 @@ PAIRED_TITLES = {
     "ablation/window_speed-epyc-avx512bf16.json": "Sealed blocks within their answers' windows (the default) against blocks that act on every generated token (`answer_window=false`)",
     "weights_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, older code",
     "relations_speed.json": "The relation check (the default) against none (`relation_threshold=0`)",
+    "ablation/relations_speed-layer4.json": "The relation check read at the routing layer (`relation_layer=4`) against none",
 }
 SPEED_SENTENCES = {
     "prefix_cache_speedup.json": _prefix_cache_sentence,
