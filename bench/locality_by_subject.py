@@ -12,13 +12,12 @@ python bench/locality_by_subject.py bench/results/counterfact-continual-10000-ba
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_scores import parse_run, run_scores  # noqa: E402
+from run_scores import group_means, parse_run, run_scores, write_result  # noqa: E402
 
 
 def split(records: list[dict], scores: dict[int, float]) -> dict:
@@ -38,18 +37,14 @@ def split(records: list[dict], scores: dict[int, float]) -> dict:
         truth = record["locality_ground_truth"]
         if any(other["ground_truth"] == truth for s in named for other in edited[s]):
             groups["rewritten_fact"].append(score)
-    return {
-        name: {"prompts": len(values), "loc": sum(values) / len(values) if values else None}
-        for name, values in groups.items()
-    }
+    return group_means(groups, "prompts", "loc")
 
 
 def main() -> None:
     run = parse_run(__doc__.split("\n")[0])
     records, scores = run_scores(run, "loc", "CounterFact")
     result = {"command": "python bench/locality_by_subject.py " + " ".join(sys.argv[1:]), **split(records, scores)}
-    (run / "locality_by_subject.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(run, "locality_by_subject.json", result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_scores import REPO, parse_run, run_scores  # noqa: E402
+from run_scores import REPO, group_means, parse_run, run_scores, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -52,10 +52,7 @@ def split(records: list[dict], scores: dict[int, float], endings: list[tuple[int
             groups["same_subject"].append(score)
         else:
             groups["ending_shared" if counts[endings[index]] > 1 else "ending_unique"].append(score)
-    return {
-        name: {"edits": len(values), GROUP: sum(values) / len(values) if values else None}
-        for name, values in groups.items()
-    }
+    return group_means(groups, "edits", GROUP)
 
 
 def main() -> None:
@@ -73,8 +70,7 @@ def main() -> None:
         "route_tokens": count,
         **split(records, scores, endings),
     }
-    (run / "locality_by_subject_ending.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(run, "locality_by_subject_ending.json", result)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ python bench/locality_by_wording.py bench/results/knowedit-counterfact-continual
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_scores import REPO, parse_run, run_scores  # noqa: E402
+from run_scores import REPO, group_means, parse_run, run_scores, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -42,18 +41,14 @@ def split(records: list[dict], scores: dict[int, float]) -> dict:
         like = [worded_like_a_probe(p, record["subject"]) for p in prompts]
         name = "all_like_a_probe" if all(like) else "none_like_a_probe" if not any(like) else "some_like_a_probe"
         groups[name].append(score)
-    return {
-        name: {"edits": len(values), GROUP: sum(values) / len(values) if values else None}
-        for name, values in groups.items()
-    }
+    return group_means(groups, "edits", GROUP)
 
 
 def main() -> None:
     run = parse_run(__doc__.split("\n")[0])
     records, scores = run_scores(run, f"loc/{GROUP}", "KnowEdit")
     result = {"run": str(run), "command": "python " + " ".join(sys.argv), **split(records, scores)}
-    (run / "locality_by_wording.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(run, "locality_by_wording.json", result)
 
 
 if __name__ == "__main__":

@@ -32,3 +32,17 @@ def run_scores(run: Path, metric: str, data_kind: str) -> tuple[list[dict], dict
             if row.get(metric) is not None:
                 scores[row["index"]] = row[metric]
     return records, scores
+
+
+def group_means(groups: dict[str, list[float]], count_key: str, mean_key: str) -> dict:
+    """Each group's size (`count_key`) and mean score (`mean_key`, None for an empty group)."""
+    return {
+        name: {count_key: len(values), mean_key: sum(values) / len(values) if values else None}
+        for name, values in groups.items()
+    }
+
+
+def write_result(run: Path, name: str, result: dict) -> None:
+    """Writes a split of the run into its folder as `name` and prints it."""
+    (run / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
