@@ -163,10 +163,11 @@ class InterventionSet(nn.Module):
         """The decoder layer whose output routes are decided on (no intervention has touched it)."""
         return self.router.layer
 
-    def route(self, layer_output: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    def route(self, layer_output: torch.Tensor, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, sealed blocks]: the blocks each row's prompt opens, from the routing layer's
-        output [batch, seq, d] at the `prompt` positions [batch, seq]."""
-        return self.router.open_blocks(layer_output, prompt, self.sealed_blocks)
+        output [batch, seq, d] at the `prompt` positions [batch, seq] and their token ids
+        `tokens` [batch, seq]."""
+        return self.router.open_blocks(layer_output, prompt, self.sealed_blocks, tokens)
 
     def forward(
         self,
@@ -272,6 +273,9 @@ class Attachment:
         self._groups: list[RowGroup] | None = None  # rows on different adapters (intervene_rows)
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._hook_layers(interventions)
+        # The token ids of the current forward, which spelled route keys are held to (routing.py).
+        self._tokens: torch.Tensor | None = None
+        self._token_handle = model.get_input_embeddings().register_forward_pre_hook(self._take_tokens)
 
     def _hook_layers(self, interventions: InterventionSet) -> None:
         """Hooks the layers the adapter edits, routes or checks relations at. Hooks stay: on a
@@ -284,6 +288,16 @@ class Attachment:
         for handle in self._handles.values():
             handle.remove()
         self._handles = {}
+        self._token_handle.remove()
+
+    def _take_tokens(self, module: nn.Module, args) -> None:
+        self._tokens = args[0]
+
+    def _forward_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The token ids [batch, seq] of the forward whose states `hidden` are."""
+        if self._tokens is None or self._tokens.shape != hidden.shape[:2]:
+            raise RuntimeError("routing needs the forward's token ids: call the model with input_ids")
+        return self._tokens
 
     def swap(self, interventions: InterventionSet) -> None:
         """Point the hooks at another adapter with the same layers (version switch, rollback)."""
@@ -346,7 +360,7 @@ class Attachment:
                 # positions: blocks that need routing never act unrouted.
                 routes = self._routes or self._fallback_routes(layer, interventions, mask)
             if routes is not None and routes.prompt is not None and layer == interventions.routing_layer:
-                routes.open = interventions.route(hidden, routes.prompt)
+                routes.open = interventions.route(hidden, routes.prompt, self._forward_tokens(hidden))
             relations = interventions.relations
             if (
                 routes is not None
@@ -403,13 +417,15 @@ class Attachment:
         groups, mask = self._groups, self._mask
         assert groups is not None and mask is not None  # the hook calls this only inside `intervene_rows`
         self._groups = None  # the single-adapter path below, not this one again
+        tokens = self._tokens
         try:
             for group in groups:
+                self._tokens = None if tokens is None else tokens[group.rows]
                 with self.intervene(mask[group.rows], interventions=group.interventions, routes=group.routes):
                     edited = self._hook(layer)(module, args, hidden[group.rows])
                 hidden = hidden.index_copy(0, group.rows, edited)
         finally:
-            self._groups = groups
+            self._groups, self._tokens = groups, tokens
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 

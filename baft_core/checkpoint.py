@@ -67,12 +67,15 @@ MANIFEST_FILE = "manifest.json"
 # fp16 (older fp32 rows load as fp16).
 # 11: a block's relation states are int8 with one scale a row (older fp16 states are quantised as
 # they load, to what a seal would have made of them).
-FORMAT_VERSION = 11
+# 12: route keys may spell their subject (routing.py): a segment whose keys do holds the
+# spellings and which of them each key reads; older keys spell nothing.
+FORMAT_VERSION = 12
 SEGMENTS_DIR = "segments"
 _SEALED_ROWS = ("rotation", "change_weight", "gate_weight", "change_bias", "gate_bias")
 _ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK = "router.keys", "router.key_threshold", "router.key_block"
 _KEY_EDIT, _BLOCK_SPAN = "router.key_edit", "router.block_span"
 _KEY_TOKENS, _KEY_PREFIX, _PREFIXES = "router.key_tokens", "router.key_prefix", "router.prefixes"
+_KEY_SPELLING, _SPELLINGS = "router.key_spelling", "router.spellings"
 _RELATION_KEYS, _RELATION_KEY_BLOCK = "relations.keys", "relations.key_block"
 _RELATION_PROBES, _PROBE_BLOCK = "relations.probes", "relations.probe_block"
 _RELATION_KEY_SCALE, _PROBE_SCALE = "relations.key_scale", "relations.probe_scale"
@@ -186,6 +189,12 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         local = torch.where(prefix >= 0, torch.searchsorted(rows, prefix), -1)
         tensors["route_key_prefixes"] = local.detach().cpu().contiguous()
         tensors["route_prefixes"] = router.prefixes[rows].detach().cpu().contiguous()
+        spelling = router.key_spelling[own]
+        if (spelling >= 0).any():
+            rows = spelling[spelling >= 0].unique()
+            local = torch.where(spelling >= 0, torch.searchsorted(rows, spelling), -1)
+            tensors["route_key_spellings"] = local.detach().cpu().contiguous()
+            tensors["route_spellings"] = router.spellings[rows].detach().cpu().contiguous()
     relations = interventions.relations
     if (relations.probe_block == block).any():
         keys, probes = relations.key_block == block, relations.probe_block == block
@@ -282,7 +291,8 @@ class _SegmentReader:
         own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
         for name in (
             "route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes",
-            "route_prefixes", "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales",
+            "route_prefixes", "route_key_spellings", "route_spellings",
+            "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales",
         ):
             if name in tensors:
                 own[name] = tensors.pop(name).clone()
@@ -323,13 +333,9 @@ class _SegmentReader:
         }
         if all("route_key_tokens" in own for own in owns if "route_keys" in own) and keys:
             parts[_KEY_TOKENS] = [own["route_key_tokens"] for own in owns if "route_keys" in own]
-            parts[_KEY_PREFIX], parts[_PREFIXES], rows = [], [], 0
-            for own in owns:
-                if "route_keys" in own:
-                    local = own["route_key_prefixes"]
-                    parts[_KEY_PREFIX].append(torch.where(local >= 0, local + rows, -1))
-                    parts[_PREFIXES].append(own["route_prefixes"])
-                    rows += len(own["route_prefixes"])
+            parts[_KEY_PREFIX], parts[_PREFIXES] = _keyed_rows(owns, "route_key_prefixes", "route_prefixes")
+        if keys:
+            parts[_KEY_SPELLING], parts[_SPELLINGS] = _keyed_rows(owns, "route_key_spellings", "route_spellings")
         for name, blocks, key, scale in (
             ("relation_keys", _RELATION_KEY_BLOCK, _RELATION_KEYS, _RELATION_KEY_SCALE),
             ("relation_probes", _PROBE_BLOCK, _RELATION_PROBES, _PROBE_SCALE),
@@ -341,10 +347,27 @@ class _SegmentReader:
         return {**self.rows, **{key: torch.cat(values) for key, values in parts.items() if values}}
 
 
+def _keyed_rows(owns: list[dict[str, torch.Tensor]], index: str, rows: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For the segments with route keys, in block order: each key's row of the segments' `rows`
+    joined (its segment's `index`, a row of that segment's `rows` or -1, made global; -1 for every
+    key of a segment without them), and those rows."""
+    indices, held, count = [], [], 0
+    for own in owns:
+        if index in own:
+            local = own[index]
+            indices.append(torch.where(local >= 0, local + count, -1))
+            held.append(own[rows])
+            count += len(own[rows])
+        elif "route_keys" in own:
+            indices.append(torch.full((len(own["route_keys"]),), -1, dtype=torch.long))
+    return indices, held
+
+
 def _own_state(interventions: InterventionSet) -> dict[str, torch.Tensor]:
     """The state an adapter file holds: all but the sealed blocks' (their segments hold those)."""
     sealed = {_sealed_key(layer, n) for layer in interventions.layers for n in _SEALED_ROWS}
     sealed |= {_ROUTE_KEYS, _KEY_THRESHOLD, _KEY_BLOCK, _KEY_EDIT, _BLOCK_SPAN, _KEY_TOKENS, _KEY_PREFIX, _PREFIXES}
+    sealed |= {_KEY_SPELLING, _SPELLINGS}
     sealed |= {_RELATION_KEYS, _RELATION_KEY_BLOCK, _RELATION_KEY_SCALE, _RELATION_PROBES, _PROBE_BLOCK, _PROBE_SCALE}
     return {k: v.detach().cpu().contiguous() for k, v in interventions.state_dict().items() if k not in sealed}
 
@@ -562,6 +585,7 @@ def load_checkpoint(
     # Saved before the gap: its earlier subject tokens within as many positions as they are, the
     # nearest to the tokens in a row that such a key read then.
     config_data.setdefault("route_prefix_gap", 0)
+    config_data.setdefault("route_spelling", False)  # before format 12 no key spelled its subject
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
     routing_layer = int(metadata.get("routing_layer", layers[0]))

@@ -103,6 +103,11 @@ class EditConfig:
     # "Ines Sylvia Perg" for "Ines Perg"): a key looks this many positions further back for its
     # earlier tokens (routing.py). Adapters saved before it existed load with 0.
     route_prefix_gap: int = 2
+    # Whether an edit whose subject ends in the tokens an earlier edited subject's key reads
+    # spells its subject (its last token ids, up to the first that differs) and holds its keys to
+    # them (spelling.py, routing.py): a question about one of a series of alike-ending names
+    # ("... Badminton Championships – women's singles") then opens its own block, not the others'.
+    route_spelling: bool = True
     # Each key's threshold is also this far above its nearest unrelated prompt position (None:
     # every key has route_threshold): fewer unrelated prompts open a block.
     route_margin: float | None = 0.05
@@ -192,6 +197,8 @@ class EditConfig:
             raise ValueError("lr and gate_lr must be > 0")
         if not isinstance(self.answer_window, bool):  # JSON "false" would otherwise read as on
             raise ValueError("answer_window must be true or false")
+        if not isinstance(self.route_spelling, bool):
+            raise ValueError("route_spelling must be true or false")
         if self.continuation_weight < 0:
             raise ValueError("continuation_weight must be >= 0")
         if not isinstance(self.route_contexts, (list, tuple)) or not all(

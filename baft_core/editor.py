@@ -29,6 +29,7 @@ from .generation import generate
 from .prefix_cache import SharedPrefixes, outputs_at_layers
 from .prompt_starts import PromptStarts
 from .routing import subject_tokens
+from .spelling import SPELLING_TOKENS, SubjectEndings, subject_ids
 from .subject_probes import probe_prompts
 from .training import EditResult, Trainer
 from .unrelated import UnrelatedPool, default_unrelated_prompts
@@ -38,13 +39,15 @@ class RouteStates(NamedTuple):
     """What new edits' route keys are made of (`Router.add_pending`): unedited routing-layer
     states [k, d] at each key's subject token, the request of each key [k], how many subject
     tokens each reads [k] and its row [k] of `prefixes` [g, route_tokens - 1, d], the states of
-    the subject tokens before the last, nearest first (-1: none)."""
+    the subject tokens before the last, nearest first (-1: none), and each key's spelling [k,
+    SPELLING_TOKENS] (`spelling.py`; token ids nearest first, -1 after them)."""
 
     states: torch.Tensor
     owners: torch.Tensor
     tokens: torch.Tensor
     prefix: torch.Tensor
     prefixes: torch.Tensor
+    spellings: torch.Tensor
 
 
 class Editor:
@@ -75,6 +78,8 @@ class Editor:
         )
         # (routing layer, the route contexts' KV up to it): see `_route_contexts`.
         self._route_context_cache: tuple[int, SharedPrefixes] | None = None
+        # (the history, how many of its edits are in, their subjects by ending): `_subject_endings`.
+        self._endings: tuple[list[EditRequest], int, SubjectEndings] | None = None
         self._prompt_starts = PromptStarts(model, self.attachment.decoder_layers, self.pad_id)
         # A prompt's start is a template's text or a subject: the same few recur at every edit.
         self._start_tokens = functools.lru_cache(maxsize=1024)(lambda text: tuple(encode_prompt(tokenizer, text)))
@@ -214,7 +219,8 @@ class Editor:
         """The unedited routing-layer states the requests' route keys are made of: at the subject
         of each prompt, alone and after each of `route_contexts`, and of the subject alone (a text
         that would overflow the model's context is left out); with each edit's earlier subject
-        tokens as they read mid-text and at the start of a text (`Router`)."""
+        tokens as they read mid-text and at the start of a text (`Router`), and the spelling of
+        each key whose subject ends like an earlier edited subject's (`spelling.py`)."""
         contexts = self._route_contexts() if self.config.route_contexts else None
         count = self.config.route_tokens
         states: list[torch.Tensor] = []
@@ -222,6 +228,9 @@ class Editor:
         tokens: list[int] = []
         prefix: list[int] = []
         prefixes: list[torch.Tensor] = []
+        spellings: list[list[int]] = []
+        edited = self._subject_endings() if self.config.route_spelling else None
+        batch = SubjectEndings(count)  # the requests before each one in this batch
         for j, request in enumerate(requests):
             texts = [f"{c} {request.prompt}" if c else request.prompt for c in ["", *self.config.route_contexts]]
             subject = (request.subject or "").strip()
@@ -237,6 +246,15 @@ class Editor:
                     cuts.append(ids[: last + 1])
                     spans.append(span)
                     at_start.append(bool(subject) and text.lstrip().startswith(subject))
+            spelled = 0
+            if edited is not None and subject:
+                ids_of_subject = subject_ids(self.tokenizer, subject)
+                spelled = max(edited.spelling_length(ids_of_subject), batch.spelling_length(ids_of_subject))
+                batch.add(ids_of_subject)
+            for cut in cuts:
+                # Ids, not states: a subject at a text's start spells its first token too.
+                spelling = cut[len(cut) - min(spelled, len(cut)) :][::-1]
+                spellings.append(spelling + [-1] * (SPELLING_TOKENS - len(spelling)))
             with self.lock:
                 subject_states = self._last_states(cuts, contexts, count)  # [texts, count, d]
             # Mid-text and at a text's start: the first text of each kind whose key reads earlier
@@ -257,7 +275,21 @@ class Editor:
             torch.tensor(tokens),
             torch.tensor(prefix),
             torch.stack(prefixes).float() if prefixes else torch.zeros(0, count - 1, d),
+            torch.tensor(spellings, dtype=torch.long).reshape(-1, SPELLING_TOKENS),
         )
+
+    def _subject_endings(self) -> SubjectEndings:
+        """The history's subjects by ending (`spelling.py`): kept up to date as edits are added,
+        built anew when the history is replaced (reset, load)."""
+        held = self._endings
+        if held is None or held[0] is not self.history or held[1] > len(self.history):
+            held = (self.history, 0, SubjectEndings(self.config.route_tokens))
+        history, count, endings = held
+        for request in history[count:]:
+            if request.subject and request.subject.strip():
+                endings.add(subject_ids(self.tokenizer, request.subject))
+        self._endings = (history, len(history), endings)
+        return endings
 
     def _last_states(self, cuts: list[list[int]], contexts: SharedPrefixes | None, count: int) -> torch.Tensor:
         """The routing layer's unedited output at the last `count` positions of each of `cuts`
@@ -327,7 +359,9 @@ class Editor:
         thresholds = None
         if margin is not None:
             thresholds = router.thresholds(router.key(keys.states), self.unrelated.routes(interventions.router), margin)
-        router.add_pending(keys.states, keys.owners, thresholds, keys.tokens, keys.prefix, keys.prefixes)
+        router.add_pending(
+            keys.states, keys.owners, thresholds, keys.tokens, keys.prefix, keys.prefixes, keys.spellings
+        )
 
     def relation_probes(self, request: EditRequest) -> list[str]:
         """The prompts the relation check keeps the request's block shut on: other relations of

@@ -13,7 +13,7 @@ from statistics import mean
 import torch
 
 from .data import EditRequest, Probe
-from .encoding import Example, TeacherForced, encode_prompt, teacher_forced
+from .encoding import Example, TeacherForced, encode_prompt, left_padded, teacher_forced
 from .generation import generate
 from .routing import Routes, answer_offsets
 from .subject_probes import SUBJECT_PROBE_GROUP
@@ -221,7 +221,7 @@ def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
     for start in range(0, len(prompts), BATCH):
         ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
         hidden, attention = editor.outputs_at_layers(ids, layers)
-        opened = interventions.route(hidden[0], attention.bool())
+        opened = interventions.route(hidden[0], attention.bool(), left_padded(ids, editor.pad_id)[0].to(attention.device))
         if relations.enabled:
             opened = relations.shut(hidden[1], attention.bool(), opened)
         parts.append(opened.cpu())

@@ -279,6 +279,7 @@ class CachedBatch:
         position_ids = torch.cat(
             [positions_from_mask(prefix_mask), positions_from_mask(spoken_mask, prefix_mask.sum(-1))], dim=1
         )
+        input_ids = torch.cat([prefix_ids, spoken_ids], dim=1)
         rows = torch.arange(len(spoken), device=device)
         last = width + lengths - 1  # each row's last answer column
         routing = self.interventions.router.enabled and self.interventions.sealed_blocks
@@ -292,7 +293,7 @@ class CachedBatch:
         said, log_probs = [], []
         try:
             hidden = self.model.base_model(
-                input_ids=torch.cat([prefix_ids, spoken_ids], dim=1),
+                input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=position_ids,
                 cache=cache,
@@ -347,7 +348,7 @@ class CachedBatch:
         prompt_mask = torch.cat([prefix_mask.bool(), in_head], dim=-1)
         routes = Routes()
         if routing:
-            routes.open = self.interventions.route(captured["routing"], prompt_mask)
+            routes.open = self.interventions.route(captured["routing"], prompt_mask, input_ids)
             if relations.enabled:
                 routes.open = relations.shut(captured["relation"], prompt_mask, routes.open)
         if not width:

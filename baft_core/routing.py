@@ -37,6 +37,18 @@ before the matched one, within as many as the key has earlier tokens plus
 `EditConfig.route_prefix_gap`, rather than its own place in a row. A name that drops one of them
 ("Jessica Cooke" for "Jessica E Cooke") still opens nothing.
 
+Subjects of a series end alike over more tokens than a key reads ("1981 Lithuanian Badminton
+Championships – women's singles", "1965 New Zealand Badminton Championships – women's singles"),
+and at so early a layer a differing earlier token ("Lithuanian", "Zealand") is as near as the
+same token in another context: state thresholds cannot tell them apart. So an edit whose subject
+ends in the tokens an earlier edited subject's key reads (`spelling.py`) also spells its subject:
+its keys hold the ids of its subject's last tokens, up to the first that differs from every such
+subject, and open its block only where the prompt has those very tokens before the matched
+position. A spelled key that matches marks the position as its subject's: keys of other blocks
+that match there reading fewer tokens (the earlier subject's, whose key cannot tell) do not open
+theirs. Spellings are exact, so they are only made where the states cannot decide; an alias of
+such a subject that words those tokens otherwise no longer opens its block.
+
 A block acts at the positions its edit was trained on: on a prompt it opens, the last P prompt
 positions and the first T - 1 answer tokens fed after them (T: the block's longest answer in
 tokens; they predict the rest of its answer). From the answer's last token on the model goes on
@@ -49,6 +61,7 @@ import torch
 from torch import nn
 
 from .blocks import appended, take_checkpoint_sizes
+from .spelling import SPELLING_TOKENS
 
 
 def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
@@ -111,7 +124,7 @@ class Routes:
 _GROWING = (
     "keys", "key_threshold", "key_block", "key_edit", "pending", "pending_threshold", "pending_edit",
     "block_span", "pending_span", "key_tokens", "key_prefix", "prefixes", "pending_tokens",
-    "pending_prefix", "pending_prefixes",
+    "pending_prefix", "pending_prefixes", "key_spelling", "spellings", "pending_spelling", "pending_spellings",
 )
 
 
@@ -135,6 +148,10 @@ class Router(nn.Module):
     pending_tokens: torch.Tensor
     pending_prefix: torch.Tensor
     pending_prefixes: torch.Tensor
+    key_spelling: torch.Tensor
+    spellings: torch.Tensor
+    pending_spelling: torch.Tensor
+    pending_spellings: torch.Tensor
     prefix_threshold: torch.Tensor
     block_span: torch.Tensor
     pending_span: torch.Tensor
@@ -172,6 +189,12 @@ class Router(nn.Module):
         self.register_buffer(
             "pending_prefixes", torch.zeros(0, max(subject_tokens - 1, 0), hidden_size, dtype=torch.float16)
         )
+        # The row of `spellings` each key spells its subject with (-1: none); a row holds the ids
+        # of the subject's last tokens, nearest first, -1 after them.
+        self.register_buffer("key_spelling", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("spellings", torch.zeros(0, SPELLING_TOKENS, dtype=torch.int32))
+        self.register_buffer("pending_spelling", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("pending_spellings", torch.zeros(0, SPELLING_TOKENS, dtype=torch.int32))
         self.register_buffer("prefix_threshold", torch.tensor(float(prefix_threshold)))
         # How many more positions than its earlier tokens a key looks back for them: a subject
         # named with a middle name the edit did not use ("Ines Sylvia Perg" for "Ines Perg") puts
@@ -206,7 +229,7 @@ class Router(nn.Module):
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.prefixes))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.prefixes, self.spellings))
 
     @torch.no_grad()
     def hold_keys_in(self, dtype: torch.dtype) -> None:
@@ -252,12 +275,15 @@ class Router(nn.Module):
         tokens: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
         prefixes: torch.Tensor | None = None,
+        spellings: torch.Tensor | None = None,
     ) -> None:
         """Keys (routing-layer states [k, d]) of edits just trained into the trainable block, the
         history index of each key's edit, their thresholds (default `threshold`), how many subject
         tokens each reads (default 1) with the row [k] of `prefixes` (routing-layer states [g,
-        subject_tokens - 1, d] of the tokens before the last, nearest first) it reads them from.
-        New tensors, not in-place writes: forks share these buffers."""
+        subject_tokens - 1, d] of the tokens before the last, nearest first) it reads them from,
+        and each key's spelling (`spellings` [k, SPELLING_TOKENS] token ids, nearest first, -1
+        after them; a row of -1: none). New tensors, not in-place writes: forks share these
+        buffers."""
         keys = self.key(hidden).to(self.pending)
         if thresholds is None:
             thresholds = torch.full((len(keys),), float(self.threshold))
@@ -274,6 +300,14 @@ class Router(nn.Module):
         self.pending_edit = torch.cat([self.pending_edit, edits.to(self.pending_edit)])
         self.pending_tokens = torch.cat([self.pending_tokens, tokens])
         self.pending_prefix = torch.cat([self.pending_prefix, prefix])
+        spelled = torch.zeros(len(keys), dtype=torch.bool)
+        if spellings is not None:
+            spelled = (spellings >= 0).any(1).cpu()
+            rows = spellings[spelled].to(self.pending_spellings)
+            self.pending_spellings = torch.cat([self.pending_spellings, rows])
+        row = torch.full((len(keys),), -1, dtype=torch.long)
+        row[spelled] = torch.arange(int(spelled.sum())) + len(self.pending_spellings) - int(spelled.sum())
+        self.pending_spelling = torch.cat([self.pending_spelling, row.to(self.pending_spelling)])
 
     @torch.no_grad()
     def widen_window(self, span: int) -> None:
@@ -296,6 +330,9 @@ class Router(nn.Module):
         offset = torch.where(self.pending_prefix >= 0, len(self.prefixes), 0)
         self.key_prefix = appended(self.key_prefix, self.pending_prefix + offset)
         self.prefixes = appended(self.prefixes, self.pending_prefixes)
+        offset = torch.where(self.pending_spelling >= 0, len(self.spellings), 0)
+        self.key_spelling = appended(self.key_spelling, self.pending_spelling + offset)
+        self.spellings = appended(self.spellings, self.pending_spellings)
         span = self.pending_span
         if not len(span):  # a block without a window (sealed unrouted, or before windows)
             span = torch.tensor([UNLIMITED], device=self.block_span.device)
@@ -304,13 +341,15 @@ class Router(nn.Module):
         self.pending_edit, self.pending_span = self.pending_edit[:0], self.pending_span[:0]
         self.pending_tokens, self.pending_prefix = self.pending_tokens[:0], self.pending_prefix[:0]
         self.pending_prefixes = self.pending_prefixes[:0]
+        self.pending_spelling, self.pending_spellings = self.pending_spelling[:0], self.pending_spellings[:0]
 
     @torch.no_grad()
-    def open_blocks(self, hidden: torch.Tensor, prompt: torch.Tensor, blocks: int) -> torch.Tensor:
+    def open_blocks(self, hidden: torch.Tensor, prompt: torch.Tensor, blocks: int, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, blocks]: whether some routable position of the row (`routable(prompt)`, in the
-        routing-layer states `hidden` [batch, seq, d]) is within the threshold of one of the
-        block's keys, its earlier positions within `prefix_threshold` of the key's earlier
-        subject tokens."""
+        routing-layer states `hidden` [batch, seq, d]; `tokens` [batch, seq] their ids) is within
+        the threshold of one of the block's keys, its earlier positions within `prefix_threshold`
+        of the key's earlier subject tokens and, for a spelled key, its tokens those of the
+        spelling, with no spelled key of more tokens matching at that position."""
         batch = prompt.shape[0]
         has_key = torch.zeros(blocks, dtype=torch.bool, device=self.keys.device)
         has_key[self.key_block] = True
@@ -334,7 +373,26 @@ class Router(nn.Module):
                 state = self.key(hidden[rows, earlier.clamp(min=0)])
                 found |= present.unsqueeze(1) & (torch.einsum("md,mcd->mc", state, wanted) > self.prefix_threshold)
         passes = found.all(1)
-        opened[rows[passes], self.key_block[key[passes]]] = True
+        rows, positions, key = rows[passes], positions[passes], key[passes]
+        spelling_row = self.key_spelling[key]
+        spelled = spelling_row >= 0
+        if spelled.any():
+            spelling = self.spellings[spelling_row.clamp(min=0)].long()  # [m, SPELLING_TOKENS]
+            spelled_at = positions.unsqueeze(1) - torch.arange(spelling.shape[1], device=key.device)
+            inside = (spelled_at >= 0) & prompt[rows.unsqueeze(1), spelled_at.clamp(min=0)]
+            same = inside & (tokens[rows.unsqueeze(1), spelled_at.clamp(min=0)] == spelling)
+            spelled_here = (same | (spelling < 0)).all(1)
+            keep = ~spelled | spelled_here
+            rows, positions, key, spelled = rows[keep], positions[keep], key[keep], spelled[keep]
+            length = torch.where(spelled, (spelling[keep] >= 0).sum(1), self.key_tokens[key])
+            # The longest spelling matched at each position: keys there that read fewer tokens
+            # are another subject's.
+            slot = rows * prompt.shape[1] + positions
+            longest = torch.zeros(prompt.numel(), dtype=torch.long, device=key.device)
+            longest = longest.scatter_reduce(0, slot[spelled], length[spelled], "amax")
+            keep = length >= longest[slot]
+            rows, key = rows[keep], key[keep]
+        opened[rows, self.key_block[key]] = True
         return opened
 
     def in_window(self, blocks_open: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -353,10 +411,15 @@ class Router(nn.Module):
 
     def read_last_tokens_only(self) -> None:
         """Keys stored before keys read earlier subject tokens (format 8 and older) read their
-        subject's last token alone."""
+        subject's last token alone; keys stored before spellings (format 11 and older) spell
+        nothing."""
+        device = self.keys.device
         for keys, tokens, rows in (("keys", "key_tokens", "key_prefix"), ("pending", "pending_tokens", "pending_prefix")):
             count = len(getattr(self, keys))
             if len(getattr(self, tokens)) != count:
-                device = self.keys.device
                 setattr(self, tokens, torch.ones(count, dtype=torch.long, device=device))
+                setattr(self, rows, torch.full((count,), -1, dtype=torch.long, device=device))
+        for keys, rows in (("keys", "key_spelling"), ("pending", "pending_spelling")):
+            count = len(getattr(self, keys))
+            if len(getattr(self, rows)) != count:
                 setattr(self, rows, torch.full((count,), -1, dtype=torch.long, device=device))

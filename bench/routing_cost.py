@@ -88,7 +88,7 @@ def time_routing(editor: Editor, state: InterventionSet, prompts: list[str]) -> 
             hidden = editor.model(**encoded, output_hidden_states=True).hidden_states[layer + 1][0]
         prompt = torch.ones(1, hidden.shape[0], dtype=torch.bool)
         start = time.perf_counter()
-        state.router.open_blocks(hidden[None], prompt, state.sealed_blocks)
+        state.router.open_blocks(hidden[None], prompt, state.sealed_blocks, encoded.input_ids)
         total += time.perf_counter() - start
     return total
 

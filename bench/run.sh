@@ -117,14 +117,18 @@ for rank in 4 12 24; do
     --out $OUT/ablation/counterfact-single-100-rank$rank
 done
 $PY bench/paired_speed.py --vary window --edits 200 --out $OUT/ablation/window_speed-epyc-avx512bf16.json
-# The relation check read at the routing layer, and at a stricter cosine, each with its pair: the
-# defaults on the same host. The committed runs were made where `auto` chose fp16 weights (a CPU
-# without bf16 arithmetic); `--dtype fp16-weights` makes the same choice on any CPU.
+# Spelled route keys off; the relation check read at the routing layer, and at a stricter cosine,
+# each with its pair: the defaults on the same host (on WikiData_counterfact, the layer measured
+# without spelling, against spelling off). The committed runs were made where `auto` chose fp16
+# weights (a CPU without bf16 arithmetic), as was the main WikiData_counterfact run;
+# `--dtype fp16-weights` makes the same choice on any CPU. The committed spelling-off run was
+# made before `route_spelling` existed (the same code path).
 F16="--dtype fp16-weights"
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
-  --threads 1 --unrelated builtin $F16 --out $OUT/ablation/knowedit-counterfact-continual-714-fp16 &
+  --threads 1 --unrelated builtin $F16 --set route_spelling=false \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-no-spelling &
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
-  --threads 1 --unrelated builtin $F16 --set relation_layer=4 \
+  --threads 1 --unrelated builtin $F16 --set route_spelling=false relation_layer=4 \
   --out $OUT/ablation/knowedit-counterfact-continual-714-relation-layer4 &
 wait
 bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \

@@ -32,13 +32,15 @@ NOTES = {
     },
     **{
         f"ablation/{name}": "today's defaults on a host without bf16 arithmetic (fp16 weights): the pair of "
-        "the `relation_layer` and `relation_threshold` rows, made there"
-        for name in (
-            "counterfact-continual-100-fp16",
-            "knowedit-counterfact-continual-714-fp16",
-            "knowedit-recent-continual-285-fp16",
-        )
+        "the `relation_threshold` rows, made there before `route_spelling` (no edit of this set spells "
+        "its subject, so the same run)"
+        for name in ("counterfact-continual-100-fp16", "knowedit-recent-continual-285-fp16")
     },
+    "ablation/knowedit-counterfact-continual-714-no-spelling": "made before `route_spelling` existed, as "
+    "`ablation/knowedit-counterfact-continual-714-fp16` (the same code path as `--set route_spelling=false`), "
+    "fp16 weights: the pair of the main run and of the `relation_layer` row",
+    "ablation/knowedit-counterfact-continual-714-relation-layer4": "made before `route_spelling` existed "
+    "(the same code path as `--set route_spelling=false`)",
 }
 
 
@@ -123,6 +125,8 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
         config = {**config, "relation_threshold": 0.0}  # before the relation check
     if "route_prefix_gap" not in config and config.get("route_threshold"):
         config = {**config, "route_prefix_gap": 0}  # before the gap a key's tokens stood in a row
+    if "route_spelling" not in config and config.get("route_threshold"):
+        config = {**config, "route_spelling": False}  # before spelled keys
     changed = [
         f"{key}={json.dumps(value)}" if key != "route_contexts" else f"{key}: {len(value)}"
         for key, value in config.items()
@@ -175,7 +179,9 @@ def main() -> None:
         "`routing`: rephrases that open their own edit's block / locality prompts that open any block.",
         "`negatives`: the prompts the editor learnt to leave alone (`--unrelated`; their number where",
         "the run recorded it). Times are the host's of that day (`threads` 1: two runs side by side),",
-        "comparable only within one paired run.",
+        "comparable only within one paired run. `route_spelling=false`: made before spelled route keys;",
+        "where no subject of the run ends like an earlier one's (ZsRE and CounterFact 100, WikiData_recent",
+        "285: `python bench/spelled_edits.py` counts them) that is the same run as today's defaults.",
         "",
         "## Main runs",
         "",

@@ -150,3 +150,16 @@ def test_relation_specificity_is_split_by_whether_a_subject_ending_recurs():
     assert groups["same_subject"] == {"edits": 1, "Relation_Specificity": 1.0}
     assert groups["ending_shared"] == {"edits": 2, "Relation_Specificity": 0.25}
     assert groups["ending_unique"] == {"edits": 0, "Relation_Specificity": None}
+
+
+def test_spelled_edits_are_those_whose_subject_ends_like_an_earlier_ones(tiny):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "spelled_edits.py"
+    spec = importlib.util.spec_from_file_location("spelled_edits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    subjects = ["Danielle Darrieux", "Norway", "Norway", "Marie Darrieux", None, "Danielle Darrieux", "Darrieux"]
+    # "Marie Darrieux" ends like the first, and "Danielle Darrieux" again like "Marie Darrieux";
+    # the same subject alone and the end of an earlier one have nothing to spell.
+    assert module.spelled(subjects, tiny.tokenizer, 3) == [3, 5]

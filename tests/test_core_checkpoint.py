@@ -13,6 +13,7 @@ from safetensors.torch import load, save
 from baft_core import EditConfig, Editor, EditRequest
 from baft_core.checkpoint import (
     ADAPTER_FILE,
+    FORMAT_VERSION,
     MANIFEST_FILE,
     SEGMENTS_DIR,
     Checkpoint,
@@ -388,7 +389,7 @@ def test_format_10_fp16_relation_states_load_as_a_seal_makes_them(tiny_sharp, ed
         edited.load_state(loaded.interventions, loaded.history)
         assert edited.generate(PROMPTS[:2], max_new_tokens=6) == expected
         resaved = edited.save(tmp_path / "again", tiny_sharp.identity)
-        assert resaved["format_version"] == 11
+        assert resaved["format_version"] == FORMAT_VERSION
         again = load_checkpoint(tmp_path / "again", tiny_sharp.identity).interventions.relations
         assert torch.equal(again.probes, old.probes) and torch.equal(again.probe_scale, old.probe_scale)
     finally:

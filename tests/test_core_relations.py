@@ -6,7 +6,7 @@ import torch
 from test_core_editor import make_editor
 
 from baft_core import EditRequest
-from baft_core.encoding import encode_prompt
+from baft_core.encoding import encode_prompt, left_padded
 from baft_core.metrics import open_blocks
 from baft_core.relations import RelationCheck, last_prompt_positions
 
@@ -27,7 +27,7 @@ def _routed(editor, prompts: list[str]) -> torch.Tensor:
     """Whether each prompt opens block 0 by its route keys alone."""
     ids = [encode_prompt(editor.tokenizer, p) for p in prompts]
     hidden, attention = editor.routing_layer_output(ids)
-    return editor.interventions.route(hidden, attention.bool())[:, 0]
+    return editor.interventions.route(hidden, attention.bool(), left_padded(ids, editor.pad_id)[0])[:, 0]
 
 
 def test_last_prompt_positions_of_left_and_right_padded_rows():

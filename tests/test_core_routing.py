@@ -14,6 +14,12 @@ from baft_core.metrics import teacher_forced_routes
 from baft_core.prefix_cache import SharedPrefixes
 from baft_core.routing import UNLIMITED, Router, Routes, answer_offsets, subject_token, subject_tokens
 
+
+def _no_tokens(prompt: torch.Tensor) -> torch.Tensor:
+    """Token ids for routing tests whose keys spell nothing."""
+    return torch.zeros(prompt.shape, dtype=torch.long)
+
+
 EDITS = [
     EditRequest("The mother tongue of Danielle Darrieux is", "Japanese", subject="Danielle Darrieux"),
     EditRequest("The capital of Norway is", "Lima", subject="Norway"),
@@ -97,7 +103,7 @@ def test_router_opens_blocks_within_the_threshold():
     )
     prompt = torch.tensor([[True, True, True], [False, True, True], [False, True, True]])
     # Block 2 was sealed before routing existed (no keys): it stays open for every row.
-    opened = router.open_blocks(hidden, prompt, blocks=3)
+    opened = router.open_blocks(hidden, prompt, blocks=3, tokens=_no_tokens(prompt))
     assert opened.tolist() == [[True, False, True], [False, True, True], [False, False, True]]
     assert router.pending.shape[0] == 0 and router.key_block.tolist() == [0, 1, 1]
     assert router.key_edit.tolist() == [0, 1, 2] and router.pending_edit.shape[0] == 0
@@ -128,9 +134,9 @@ def test_keys_held_in_bf16_open_the_same_blocks():
     prompt = torch.ones(32, 2, dtype=torch.bool)
     scores = fp32.key(hidden[:, 1]) @ fp32.keys.T - fp32.key_threshold
     assert (scores.abs() > 1e-2).all()  # no state within a rounding of a threshold
-    opened = fp32.open_blocks(hidden, prompt, 40)
+    opened = fp32.open_blocks(hidden, prompt, 40, _no_tokens(prompt))
     assert opened.any() and not opened.all()
-    assert torch.equal(bf16.open_blocks(hidden.bfloat16(), prompt, 40), opened)
+    assert torch.equal(bf16.open_blocks(hidden.bfloat16(), prompt, 40, _no_tokens(prompt)), opened)
 
 
 def test_key_thresholds_stay_above_unrelated_prompts():
@@ -145,7 +151,7 @@ def test_key_thresholds_stay_above_unrelated_prompts():
     router.seal(0)
     assert torch.equal(router.key_threshold, thresholds)
     # cos 0.97 with key 0: above the floor, not above that key's own threshold.
-    opened = router.open_blocks(torch.tensor([[[0.0, 0.0], [1.0, 0.25]]]), torch.ones(1, 2, dtype=torch.bool), blocks=1)
+    opened = router.open_blocks(torch.tensor([[[0.0, 0.0], [1.0, 0.25]]]), torch.ones(1, 2, dtype=torch.bool), 1, torch.zeros(1, 2, dtype=torch.long))
     assert not opened.any()
 
 
@@ -163,7 +169,7 @@ def test_a_key_opens_only_after_its_earlier_subject_tokens():
 
     def opens(*positions):
         hidden = torch.tensor([[[9.0, -9, -9, 9], *positions]])  # a first position unlike the tokens
-        return router.open_blocks(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), blocks=2)[0].tolist()
+        return router.open_blocks(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), 2, torch.zeros(hidden.shape[:2], dtype=torch.long))[0].tolist()
 
     assert opens([0, 0, 1.0, 0], [0, 0.9, 0.5, 0], [1.0, 0, 0, 0]) == [True, False]  # cosines 1, 0.87, 1
     assert opens([0, 0, 0, 0.1], [0, 1.0, 0, 0], [1.0, 0, 0, 0]) == [False, True]  # two before: no match
@@ -184,7 +190,7 @@ def test_earlier_subject_tokens_may_stand_apart_by_the_gap():
         router.add_pending(torch.tensor([last]), torch.tensor([0]), None, torch.tensor([3]), torch.tensor([0]), earlier)
         router.seal(0)
         hidden = torch.tensor([[hidden_first, *positions]])
-        return bool(router.open_blocks(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), blocks=1)[0, 0])
+        return bool(router.open_blocks(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), 1, torch.zeros(hidden.shape[:2], dtype=torch.long))[0, 0])
 
     in_a_row = (earlier_b, earlier_a, last)
     apart = (earlier_b, other, other, earlier_a, last)  # two tokens between the earlier ones

@@ -1,0 +1,56 @@
+"""Which edits spell their subject: those whose subject ends in the tokens an earlier edited
+subject's route key reads (routing.py).
+
+A route key reads its subject's last `route_tokens` tokens as an early layer sees them, which
+tells "Otis Taylor" from "Phoebe Atwood Taylor" but not "1981 Lithuanian Badminton Championships
+– women's singles" from "1965 New Zealand Badminton Championships – women's singles": a question
+about either opens the other's block. An edit whose subject ends like an earlier edited one's
+keeps the ids of as many of its subject's last tokens as it takes to differ from each of them
+(the spelling), and routing holds its keys to those very tokens. Where the subjects are the same
+there is nothing to spell (the relation check tells their edits apart), and where the new subject
+is the end of an earlier one ("Taylor" after "Otis Taylor") it has no token to spell that the
+other lacks.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+# The most subject tokens a spelling holds: subjects that differ only further back stay unspelled.
+SPELLING_TOKENS = 32
+
+
+def subject_ids(tokenizer, subject: str) -> tuple[int, ...]:
+    """The subject's token ids as it reads mid-text (after a space)."""
+    return tuple(tokenizer(" " + subject.strip(), add_special_tokens=False).input_ids)
+
+
+def common_ending(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many last tokens `a` and `b` share."""
+    count = 0
+    while count < min(len(a), len(b)) and a[-1 - count] == b[-1 - count]:
+        count += 1
+    return count
+
+
+class SubjectEndings:
+    """The edited subjects' token ids by the ending their route keys read: their last
+    `route_tokens` tokens, or all of a shorter subject's."""
+
+    def __init__(self, route_tokens: int):
+        self.route_tokens = route_tokens
+        self.by_ending: dict[tuple[int, ...], set[tuple[int, ...]]] = defaultdict(set)
+
+    def add(self, ids: tuple[int, ...]) -> None:
+        if ids:
+            self.by_ending[ids[-self.route_tokens :]].add(ids)
+
+    def spelling_length(self, ids: tuple[int, ...]) -> int:
+        """How many of its last tokens a subject (`ids`) spells: one more than it shares with
+        the added subjects whose keys read its ending, 0 where there is none."""
+        length = 0
+        for count in range(1, min(self.route_tokens, len(ids)) + 1):
+            for other in self.by_ending.get(ids[-count:], ()):
+                shared = common_ending(ids, other)
+                if other != ids and shared < len(ids) and shared < SPELLING_TOKENS:
+                    length = max(length, shared + 1)
+        return length
