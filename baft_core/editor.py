@@ -6,7 +6,6 @@ import functools
 import random
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
@@ -376,12 +375,6 @@ class Editor:
         prompts += [p.prompt for p in request.locality if subject and subject in p.prompt]
         encoded = [(prompt, encode_prompt(self.tokenizer, prompt)) for prompt in dict.fromkeys(prompts)]
         return [(prompt, ids) for prompt, ids in encoded if len(ids) < self.context]
-
-    def layer_outputs(self, prompts: list[str], layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`routing_layer_output` of text prompts at decoder layer `layer`, 32 prompts at a time."""
-        for start in range(0, len(prompts), 32):
-            ids = [encode_prompt(self.tokenizer, p, self.context) for p in prompts[start : start + 32]]
-            yield self.routing_layer_output(ids, layer)
 
     @torch.no_grad()
     def last_prompt_states(

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .editor import Editor
 
 Statistics = tuple[torch.Tensor, torch.Tensor]  # per-coordinate center and scale (`intervention.statistics`)
+BATCH = 32  # prompts a forward
 
 
 def default_unrelated_prompts() -> list[str]:
@@ -67,7 +68,10 @@ class UnrelatedPool:
         if layer not in self._routing_states:
             editor = self.editor
             parts = [torch.zeros(0, text_config(editor.model).hidden_size, device=editor.device)]
-            parts += [hidden[routable(mask.bool())].float() for hidden, mask in editor.layer_outputs(self.prompts, layer)]
+            for start in range(0, len(self.prompts), BATCH):
+                ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in self.prompts[start : start + BATCH]]
+                hidden, mask = editor.routing_layer_output(ids, layer)
+                parts.append(hidden[routable(mask.bool())].float())
             self._routing_states[layer] = torch.cat(parts)
         return self._routing_states[layer]
 

@@ -35,7 +35,8 @@ SHOULD_SHUT = ("Relation_Specificity",)
 
 def whole(editor: Editor, prompts: list[str], layer: int) -> torch.Tensor:
     """Each prompt's state at its last position from left-padded whole-prompt forwards."""
-    return torch.cat([hidden[:, -1].float() for hidden, _ in editor.layer_outputs(prompts, layer)])
+    ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts]
+    return torch.cat([editor.routing_layer_output(ids[i : i + 32], layer)[0][:, -1].float() for i in range(0, len(ids), 32)])
 
 
 def fp16_shut(check: RelationCheck, keys: torch.Tensor, probes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
