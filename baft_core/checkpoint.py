@@ -183,18 +183,14 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         tensors["route_keys"] = router.keys[own].detach().cpu().contiguous()
         tensors["route_thresholds"] = router.key_threshold[own].detach().cpu().contiguous()
         tensors["route_key_edits"] = router.key_edit[own].detach().cpu().contiguous()
-        tokens, prefix = router.key_tokens[own], router.key_prefix[own]
-        rows = prefix[prefix >= 0].unique()  # sorted: the block's rows of `prefixes`, in order
-        tensors["route_key_tokens"] = tokens.detach().cpu().contiguous()
-        local = torch.where(prefix >= 0, torch.searchsorted(rows, prefix), -1)
+        tensors["route_key_tokens"] = router.key_tokens[own].detach().cpu().contiguous()
+        prefix_rows, local = _block_rows(router.key_prefix[own])
         tensors["route_key_prefixes"] = local.detach().cpu().contiguous()
-        tensors["route_prefixes"] = router.prefixes[rows].detach().cpu().contiguous()
-        spelling = router.key_spelling[own]
-        if (spelling >= 0).any():
-            rows = spelling[spelling >= 0].unique()
-            local = torch.where(spelling >= 0, torch.searchsorted(rows, spelling), -1)
+        tensors["route_prefixes"] = router.prefixes[prefix_rows].detach().cpu().contiguous()
+        spelling_rows, local = _block_rows(router.key_spelling[own])
+        if len(spelling_rows):
             tensors["route_key_spellings"] = local.detach().cpu().contiguous()
-            tensors["route_spellings"] = router.spellings[rows].detach().cpu().contiguous()
+            tensors["route_spellings"] = router.spellings[spelling_rows].detach().cpu().contiguous()
     relations = interventions.relations
     if (relations.probe_block == block).any():
         keys, probes = relations.key_block == block, relations.probe_block == block
@@ -345,6 +341,13 @@ class _SegmentReader:
             parts[scale] = [scales for _, _, scales in held]
             parts[blocks] = [torch.full((len(rows),), block, dtype=torch.long) for block, rows, _ in held]
         return {**self.rows, **{key: torch.cat(values) for key, values in parts.items() if values}}
+
+
+def _block_rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's keys' rows of a shared buffer (`index`, -1: none): the rows they read, sorted,
+    and each key's place among them (-1: none), as its segment stores them."""
+    rows = index[index >= 0].unique()
+    return rows, torch.where(index >= 0, torch.searchsorted(rows, index), -1)
 
 
 def _keyed_rows(owns: list[dict[str, torch.Tensor]], index: str, rows: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
