@@ -45,6 +45,18 @@ bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode contin
 wait
 $PY bench/locality_by_wording.py $OUT/knowedit-counterfact-continual-714-baft
 $PY bench/locality_by_subject_ending.py $OUT/knowedit-counterfact-continual-714-baft
+# How many edits of each set spell their subject (spelled_edits.json).
+rm -f $OUT/spelled_edits.json
+for set in "$ZSRE --format zsre --edits 100" "$ZSRE --format zsre --edits 1000" \
+    "$CF_VAL --format counterfact --edits 100" "$CF_TRAIN --format counterfact --edits 1000" \
+    "$CF_TRAIN --format counterfact --edits 10000" \
+    "$DATA/knowedit/wiki_counterfact_dev.json --format knowedit --edits 714" \
+    "$DATA/knowedit/wiki_recent_dev.json --format knowedit --edits 285" \
+    "$DATA/knowedit/wikibio_dev.json --format wikibio --edits 464" \
+    "$DATA/mquake/mquake_hard_dev.json --format mquake --edits 450" \
+    "$OUT/same-subject/wiki_recent_same_subject.json --format knowedit --edits 200"; do
+  $PY bench/spelled_edits.py --data $set
+done
 $PY bench/locality_by_wording.py $OUT/knowedit-recent-continual-285-baft
 $PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --out $OUT/relations_speed.json
 bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \

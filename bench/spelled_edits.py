@@ -3,6 +3,8 @@ subject ends in the tokens an earlier edited subject's route key reads. Where no
 with `route_spelling=false` is the same run as one with today's defaults.
 
 python bench/spelled_edits.py --data ../shared/data/knowedit/wiki_counterfact_dev.json --format knowedit --edits 714
+
+Each call replaces its set's entry (the same data and edits) in `--out`, a list of the sets counted.
 """
 from __future__ import annotations
 
@@ -38,11 +40,22 @@ def main() -> None:
     parser.add_argument("--data", required=True, nargs="+")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--edits", type=int, required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "spelled_edits.json")
     args = parser.parse_args()
     edits = [e for path in args.data for e in load_edits(path, args.format, skip_invalid=True)][: args.edits]
     tokenizer = AutoTokenizer.from_pretrained(model_directory()[0])
     indices = spelled([e.subject for e in edits], tokenizer, EditConfig().route_tokens)
-    print(json.dumps({"data": args.data, "edits": len(edits), "spelled": len(indices), "indices": indices}))
+    entry = {
+        "command": "python " + " ".join(sys.argv),
+        "data": args.data,
+        "edits": len(edits),
+        "spelled": len(indices),
+        "indices": indices,
+    }
+    entries = json.loads(args.out.read_text()) if args.out.exists() else []
+    entries = [e for e in entries if (e["data"], e["edits"]) != (args.data, len(edits))] + [entry]
+    args.out.write_text(json.dumps(entries, indent=2) + "\n")
+    print(json.dumps(entry))
 
 
 if __name__ == "__main__":

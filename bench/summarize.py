@@ -181,7 +181,7 @@ def main() -> None:
         "the run recorded it). Times are the host's of that day (`threads` 1: two runs side by side),",
         "comparable only within one paired run. `route_spelling=false`: made before spelled route keys;",
         "where no subject of the run ends like an earlier one's (ZsRE and CounterFact 100, WikiData_recent",
-        "285: `python bench/spelled_edits.py` counts them) that is the same run as today's defaults.",
+        "285: `spelled_edits.json` counts them) that is the same run as today's defaults.",
         "",
         "## Main runs",
         "",
