@@ -18,6 +18,7 @@ from .blocks import SealedBases
 from .intervention import BasisIntervention
 from .relations import RelationCheck
 from .routing import Router, Routes
+from .spelling import TokenClasses
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -70,6 +71,8 @@ class InterventionSet(nn.Module):
         route_tokens: int = 1,
         route_prefix_threshold: float = 0.3,
         route_prefix_gap: int = 0,
+        route_prefix_needed: int | None = None,
+        route_spelling_normalised: bool = False,
         relation_layer: int | None = None,
         relation_threshold: float = 0.0,
         relation_margin: float = 0.0,
@@ -79,9 +82,10 @@ class InterventionSet(nn.Module):
         two, is where the relation check reads (relations.py; `relation_threshold` 0: no check).
         `seed` fixes every block's random draw (`block_generator`).
         `sealed_rank`: the directions a block keeps when sealed without gates (None: all).
-        `route_tokens`, `route_prefix_threshold`, `route_prefix_gap`: how many subject tokens a
-        route key reads, the threshold of those before its last, and how many tokens may stand
-        between them (`Router`)."""
+        `route_tokens`, `route_prefix_threshold`, `route_prefix_gap`, `route_prefix_needed`,
+        `route_spelling_normalised`: how many subject tokens a route key reads, the threshold of
+        those before its last, how many tokens may stand between them, how many of them must be
+        found, and whether spellings compare token classes (`Router`)."""
         super().__init__()
         routing_layer = min(layers) if routing_layer is None else routing_layer
         if routing_layer > min(layers):
@@ -97,7 +101,8 @@ class InterventionSet(nn.Module):
             {str(layer): SealedBases(hidden_size, cutoff, sealed_gates, sealed_rank) for layer in self.layers}
         )
         self.router = Router(
-            hidden_size, route_threshold, routing_layer, route_tokens, route_prefix_threshold, route_prefix_gap
+            hidden_size, route_threshold, routing_layer, route_tokens, route_prefix_threshold, route_prefix_gap,
+            route_prefix_needed, route_spelling_normalised,
         )
         relation_layer = routing_layer if relation_layer is None else relation_layer
         if not routing_layer <= relation_layer <= min(layers):
@@ -163,11 +168,17 @@ class InterventionSet(nn.Module):
         """The decoder layer whose output routes are decided on (no intervention has touched it)."""
         return self.router.layer
 
-    def route(self, layer_output: torch.Tensor, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def route(
+        self,
+        layer_output: torch.Tensor,
+        prompt: torch.Tensor,
+        tokens: torch.Tensor,
+        classes: TokenClasses | None = None,
+    ) -> torch.Tensor:
         """[batch, sealed blocks]: the blocks each row's prompt opens, from the routing layer's
         output [batch, seq, d] at the `prompt` positions [batch, seq] and their token ids
-        `tokens` [batch, seq]."""
-        return self.router.open_blocks(layer_output, prompt, self.sealed_blocks, tokens)
+        `tokens` [batch, seq] (`classes`: the tokenizer's, for spellings compared normalised)."""
+        return self.router.open_blocks(layer_output, prompt, self.sealed_blocks, tokens, classes)
 
     def forward(
         self,
@@ -258,8 +269,9 @@ class Attachment:
     Forwards through one model must not overlap: callers that share a model between threads
     hold one lock around each forward (the Editor's `lock`)."""
 
-    def __init__(self, model: PreTrainedModel, interventions: InterventionSet):
-        self.model = model
+    def __init__(self, model: PreTrainedModel, interventions: InterventionSet, classes: TokenClasses | None = None):
+        """`classes`: the tokenizer's token classes, which spelled route keys may compare."""
+        self.model, self.classes = model, classes
         # The dtype hidden states come in: route keys are held in it (`Router.hold_keys_in`).
         self.key_dtype: torch.dtype = next(model.get_input_embeddings().parameters()).dtype
         interventions.router.hold_keys_in(self.key_dtype)
@@ -360,7 +372,7 @@ class Attachment:
                 # positions: blocks that need routing never act unrouted.
                 routes = self._routes or self._fallback_routes(layer, interventions, mask)
             if routes is not None and routes.prompt is not None and layer == interventions.routing_layer:
-                routes.open = interventions.route(hidden, routes.prompt, self._forward_tokens(hidden))
+                routes.open = interventions.route(hidden, routes.prompt, self._forward_tokens(hidden), self.classes)
             relations = interventions.relations
             if (
                 routes is not None

@@ -589,6 +589,11 @@ def load_checkpoint(
     # nearest to the tokens in a row that such a key read then.
     config_data.setdefault("route_prefix_gap", 0)
     config_data.setdefault("route_spelling", False)  # before format 12 no key spelled its subject
+    # Saved before these options: a key needed all its earlier subject tokens, no edit keyed other
+    # spellings, and spellings compared token ids.
+    config_data.setdefault("route_prefix_needed", None)
+    config_data.setdefault("route_name_variants", False)
+    config_data.setdefault("route_spelling_normalised", False)
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
     routing_layer = int(metadata.get("routing_layer", layers[0]))
@@ -605,6 +610,8 @@ def load_checkpoint(
         route_tokens=config.route_tokens,
         route_prefix_threshold=config.route_prefix_threshold,
         route_prefix_gap=config.route_prefix_gap,
+        route_prefix_needed=config.route_prefix_needed,
+        route_spelling_normalised=config.route_spelling_normalised,
         relation_layer=int(metadata.get("relation_layer", routing_layer)),
         relation_threshold=config.relation_threshold if config.block_edits and config.route_threshold else 0.0,
         relation_margin=config.relation_margin,

@@ -103,11 +103,23 @@ class EditConfig:
     # "Ines Sylvia Perg" for "Ines Perg"): a key looks this many positions further back for its
     # earlier tokens (routing.py). Adapters saved before it existed load with 0.
     route_prefix_gap: int = 2
+    # How many of a key's earlier subject tokens must be found there (all, where it reads fewer;
+    # None: all): with one of two, a name that drops or respells a middle part ("Emily Jones"
+    # for "Emily I Jones", "Martin Solares" for "Martín Solares") opens the block. Adapters saved
+    # before it existed load with None.
+    route_prefix_needed: int | None = 1
+    # Whether an edit also leaves keys for its subject's other spellings: without diacritics,
+    # without middle initials (names.py), where they differ from the subject.
+    route_name_variants: bool = True
     # Whether an edit whose subject ends in the tokens an earlier edited subject's key reads
     # spells its subject (its last token ids, up to the first that differs) and holds its keys to
     # them (spelling.py, routing.py): a question about one of a series of alike-ending names
     # ("... Badminton Championships – women's singles") then opens its own block, not the others'.
     route_spelling: bool = True
+    # Whether a spelling's tokens are compared as their classes (spelling.py: NFKC, dashes as "-",
+    # case folded), so that an alias that writes "-" for "–" opens the block. Adapters saved
+    # before it existed load with false.
+    route_spelling_normalised: bool = True
     # Each key's threshold is also this far above its nearest unrelated prompt position (None:
     # every key has route_threshold): fewer unrelated prompts open a block.
     route_margin: float | None = 0.05
@@ -180,6 +192,8 @@ class EditConfig:
             raise ValueError("sealed_rank must be an integer >= 1 or null")
         if self.prompt_positions < 1:
             raise ValueError("prompt_positions must be >= 1")
+        if min(self.max_steps, self.max_steps_batched) < 1:  # an edit takes at least one step
+            raise ValueError("max_steps and max_steps_batched must be >= 1")
         assert self.block_edits is not None, "__post_init__ resolves block_edits"
         if min(self.block_edits, self.replay_size, self.negative_edits, self.continuation_tokens, self.subject_probes) < 0:
             raise ValueError(
@@ -197,6 +211,15 @@ class EditConfig:
             raise ValueError("lr and gate_lr must be > 0")
         if not isinstance(self.answer_window, bool):  # JSON "false" would otherwise read as on
             raise ValueError("answer_window must be true or false")
+        if not isinstance(self.route_name_variants, bool):
+            raise ValueError("route_name_variants must be true or false")
+        if self.route_prefix_needed is not None and (
+            not isinstance(self.route_prefix_needed, int) or isinstance(self.route_prefix_needed, bool)
+            or self.route_prefix_needed < 1
+        ):
+            raise ValueError("route_prefix_needed must be an integer >= 1 or null")
+        if not isinstance(self.route_spelling_normalised, bool):
+            raise ValueError("route_spelling_normalised must be true or false")
         if not isinstance(self.route_spelling, bool):
             raise ValueError("route_spelling must be true or false")
         if self.continuation_weight < 0:

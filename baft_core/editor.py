@@ -25,10 +25,11 @@ from .encoding import (
     teacher_forced,
 )
 from .generation import generate
+from .names import name_variants
 from .prefix_cache import SharedPrefixes, outputs_at_layers
 from .prompt_starts import PromptStarts
 from .routing import subject_tokens
-from .spelling import SPELLING_TOKENS, SubjectEndings, subject_ids
+from .spelling import SPELLING_TOKENS, SubjectEndings, TokenClasses, subject_ids
 from .subject_probes import probe_prompts
 from .training import EditResult, Trainer
 from .unrelated import UnrelatedPool, default_unrelated_prompts
@@ -71,7 +72,7 @@ class Editor:
         self.context = context_limit(model)
         self.layers = self.config.resolved_layers(text_config(model).num_hidden_layers)
         self.history: list[EditRequest] = []
-        self.attachment = Attachment(model, interventions or self.new_interventions())
+        self.attachment = Attachment(model, interventions or self.new_interventions(), TokenClasses(tokenizer))
         self.unrelated = UnrelatedPool(
             self, unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
         )
@@ -112,6 +113,8 @@ class Editor:
             cfg.route_tokens,
             cfg.route_prefix_threshold,
             cfg.route_prefix_gap,
+            cfg.route_prefix_needed,
+            cfg.route_spelling_normalised,
             cfg.resolved_relation_layer(text.num_hidden_layers),
             cfg.relation_threshold if cfg.block_edits and cfg.route_threshold else 0.0,
             cfg.relation_margin,
@@ -217,9 +220,11 @@ class Editor:
     def _route_states(self, requests: list[EditRequest]) -> RouteStates:
         """The unedited routing-layer states the requests' route keys are made of: at the subject
         of each prompt, alone and after each of `route_contexts`, and of the subject alone (a text
-        that would overflow the model's context is left out); with each edit's earlier subject
-        tokens as they read mid-text and at the start of a text (`Router`), and the spelling of
-        each key whose subject ends like an earlier edited subject's (`spelling.py`)."""
+        that would overflow the model's context is left out); the same, without the contexts, for
+        each of the subject's other spellings (`names.py`, `route_name_variants`); with each
+        name's earlier subject tokens as they read mid-text and at the start of a text (`Router`),
+        and the spelling of each key whose name ends like an earlier edited subject's
+        (`spelling.py`)."""
         contexts = self._route_contexts() if self.config.route_contexts else None
         count = self.config.route_tokens
         states: list[torch.Tensor] = []
@@ -231,42 +236,46 @@ class Editor:
         edited = self._subject_endings() if self.config.route_spelling else None
         batch = SubjectEndings(count)  # the requests before each one in this batch
         for j, request in enumerate(requests):
-            texts = [f"{c} {request.prompt}" if c else request.prompt for c in ["", *self.config.route_contexts]]
             subject = (request.subject or "").strip()
+            names = [(request.subject or "", [f"{c} {request.prompt}" if c else request.prompt for c in ["", *self.config.route_contexts]])]
             if subject and subject in request.prompt:
-                texts.append(subject)
-            cuts, spans, at_start = [], [], []
-            for text in texts:
-                ids = encode_prompt(self.tokenizer, text)
-                if len(ids) <= self.context:
-                    # Attention is causal: what follows the subject cannot change its state, so
-                    # it is not computed (a sixth to a quarter of the tokens on ZsRE and CounterFact).
-                    last, span = subject_tokens(self.tokenizer, text, request.subject)
-                    cuts.append(ids[: last + 1])
-                    spans.append(span)
-                    at_start.append(bool(subject) and text.lstrip().startswith(subject))
-            spelled = 0
-            if edited is not None and subject:
-                ids_of_subject = subject_ids(self.tokenizer, subject)
-                spelled = max(edited.spelling_length(ids_of_subject), batch.spelling_length(ids_of_subject))
-                batch.add(ids_of_subject)
-            for cut in cuts:
-                # Ids, not states: a subject at a text's start spells its first token too.
-                spelling = cut[len(cut) - min(spelled, len(cut)) :][::-1]
-                spellings.append(spelling + [-1] * (SPELLING_TOKENS - len(spelling)))
-            with self.lock:
-                subject_states = self._last_states(cuts, contexts, count)  # [texts, count, d]
-            # Mid-text and at a text's start: the first text of each kind whose key reads earlier
-            # tokens gives them for every key of its kind.
-            groups: dict[bool, int] = {}
-            for start, span, text_states in zip(at_start, spans, subject_states):
-                if span > 1 and count > 1 and start not in groups:
-                    groups[start] = len(prefixes)
-                    prefixes.append(text_states[:-1].flip(0))
-            states.append(subject_states[:, -1])
-            owners += [j] * len(cuts)
-            tokens += spans
-            prefix += [groups.get(start, -1) if span > 1 else -1 for start, span in zip(at_start, spans)]
+                names[0][1].append(subject)
+                if self.config.route_name_variants:
+                    names += [(v, [request.prompt.replace(subject, v), v]) for v in name_variants(subject)]
+            for n, (name, texts) in enumerate(names):
+                cuts, spans, at_start = [], [], []
+                for text in texts:
+                    ids = encode_prompt(self.tokenizer, text)
+                    if len(ids) <= self.context:
+                        # Attention is causal: what follows the subject cannot change its state, so
+                        # it is not computed (a sixth to a quarter of the tokens on ZsRE and CounterFact).
+                        last, span = subject_tokens(self.tokenizer, text, name)
+                        cuts.append(ids[: last + 1])
+                        spans.append(span)
+                        at_start.append(bool(subject) and text.lstrip().startswith(name.strip()))
+                spelled = 0
+                if edited is not None and subject:
+                    ids_of_name = subject_ids(self.tokenizer, name)
+                    spelled = max(edited.spelling_length(ids_of_name), batch.spelling_length(ids_of_name))
+                    if n == 0:
+                        batch.add(ids_of_name)
+                for cut in cuts:
+                    # Ids, not states: a subject at a text's start spells its first token too.
+                    spelling = cut[len(cut) - min(spelled, len(cut)) :][::-1]
+                    spellings.append(spelling + [-1] * (SPELLING_TOKENS - len(spelling)))
+                with self.lock:  # [texts, count, d]; only the subject's own texts follow the contexts
+                    name_states = self._last_states(cuts, contexts if n == 0 else None, count)
+                # Mid-text and at a text's start: the first text of each kind whose key reads
+                # earlier tokens gives them for every key of its kind.
+                groups: dict[bool, int] = {}
+                for start, span, text_states in zip(at_start, spans, name_states):
+                    if span > 1 and count > 1 and start not in groups:
+                        groups[start] = len(prefixes)
+                        prefixes.append(text_states[:-1].flip(0))
+                states.append(name_states[:, -1])
+                owners += [j] * len(cuts)
+                tokens += spans
+                prefix += [groups.get(start, -1) if span > 1 else -1 for start, span in zip(at_start, spans)]
         d = text_config(self.model).hidden_size
         return RouteStates(
             torch.cat(states).float(),

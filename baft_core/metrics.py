@@ -221,7 +221,8 @@ def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
     for start in range(0, len(prompts), BATCH):
         ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
         hidden, attention = editor.outputs_at_layers(ids, layers)
-        opened = interventions.route(hidden[0], attention.bool(), left_padded(ids, editor.pad_id)[0].to(attention.device))
+        tokens = left_padded(ids, editor.pad_id)[0].to(attention.device)
+        opened = interventions.route(hidden[0], attention.bool(), tokens, editor.attachment.classes)
         if relations.enabled:
             opened = relations.shut(hidden[1], attention.bool(), opened)
         parts.append(opened.cpu())

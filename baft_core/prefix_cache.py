@@ -348,7 +348,7 @@ class CachedBatch:
         prompt_mask = torch.cat([prefix_mask.bool(), in_head], dim=-1)
         routes = Routes()
         if routing:
-            routes.open = self.interventions.route(captured["routing"], prompt_mask, input_ids)
+            routes.open = self.interventions.route(captured["routing"], prompt_mask, input_ids, self.attachment.classes)
             if relations.enabled:
                 routes.open = relations.shut(captured["relation"], prompt_mask, routes.open)
         if not width:

@@ -34,8 +34,10 @@ opening some block 0.30 -> 0.16, paraphrases opening their own 0.978 -> 0.995 wi
 alone key; docs/method.md). A subject's other names often put a middle name between those
 tokens ("Ines Sylvia Perg" for "Ines Perg"): each earlier token may match any of the positions
 before the matched one, within as many as the key has earlier tokens plus
-`EditConfig.route_prefix_gap`, rather than its own place in a row. A name that drops one of them
-("Jessica Cooke" for "Jessica E Cooke") still opens nothing.
+`EditConfig.route_prefix_gap`, rather than its own place in a row; and only
+`EditConfig.route_prefix_needed` of them need be found, so that a name that drops or respells one
+("Jessica Cooke" for "Jessica E Cooke", "Martin Solares" for "Martín Solares") opens the block too.
+A name whose last token differs ("Alarcon" for "Alarcón") has keys of its own (names.py).
 
 Subjects of a series end alike over more tokens than a key reads ("1981 Lithuanian Badminton
 Championships – women's singles", "1965 New Zealand Badminton Championships – women's singles"),
@@ -61,7 +63,7 @@ import torch
 from torch import nn
 
 from .blocks import appended, take_checkpoint_sizes
-from .spelling import SPELLING_TOKENS
+from .spelling import SPELLING_TOKENS, TokenClasses
 
 
 def subject_token(tokenizer, prompt: str, subject: str | None) -> int:
@@ -167,6 +169,8 @@ class Router(nn.Module):
         subject_tokens: int = 1,
         prefix_threshold: float = 0.3,
         prefix_gap: int = 0,
+        prefix_needed: int | None = None,
+        spelling_normalised: bool = False,
     ):
         super().__init__()
         self.layer = layer
@@ -200,6 +204,11 @@ class Router(nn.Module):
         # named with a middle name the edit did not use ("Ines Sylvia Perg" for "Ines Perg") puts
         # tokens between them.
         self.prefix_gap = prefix_gap
+        # How many of a key's earlier tokens must be found (None: all): a subject's other name may
+        # drop or respell one of them ("Emily Jones" for "Emily I Jones").
+        self.prefix_needed = prefix_needed
+        # Whether a spelling's tokens are compared as their classes (`TokenClasses`: "-" for "–").
+        self.spelling_normalised = spelling_normalised
         # Each sealed block's window: the length T of its longest answer in tokens. It acts where
         # fewer than T answer tokens have been fed, i.e. on the prompt and the answer's first T - 1
         # tokens (UNLIMITED: everywhere). The trainable block's ([T], or empty: none, it acts
@@ -344,12 +353,20 @@ class Router(nn.Module):
         self.pending_spelling, self.pending_spellings = self.pending_spelling[:0], self.pending_spellings[:0]
 
     @torch.no_grad()
-    def open_blocks(self, hidden: torch.Tensor, prompt: torch.Tensor, blocks: int, tokens: torch.Tensor) -> torch.Tensor:
+    def open_blocks(
+        self,
+        hidden: torch.Tensor,
+        prompt: torch.Tensor,
+        blocks: int,
+        tokens: torch.Tensor,
+        classes: TokenClasses | None = None,
+    ) -> torch.Tensor:
         """[batch, blocks]: whether some routable position of the row (`routable(prompt)`, in the
         routing-layer states `hidden` [batch, seq, d]; `tokens` [batch, seq] their ids) is within
         the threshold of one of the block's keys, its earlier positions within `prefix_threshold`
-        of the key's earlier subject tokens and, for a spelled key, its tokens those of the
-        spelling, with no spelled key of more tokens matching at that position."""
+        of the key's earlier subject tokens (`prefix_needed` of them) and, for a spelled key, its tokens those of the
+        spelling (compared as `classes` with `spelling_normalised`), with no spelled key of more
+        tokens matching at that position."""
         batch = prompt.shape[0]
         has_key = torch.zeros(blocks, dtype=torch.bool, device=self.keys.device)
         has_key[self.key_block] = True
@@ -360,11 +377,12 @@ class Router(nn.Module):
         # Few (position, key) pairs pass: index them rather than reduce [batch, keys] tensors.
         match, key = (self.similarity(hidden[rows, positions]) > self.key_threshold).nonzero(as_tuple=True)
         rows, positions = rows[match], positions[match]
-        # Each earlier subject token the key reads must match one of the positions before the
-        # matched one, within the key's earlier tokens plus `prefix_gap` more.
+        # `prefix_needed` of the earlier subject tokens the key reads (default all) must each match
+        # one of the positions before the matched one, within the key's earlier tokens plus
+        # `prefix_gap` more.
         count = self.subject_tokens - 1
         reads = torch.arange(1, count + 1, device=key.device) < self.key_tokens[key].unsqueeze(1)  # [m, count]
-        found = ~reads
+        found = torch.zeros_like(reads)
         if reads.any():
             wanted = self.prefixes[self.key_prefix[key].clamp(min=0)].float()  # [m, count, d]
             for back in range(1, count + self.prefix_gap + 1):
@@ -372,7 +390,10 @@ class Router(nn.Module):
                 present = (earlier >= 0) & prompt[rows, earlier.clamp(min=0)]
                 state = self.key(hidden[rows, earlier.clamp(min=0)])
                 found |= present.unsqueeze(1) & (torch.einsum("md,mcd->mc", state, wanted) > self.prefix_threshold)
-        passes = found.all(1)
+        needed = reads.sum(1)
+        if self.prefix_needed is not None:
+            needed = needed.clamp(max=self.prefix_needed)
+        passes = (found & reads).sum(1) >= needed
         rows, positions, key = rows[passes], positions[passes], key[passes]
         spelling_row = self.key_spelling[key]
         spelled = spelling_row >= 0
@@ -380,7 +401,11 @@ class Router(nn.Module):
             spelling = self.spellings[spelling_row.clamp(min=0)].long()  # [m, SPELLING_TOKENS]
             spelled_at = positions.unsqueeze(1) - torch.arange(spelling.shape[1], device=key.device)
             inside = (spelled_at >= 0) & prompt[rows.unsqueeze(1), spelled_at.clamp(min=0)]
-            same = inside & (tokens[rows.unsqueeze(1), spelled_at.clamp(min=0)] == spelling)
+            seen = tokens[rows.unsqueeze(1), spelled_at.clamp(min=0)]
+            if self.spelling_normalised and classes is not None:
+                same = inside & (classes(seen) == classes(spelling))
+            else:
+                same = inside & (seen == spelling)
             spelled_here = (same | (spelling < 0)).all(1)
             keep = ~spelled | spelled_here
             rows, positions, key, spelled = rows[keep], positions[keep], key[keep], spelled[keep]

@@ -13,10 +13,17 @@ other lacks.
 """
 from __future__ import annotations
 
+import unicodedata
 from collections import defaultdict
+
+import torch
 
 # The most subject tokens a spelling holds: subjects that differ only further back stay unspelled.
 SPELLING_TOKENS = 32
+
+# Dashes and the minus sign, which names write interchangeably ("Championships – women's" and
+# "Championships - women's").
+_DASHES = dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"), "-")
 
 
 def subject_ids(tokenizer, subject: str) -> tuple[int, ...]:
@@ -54,3 +61,32 @@ class SubjectEndings:
                 if other != ids and shared < len(ids) and shared < SPELLING_TOKENS:
                     length = max(length, shared + 1)
         return length
+
+
+class TokenClasses:
+    """Token ids to the id of the first token that reads the same once normalised (NFKC, dashes
+    as "-", case folded), which spelled keys compare (with `route_spelling_normalised`): a
+    subject's other names write "-" for "–" or change its case. A token that decodes to part of a
+    character is a class of its own. The table takes a pass over the vocabulary (about a second
+    for 49,152 tokens), made on first use: only a prompt that matches a spelled key needs it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._table: torch.Tensor | None = None
+
+    def table(self) -> torch.Tensor:
+        if self._table is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            first: dict[str, int] = {}
+            classes = [
+                i if "\ufffd" in text else first.setdefault(unicodedata.normalize("NFKC", text).translate(_DASHES).casefold(), i)
+                for i, text in enumerate(texts)
+            ]
+            self._table = torch.tensor(classes)
+        return self._table
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """The classes of `ids` (any shape; ids outside the tokenizer's vocabulary are their own)."""
+        table = self.table().to(ids.device)
+        inside = (ids >= 0) & (ids < len(table))
+        return torch.where(inside, table[ids.clamp(0, len(table) - 1)], ids)

@@ -14,9 +14,11 @@ load (on a shared two-core host the speed drifts by 15% between back-to-back run
   (`sealed_gates=true`: same-subject probes, the gate polish, the fit under the cutoff) against
   the defaults' routed blocks at full weight, trained without gates;
 - `--vary relations`: the defaults (each edit's probes put to the model for the relation check,
-  relations.py) against the same without the check (`relation_threshold=0`).
+  relations.py) against the same without the check (`relation_threshold=0`);
+- `--vary names`: the defaults (keys for the subject's other spellings, names.py; one earlier
+  token of a key suffices; spellings compared as token classes) against the same without them.
 
-Single ZsRE edits, each on a fresh adapter, the unrelated pool as the bench's `--unrelated
+Single edits (ZsRE unless `--format` says otherwise), each on a fresh adapter, the unrelated pool as the bench's `--unrelated
 heldout`. Also one training step (forward and backward) on the same batch. Records the CPU's
 bf16 features and the precision `auto` measured as fastest here (baft_core/precision.py). The
 ratios come with 95% intervals from a paired bootstrap over the edits (both variants made the
@@ -41,7 +43,7 @@ import torch
 
 from baft_core import EditConfig, Editor, load_model
 from baft_core.bench import apply_overrides, unrelated_pool
-from baft_core.data import load_edits
+from baft_core.data import FORMATS, load_edits
 from baft_core.models import cpu_precision_record
 from baft_core.objective import target_cross_entropy
 from baft_core.packed_linears import Fp16Linear, pack_linears
@@ -61,6 +63,8 @@ VARIES = {
     "window": ("window_over_continuation", {"window": ("auto", "baft"), "continuation": ("auto", "baft", ["answer_window=false"])}),
     "gates": ("gated_over_ungated", {"gated": ("auto", "baft", ["sealed_gates=true"]), "ungated": ("auto", "baft")}),
     "relations": ("checked_over_unchecked", {"checked": ("auto", "baft"), "unchecked": ("auto", "baft", ["relation_threshold=0"])}),
+    "names": ("names_over_without", {"names": ("auto", "baft"), "without": (
+        "auto", "baft", ["route_prefix_needed=null", "route_name_variants=false", "route_spelling_normalised=false"])}),
 }
 
 
@@ -127,6 +131,7 @@ def main() -> None:
         nargs="+",
         default=["../shared/data/zsre/zsre_eval_portability_dev.json", "../shared/data/zsre/zsre_train_1k.json"],
     )
+    parser.add_argument("--format", default="zsre", choices=sorted(FORMATS))
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[], metavar="VARIANT:KEY=VALUE", help="EditConfig overrides of one variant")
@@ -150,7 +155,7 @@ def main() -> None:
     keys = {name: [a.partition("=")[0] for a in assignments[name]] for name in names}
     overrides = {name: {key: getattr(configs[name], key) for key in keys[name]} for name in names}
     warm = 2  # the first edits warm up the kernels
-    records = [r for path in args.data for r in load_edits(path, "zsre", skip_invalid=True)]
+    records = [r for path in args.data for r in load_edits(path, args.format, skip_invalid=True)]
     edited, rest = records[: args.edits + warm], records[args.edits + warm :]
     unrelated = unrelated_pool("heldout", 200, 0, edited, rest)
     editors, precisions = {}, {}
@@ -193,6 +198,7 @@ def main() -> None:
     result = {
         "command": "python " + " ".join(sys.argv),
         "vary": args.vary,
+        "format": args.format,
         "edits": args.edits,
         "threads": args.threads,
         "cpu": capabilities.get("cpu_name"),

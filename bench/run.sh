@@ -58,7 +58,14 @@ for set in "$ZSRE --format zsre --edits 100" "$ZSRE --format zsre --edits 1000" 
   $PY bench/spelled_edits.py --data $set
 done
 $PY bench/locality_by_wording.py $OUT/knowedit-recent-continual-285-baft
+# Which blocks the prompts open with and without the keys for a subject's other names
+# (alias_routing.json; routing alone, each edit one training step).
+rm -f $OUT/alias_routing.json
+$PY bench/alias_routing.py --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --edits 714
+$PY bench/alias_routing.py --data $ZSRE --format zsre --edits 1000
 $PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --out $OUT/relations_speed.json
+$PY bench/paired_speed.py --vary names --format knowedit --data $DATA/knowedit/wiki_counterfact_dev.json --edits 40 \
+  --threads 1 --out $OUT/names_speed.json
 bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \
   --edits 200 --threads 1 --unrelated builtin --out $OUT/same-subject-continual-200-baft
 # Datasets of other shapes: WikiBio (a passage continued by a new sentence; its locality asks
@@ -129,20 +136,33 @@ for rank in 4 12 24; do
     --out $OUT/ablation/counterfact-single-100-rank$rank
 done
 $PY bench/paired_speed.py --vary window --edits 200 --out $OUT/ablation/window_speed-epyc-avx512bf16.json
-# Spelled route keys off; the relation check read at the routing layer, and at a stricter cosine,
-# each with its pair: the defaults on the same host (on WikiData_counterfact, the layer measured
-# without spelling, against spelling off). The committed runs were made where `auto` chose fp16
-# weights (a CPU without bf16 arithmetic), as was the main WikiData_counterfact run;
-# `--dtype fp16-weights` makes the same choice on any CPU. The committed spelling-off run was
-# made before `route_spelling` existed (the same code path).
+# The keys for a subject's other names off, then spelled route keys too; the relation check read
+# at the routing layer, and at a stricter cosine, each with its pair: the defaults on the same host
+# (on WikiData_counterfact, the layer measured without spelling, against spelling off). The
+# committed runs were made where `auto` chose fp16 weights (a CPU without bf16 arithmetic);
+# `--dtype fp16-weights` makes the same choice on any CPU. Each committed run was made before the
+# options it turns off existed (the same code paths); the token-class run is bf16.
 F16="--dtype fp16-weights"
+NO_ALIAS_KEYS="route_prefix_needed=null route_name_variants=false route_spelling_normalised=false"
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
-  --threads 1 --unrelated builtin $F16 --set route_spelling=false \
+  --threads 1 --unrelated builtin $F16 --set $NO_ALIAS_KEYS \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-no-alias-keys &
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --set route_spelling_normalised=false \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-id-spelling &
+wait
+for run in no-alias-keys id-spelling; do
+  $PY bench/locality_by_wording.py $OUT/ablation/knowedit-counterfact-continual-714-$run
+  $PY bench/locality_by_subject_ending.py $OUT/ablation/knowedit-counterfact-continual-714-$run
+done
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin $F16 --set route_spelling=false $NO_ALIAS_KEYS \
   --out $OUT/ablation/knowedit-counterfact-continual-714-no-spelling &
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
-  --threads 1 --unrelated builtin $F16 --set route_spelling=false relation_layer=4 \
+  --threads 1 --unrelated builtin $F16 --set route_spelling=false relation_layer=4 $NO_ALIAS_KEYS \
   --out $OUT/ablation/knowedit-counterfact-continual-714-relation-layer4 &
 wait
+$PY bench/locality_by_subject_ending.py $OUT/ablation/knowedit-counterfact-continual-714-no-spelling
 bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \
   --threads 1 --unrelated builtin $F16 --out $OUT/ablation/knowedit-recent-continual-285-fp16 &
 bench --data $DATA/knowedit/wiki_recent_dev.json --format knowedit --mode continual --edits 285 \

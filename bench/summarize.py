@@ -37,10 +37,16 @@ NOTES = {
         for name in ("counterfact-continual-100-fp16", "knowedit-recent-continual-285-fp16")
     },
     "ablation/knowedit-counterfact-continual-714-no-spelling": "made before `route_spelling` existed, as "
-    "`ablation/knowedit-counterfact-continual-714-fp16` (the same code path as `--set route_spelling=false`), "
-    "fp16 weights: the pair of the main run and of the `relation_layer` row",
+    "`ablation/knowedit-counterfact-continual-714-fp16` (the same code path as `--set route_spelling=false` "
+    "with the keys for other names off), fp16 weights: the pair of `-no-alias-keys` and of the "
+    "`relation_layer` row",
+    "ablation/knowedit-counterfact-continual-714-no-alias-keys": "the main run before `route_prefix_needed`, "
+    "`route_name_variants` and `route_spelling_normalised` existed (the same code path as `--set` with the "
+    "three off), fp16 weights: the pair of `-no-spelling` and of `-id-spelling`",
+    "ablation/knowedit-counterfact-continual-714-id-spelling": "made before `route_spelling_normalised` "
+    "existed (the same code path as `--set route_spelling_normalised=false`): the pair of the main run",
     "ablation/knowedit-counterfact-continual-714-relation-layer4": "made before `route_spelling` existed "
-    "(the same code path as `--set route_spelling=false`)",
+    "(the same code path as `--set route_spelling=false` with the keys for other names off)",
 }
 
 
@@ -72,7 +78,7 @@ def _paired_sentence(s: dict, title: str) -> str:
     ratio = next(k for k in s if k.endswith("_edit_median_95")).removesuffix("_edit_median_95")
     caps = "".join(f", {k}={v}" for k, v in s.get("isa_limits", {}).items())
     return (
-        f"{title}, {s['edits']} single ZsRE edits alternating edit by edit in one run "
+        f"{title}, {s['edits']} single {FORMAT_NAMES[s.get('format', 'zsre')]} edits alternating edit by edit in one run "
         f"({s['cpu']}, {first['dtype']}{caps}, `{s['command']}`): a whole edit {first['edit_median_s']:.3f} s vs "
         f"{second['edit_median_s']:.3f} s (median, **{s[ratio + '_edit_median']:.2f}x**, 95% interval "
         f"{s[ratio + '_edit_median_95'][0]:.2f}-{s[ratio + '_edit_median_95'][1]:.2f}; "
@@ -94,6 +100,9 @@ def _step_breakdown_sentence(s: dict) -> str:
     )
 
 
+# The datasets' names as the tables write them.
+FORMAT_NAMES = {"zsre": "ZsRE", "counterfact": "CounterFact", "knowedit": "KnowEdit WikiData", "wikibio": "WikiBio", "mquake": "MQuAKE"}
+
 # Each `bench/paired_speed.py` result (when present) and what its two variants are.
 PAIRED_TITLES = {
     "method_speed_window.json": "BaFT against ReFT, today's defaults",
@@ -101,6 +110,8 @@ PAIRED_TITLES = {
     "weights_speed.json": "fp16 weights with fp32 arithmetic (FBGEMM) against fp32, older code",
     "relations_speed.json": "The relation check (the default) against none (`relation_threshold=0`)",
     "ablation/relations_speed-layer4.json": "The relation check read at the routing layer (`relation_layer=4`) against none",
+    "names_speed.json": "The keys for a subject's other names (the defaults) against none "
+    "(`route_prefix_needed=null route_name_variants=false route_spelling_normalised=false`)",
 }
 SPEED_SENTENCES = {
     "prefix_cache_speedup.json": _prefix_cache_sentence,
@@ -127,6 +138,11 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
         config = {**config, "route_prefix_gap": 0}  # before the gap a key's tokens stood in a row
     if "route_spelling" not in config and config.get("route_threshold"):
         config = {**config, "route_spelling": False}  # before spelled keys
+    if "route_prefix_needed" not in config and config.get("route_threshold"):
+        # before the keys let a subject's other names in
+        config = {**config, "route_prefix_needed": None, "route_name_variants": False}
+    if "route_spelling_normalised" not in config and config.get("route_threshold"):
+        config = {**config, "route_spelling_normalised": False}  # before spellings compared token classes
     changed = [
         f"{key}={json.dumps(value)}" if key != "route_contexts" else f"{key}: {len(value)}"
         for key, value in config.items()
@@ -182,6 +198,9 @@ def main() -> None:
         "comparable only within one paired run. `route_spelling=false`: made before spelled route keys;",
         "where no subject of the run ends like an earlier one's (ZsRE and CounterFact 100, WikiData_recent",
         "285: `spelled_edits.json` counts them) that is the same run as today's defaults.",
+        "`route_prefix_needed=null`, `route_name_variants=false`, `route_spelling_normalised=false`: made before",
+        "the keys that let a subject's other names in; what they change in each set's routing is in",
+        "`alias_routing.json`.",
         "",
         "## Main runs",
         "",

@@ -44,7 +44,9 @@ def read_lines(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "assignments, message",
-    [(["rnk=3"], "no field 'rnk'"), (["rank=3x"], "not JSON"), (["rank=0"], "rank must be"), (["route_contexts=[1]"], "route_contexts")],
+    [(["rnk=3"], "no field 'rnk'"), (["rank=3x"], "not JSON"), (["rank=0"], "rank must be"), (["route_contexts=[1]"], "route_contexts"),
+     (["max_steps=0"], "max_steps and max_steps_batched must be >= 1"),
+     (["route_prefix_needed=0"], "route_prefix_needed must be")],
 )
 def test_bad_overrides_are_named(assignments, message):
     with pytest.raises(ValueError, match=message):

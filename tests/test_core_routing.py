@@ -199,6 +199,27 @@ def test_earlier_subject_tokens_may_stand_apart_by_the_gap():
     assert not opens(2, other, earlier_a, last)  # the first subject token is missing
 
 
+
+def test_a_key_may_need_only_some_of_its_earlier_tokens():
+    """With `prefix_needed` 1 a key that reads three subject tokens opens its block where one of
+    its two earlier tokens is found (a name that drops or respells the other); a key that reads
+    two still needs its one; None needs them all."""
+    hidden_first = [9.0, -9, -9, 9]  # a first position unlike the tokens
+    earlier_a, earlier_b, last, other = [0, 1.0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0]
+
+    def opens(needed: int | None, tokens: int, *positions: list[float]) -> bool:
+        router = Router(4, threshold=0.8, layer=0, subject_tokens=3, prefix_threshold=0.3, prefix_gap=2, prefix_needed=needed)
+        earlier = torch.tensor([[earlier_a, earlier_b]])  # the token before the last, then the one before it
+        router.add_pending(torch.tensor([last]), torch.tensor([0]), None, torch.tensor([tokens]), torch.tensor([0]), earlier)
+        router.seal(0)
+        hidden = torch.tensor([[hidden_first, *positions]])
+        return bool(router.open_blocks(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), 1, torch.zeros(hidden.shape[:2], dtype=torch.long))[0, 0])
+
+    assert opens(1, 3, other, earlier_a, last) and opens(1, 3, earlier_b, other, last)
+    assert not opens(None, 3, other, earlier_a, last) and opens(None, 3, earlier_b, earlier_a, last)
+    assert not opens(1, 3, other, other, last)  # neither earlier token
+    assert opens(1, 2, other, earlier_a, last) and not opens(1, 2, earlier_b, other, last)
+
 def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
     ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.8)
     try:

@@ -10,7 +10,7 @@ from test_core_editor import make_editor
 from baft_core import EditRequest
 from baft_core.metrics import open_blocks
 from baft_core.routing import Router
-from baft_core.spelling import SPELLING_TOKENS, SubjectEndings, subject_ids
+from baft_core.spelling import SPELLING_TOKENS, SubjectEndings, TokenClasses, subject_ids
 
 
 def test_a_subject_spells_one_token_past_the_ending_it_shares():
@@ -33,9 +33,9 @@ def test_subjects_that_differ_only_past_the_spelling_limit_stay_unspelled():
     assert endings.spelling_length((2, *shared[1:])) == SPELLING_TOKENS
 
 
-def _spelled_router(tokens: list[int]) -> Router:
+def _spelled_router(tokens: list[int], normalised: bool = False) -> Router:
     """Block 0: an unspelled key; block 1: the same state, spelling `tokens` (nearest first)."""
-    router = Router(4, threshold=0.8, layer=0)
+    router = Router(4, threshold=0.8, layer=0, spelling_normalised=normalised)
     state = torch.tensor([[1.0, 0, 0, 0]])
     router.add_pending(state, torch.tensor([0]))
     router.seal(0)
@@ -130,3 +130,31 @@ def test_format_11_checkpoints_load_with_keys_that_spell_nothing(tiny_sharp, tmp
     from baft_core.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path, "tiny").config.route_spelling is False
+
+
+def test_token_classes_join_dashes_and_case_and_keep_partial_characters_apart(tiny):
+    classes = TokenClasses(tiny.tokenizer)
+    ids = {text: tiny.tokenizer(text, add_special_tokens=False).input_ids for text in (" –", " -", " Women", " women")}
+    assert all(len(i) == 1 for i in ids.values())  # one token each in this vocabulary
+    as_class = {text: int(classes(torch.tensor(i))[0]) for text, i in ids.items()}
+    assert as_class[" –"] == as_class[" -"] and as_class[" Women"] == as_class[" women"]
+    table = classes.table()
+    partial = [i for i in range(len(table)) if "\ufffd" in tiny.tokenizer.decode([i])]
+    assert len(partial) > 10 and table[partial].tolist() == partial  # bytes of a character: their own class
+    assert classes(torch.tensor([-1, len(table) + 5])).tolist() == [-1, len(table) + 5]
+
+
+def test_a_normalised_spelling_opens_on_tokens_of_its_class(tiny):
+    """With `spelling_normalised` a spelled key compares its tokens' classes: the prompt's " -"
+    matches a spelling of " –"; without it, or with another token, it does not."""
+    classes = TokenClasses(tiny.tokenizer)
+    dash, hyphen = (tiny.tokenizer(t, add_special_tokens=False).input_ids[0] for t in (" –", " -"))
+    other = tiny.tokenizer(" and", add_special_tokens=False).input_ids[0]
+    hidden = torch.tensor([[[9.0, -9, -9, 9], [0, 1.0, 0, 0], [1.0, 0, 0, 0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    for normalised in (True, False):
+        router = _spelled_router([5, dash], normalised)
+        assert router.open_blocks(hidden, mask, 2, torch.tensor([[0, dash, 5]]), classes)[0].tolist() == [False, True]
+        hyphenated = router.open_blocks(hidden, mask, 2, torch.tensor([[0, hyphen, 5]]), classes)[0].tolist()
+        assert hyphenated == ([False, True] if normalised else [True, False])
+        assert router.open_blocks(hidden, mask, 2, torch.tensor([[0, other, 5]]), classes)[0].tolist() == [True, False]
