@@ -16,13 +16,14 @@ call replaces its set's entry (the same data and edits) in `--out`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from run_scores import replace_entry  # noqa: E402
 
 from baft_core.config import EditConfig  # noqa: E402
 from baft_core.data import FORMATS, EditRequest, load_edits  # noqa: E402
@@ -93,10 +94,7 @@ def main() -> None:
         "dtype": loaded.precision,
         "settings": settings,
     }
-    entries = json.loads(args.out.read_text()) if args.out.exists() else []
-    entries = [e for e in entries if (e["data"], e["edits"]) != (args.data, len(records))] + [entry]
-    args.out.write_text(json.dumps(entries, indent=2) + "\n")
-    print(json.dumps(entry, indent=2))
+    replace_entry(args.out, entry)
 
 
 if __name__ == "__main__":

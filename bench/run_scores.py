@@ -42,6 +42,15 @@ def group_means(groups: dict[str, list[float]], count_key: str, mean_key: str) -
     }
 
 
+def replace_entry(out: Path, entry: dict) -> None:
+    """Writes `entry` into the list of sets in `out`, in place of the entry of the same data and
+    edits, and prints it."""
+    entries = json.loads(out.read_text()) if out.exists() else []
+    entries = [e for e in entries if (e["data"], e["edits"]) != (entry["data"], entry["edits"])] + [entry]
+    out.write_text(json.dumps(entries, indent=2) + "\n")
+    print(json.dumps(entry, indent=2))
+
+
 def write_result(run: Path, name: str, result: dict) -> None:
     """Writes a split of the run into its folder as `name` and prints it."""
     (run / name).write_text(json.dumps(result, indent=2) + "\n")

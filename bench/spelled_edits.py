@@ -9,12 +9,13 @@ Each call replaces its set's entry (the same data and edits) in `--out`, a list 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from run_scores import replace_entry  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from baft_core.config import EditConfig  # noqa: E402
@@ -52,10 +53,7 @@ def main() -> None:
         "spelled": len(indices),
         "indices": indices,
     }
-    entries = json.loads(args.out.read_text()) if args.out.exists() else []
-    entries = [e for e in entries if (e["data"], e["edits"]) != (args.data, len(edits))] + [entry]
-    args.out.write_text(json.dumps(entries, indent=2) + "\n")
-    print(json.dumps(entry))
+    replace_entry(args.out, entry)
 
 
 if __name__ == "__main__":
