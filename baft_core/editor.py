@@ -7,7 +7,6 @@ import random
 import threading
 import time
 from contextlib import AbstractContextManager
-from typing import NamedTuple
 
 import torch
 
@@ -25,29 +24,13 @@ from .encoding import (
     teacher_forced,
 )
 from .generation import generate
-from .names import name_variants
-from .prefix_cache import SharedPrefixes, outputs_at_layers
+from .prefix_cache import outputs_at_layers
 from .prompt_starts import PromptStarts
-from .routing import subject_tokens
-from .spelling import SPELLING_TOKENS, SubjectEndings, TokenClasses, subject_ids
+from .route_keys import RouteKeys
+from .spelling import TokenClasses
 from .subject_probes import probe_prompts
 from .training import EditResult, Trainer
 from .unrelated import UnrelatedPool, default_unrelated_prompts
-
-
-class RouteStates(NamedTuple):
-    """What new edits' route keys are made of (`Router.add_pending`): unedited routing-layer
-    states [k, d] at each key's subject token, the request of each key [k], how many subject
-    tokens each reads [k] and its row [k] of `prefixes` [g, route_tokens - 1, d], the states of
-    the subject tokens before the last, nearest first (-1: none), and each key's spelling [k,
-    SPELLING_TOKENS] (`spelling.py`; token ids nearest first, -1 after them)."""
-
-    states: torch.Tensor
-    owners: torch.Tensor
-    tokens: torch.Tensor
-    prefix: torch.Tensor
-    prefixes: torch.Tensor
-    spellings: torch.Tensor
 
 
 class Editor:
@@ -76,16 +59,13 @@ class Editor:
         self.unrelated = UnrelatedPool(
             self, unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
         )
-        # (routing layer, the route contexts' KV up to it): see `_route_contexts`.
-        self._route_context_cache: tuple[int, SharedPrefixes] | None = None
-        # (the history, how many of its edits are in, their subjects by ending): `_subject_endings`.
-        self._endings: tuple[list[EditRequest], int, SubjectEndings] | None = None
-        self._prompt_starts = PromptStarts(model, self.attachment.decoder_layers, self.pad_id)
+        self.prompt_starts = PromptStarts(model, self.attachment.decoder_layers, self.pad_id)
         # A prompt's start is a template's text or a subject: the same few recur at every edit.
         self._start_tokens = functools.lru_cache(maxsize=1024)(lambda text: tuple(encode_prompt(tokenizer, text)))
         # One seeded stream for the replay sample and the trainer's sample of sealed edits.
         self._rng = random.Random(self.config.seed)
         self.trainer = Trainer(self, self._rng)
+        self.route_keys = RouteKeys(self)
         # Held around every forward through the shared model (training steps, generation steps,
         # evaluation), so that generation interleaves with training at step granularity. Any
         # re-entrant lock will do: the service puts in its FairLock.
@@ -173,8 +153,8 @@ class Editor:
         gated = cfg.method == "baft" and (sealed_gates or not sealing)
         earlier = self._block_history() if sealing and not sealed_gates else self._replay_sample()
         new = [self.encode(r.prompt, r.target) for r in requests]
-        keys = self._route_states(requests) if self.interventions.router.enabled else None
-        replayed = [self.encode(r.prompt, r.target) for r in earlier + self._neighbours(keys)]
+        keys = self.route_keys.states(requests) if self.interventions.router.enabled else None
+        replayed = [self.encode(r.prompt, r.target) for r in earlier + self.route_keys.neighbours(keys)]
         working = self.interventions.fork()
         # A routed block acts within its answers' window (routing.py), while it trains too: a
         # block sealed now is not there after the answer to be trained.
@@ -185,7 +165,7 @@ class Editor:
             working, new, replayed, max_steps, gated, acts_after_answer=not (sealing and windowed), requests=requests
         )
         if keys is not None:
-            self._add_route_keys(working, keys._replace(owners=keys.owners + len(self.history)))
+            self.route_keys.add(working, keys._replace(owners=keys.owners + len(self.history)))
         if working.relations.enabled:
             self._add_relation_states(working, requests)
         if sealing:
@@ -217,114 +197,6 @@ class Editor:
         return self._rng.sample(pool, k) if k else []
 
     @torch.no_grad()
-    def _route_states(self, requests: list[EditRequest]) -> RouteStates:
-        """The unedited routing-layer states the requests' route keys are made of: at the subject
-        of each prompt, alone and after each of `route_contexts`, and of the subject alone (a text
-        that would overflow the model's context is left out); the same, without the contexts, for
-        each of the subject's other spellings (`names.py`, `route_name_variants`); with each
-        name's earlier subject tokens as they read mid-text and at the start of a text (`Router`),
-        and the spelling of each key whose name ends like an earlier edited subject's
-        (`spelling.py`)."""
-        contexts = self._route_contexts() if self.config.route_contexts else None
-        count = self.config.route_tokens
-        states: list[torch.Tensor] = []
-        owners: list[int] = []
-        tokens: list[int] = []
-        prefix: list[int] = []
-        prefixes: list[torch.Tensor] = []
-        spellings: list[list[int]] = []
-        edited = self._subject_endings() if self.config.route_spelling else None
-        batch = SubjectEndings(count)  # the requests before each one in this batch
-        for j, request in enumerate(requests):
-            subject = (request.subject or "").strip()
-            names = [(request.subject or "", [f"{c} {request.prompt}" if c else request.prompt for c in ["", *self.config.route_contexts]])]
-            if subject and subject in request.prompt:
-                names[0][1].append(subject)
-                if self.config.route_name_variants:
-                    names += [(v, [request.prompt.replace(subject, v), v]) for v in name_variants(subject)]
-            for n, (name, texts) in enumerate(names):
-                cuts, spans, at_start = [], [], []
-                for text in texts:
-                    ids = encode_prompt(self.tokenizer, text)
-                    if len(ids) <= self.context:
-                        # Attention is causal: what follows the subject cannot change its state, so
-                        # it is not computed (a sixth to a quarter of the tokens on ZsRE and CounterFact).
-                        last, span = subject_tokens(self.tokenizer, text, name)
-                        cuts.append(ids[: last + 1])
-                        spans.append(span)
-                        at_start.append(bool(subject) and text.lstrip().startswith(name.strip()))
-                spelled = 0
-                if edited is not None and subject:
-                    ids_of_name = subject_ids(self.tokenizer, name)
-                    spelled = max(edited.spelling_length(ids_of_name), batch.spelling_length(ids_of_name))
-                    if n == 0:
-                        batch.add(ids_of_name)
-                for cut in cuts:
-                    # Ids, not states: a subject at a text's start spells its first token too.
-                    spelling = cut[len(cut) - min(spelled, len(cut)) :][::-1]
-                    spellings.append(spelling + [-1] * (SPELLING_TOKENS - len(spelling)))
-                with self.lock:  # [texts, count, d]; only the subject's own texts follow the contexts
-                    name_states = self._last_states(cuts, contexts if n == 0 else None, count)
-                # Mid-text and at a text's start: the first text of each kind whose key reads
-                # earlier tokens gives them for every key of its kind.
-                groups: dict[bool, int] = {}
-                for start, span, text_states in zip(at_start, spans, name_states):
-                    if span > 1 and count > 1 and start not in groups:
-                        groups[start] = len(prefixes)
-                        prefixes.append(text_states[:-1].flip(0))
-                states.append(name_states[:, -1])
-                owners += [j] * len(cuts)
-                tokens += spans
-                prefix += [groups.get(start, -1) if span > 1 else -1 for start, span in zip(at_start, spans)]
-        d = text_config(self.model).hidden_size
-        return RouteStates(
-            torch.cat(states).float(),
-            torch.tensor(owners),
-            torch.tensor(tokens),
-            torch.tensor(prefix),
-            torch.stack(prefixes).float() if prefixes else torch.zeros(0, count - 1, d),
-            torch.tensor(spellings, dtype=torch.long).reshape(-1, SPELLING_TOKENS),
-        )
-
-    def _subject_endings(self) -> SubjectEndings:
-        """The history's subjects by ending (`spelling.py`): kept up to date as edits are added,
-        built anew when the history is replaced (reset, load)."""
-        held = self._endings
-        if held is None or held[0] is not self.history or held[1] > len(self.history):
-            held = (self.history, 0, SubjectEndings(self.config.route_tokens))
-        history, count, endings = held
-        for request in history[count:]:
-            if request.subject and request.subject.strip():
-                endings.add(subject_ids(self.tokenizer, request.subject))
-        self._endings = (history, len(history), endings)
-        return endings
-
-    def _last_states(self, cuts: list[list[int]], contexts: SharedPrefixes | None, count: int) -> torch.Tensor:
-        """The routing layer's unedited output at the last `count` positions of each of `cuts`
-        (the prompt alone, after each route context, then any others), [cuts, count, d], zeros
-        before a text's start. The route contexts' KV is cached: after them only the prompt's own
-        tokens are computed."""
-        context_count = len(contexts.prefixes) if contexts is not None else 0
-        suffix = None
-        if contexts is not None and len(cuts) > context_count:
-            suffix = _shared_suffix(cuts[1 : 1 + context_count], contexts.prefixes)
-        if suffix is None or contexts is None:  # the contexts' tokens change at the seam: each text whole
-            return _last_positions(self.routing_layer_output(cuts)[0], count)
-        alone = [cuts[0], *cuts[1 + context_count :]]
-        parts = [_last_positions(self.routing_layer_output([cut])[0], count) for cut in alone]
-        return torch.cat([parts[0], contexts.last_states(suffix, count), *parts[1:]])
-
-    def _route_contexts(self) -> SharedPrefixes:
-        """The route contexts' unedited KV up to the routing layer, computed once per layer."""
-        layer = self.interventions.routing_layer
-        if self._route_context_cache is None or self._route_context_cache[0] != layer:
-            prefixes = [encode_prompt(self.tokenizer, c) for c in self.config.route_contexts]
-            with self.lock:
-                shared = SharedPrefixes(self.model, self.attachment.decoder_layers[layer], prefixes, self.pad_id)
-            self._route_context_cache = (layer, shared)
-        return self._route_context_cache[1]
-
-    @torch.no_grad()
     def routing_layer_output(
         self, prompts: list[list[int]], layer: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,34 +214,6 @@ class Editor:
         with self.lock:
             outputs = outputs_at_layers(self.model, [self.attachment.decoder_layers[i] for i in depth], ids, attention)
         return [outputs[depth.index(i)] for i in layers], attention
-
-    @torch.no_grad()
-    def _neighbours(self, states: RouteStates | None) -> list[EditRequest]:
-        """Sealed edits with a route key within its threshold of one of the new edits' key
-        states, nearest first (at most `route_neighbours`): their prompts will open the new block
-        too, so it is trained to leave their answers as they are."""
-        router, limit = self.interventions.router, self.config.route_neighbours
-        if states is None or not limit or not len(router.keys):
-            return []
-        scores = router.similarity(states.states).amax(0)  # best match of each stored key
-        near = (scores > router.key_threshold).nonzero().squeeze(1)
-        chosen: list[int] = []
-        for i in near[scores[near].argsort(descending=True)].tolist():
-            edit = int(router.key_edit[i])
-            if edit not in chosen:
-                chosen.append(edit)
-        return [self.history[i] for i in chosen[:limit]]
-
-    def _add_route_keys(self, interventions: InterventionSet, keys: RouteStates) -> None:
-        """Leaves the new edits' route keys (`owners`: the history index of each key's edit) in
-        the trainable block, each with its threshold above the unrelated prompts (`route_margin`)."""
-        router, margin = interventions.router, self.config.route_margin
-        thresholds = None
-        if margin is not None:
-            thresholds = router.thresholds(router.key(keys.states), self.unrelated.routes(interventions.router), margin)
-        router.add_pending(
-            keys.states, keys.owners, thresholds, keys.tokens, keys.prefix, keys.prefixes, keys.spellings
-        )
 
     def relation_probes(self, request: EditRequest) -> list[str]:
         """The prompts the relation check keeps the request's block shut on: other relations of
@@ -404,7 +248,7 @@ class Editor:
         subjects = subjects if subjects is not None else [None] * len(prompts)
         starts = [self.shared_start(*row) for row in zip(prompts, ids, subjects, strict=True)]
         with self.lock:
-            return self._prompt_starts.last_states(ids, starts, layer)
+            return self.prompt_starts.last_states(ids, starts, layer)
 
     def shared_start(self, prompt: str, ids: list[int], subject: str | None) -> list[int]:
         """The tokens of `prompt`'s shared start (see `last_prompt_states`), [] where there is
@@ -436,14 +280,15 @@ class Editor:
 
     # ----- unrelated inputs the gates must stay closed on -----
     def prepare(self) -> None:
-        """Computes now what the first edit would otherwise compute once (about 9 s for the
-        default 100 unrelated prompts on two CPU cores): the unrelated prompts' states and their
-        statistics at the edited and routing layers, and the route contexts' KV."""
+        """Computes now what the first edit would otherwise compute once: the unrelated prompts'
+        states and their statistics at the edited and routing layers, and the route contexts' KV."""
         router = self.interventions.router
         if (self.config.method == "baft" or router.enabled) and self.unrelated:
             self.unrelated.standardisations(router)
         if router.enabled and self.config.route_contexts:
-            self._route_contexts()
+            contexts = [tuple(encode_prompt(self.tokenizer, c)) for c in self.config.route_contexts]
+            with self.lock:
+                self.prompt_starts.keep(contexts, router.layer)
         relations = self.interventions.relations
         if relations.enabled and self.unrelated:
             self.unrelated.relation_center(relations.layer)
@@ -499,20 +344,3 @@ class Editor:
             **sampling,
         )
         return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-
-
-def _last_positions(hidden: torch.Tensor, count: int) -> torch.Tensor:
-    """[n, count, d]: the last `count` positions of left-padded states [n, seq, d], zeros first
-    where the sequence is shorter."""
-    if hidden.shape[1] >= count:
-        return hidden[:, -count:]
-    return torch.cat([hidden.new_zeros(hidden.shape[0], count - hidden.shape[1], hidden.shape[2]), hidden], 1)
-
-
-def _shared_suffix(prompts: list[list[int]], prefixes: list[list[int]]) -> list[int] | None:
-    """The tokens every prompt has after its prefix, when each prompt is its prefix followed by
-    one and the same non-empty suffix (else None: a tokenizer may merge tokens across the seam)."""
-    suffixes = [p[len(q) :] for p, q in zip(prompts, prefixes) if p[: len(q)] == q]
-    if len(suffixes) != len(prefixes) or not suffixes[0] or any(s != suffixes[0] for s in suffixes):
-        return None
-    return suffixes[0]

@@ -120,34 +120,6 @@ def outputs_at_layers(
     return [captured[i] for i in range(len(layers))]
 
 
-class SharedPrefixes:
-    """Fixed token sequences that many inputs start with (the route contexts): their unedited KV
-    up to one layer, computed once, so that an input after each of them costs its own tokens only."""
-
-    def __init__(self, model, layer: nn.Module, prefixes: list[list[int]], pad_id: int):
-        self.model, self.layer, self.prefixes = model, layer, prefixes
-        device = next(model.parameters()).device
-        ids, self.mask = (t.to(device) for t in left_padded(prefixes, pad_id))
-        cache = DynamicCache(config=model.config)
-        layer_output(model, layer, ids, self.mask, cache)
-        self.kv = [(done.keys, done.values) for done in kv_layers(cache) if done.is_initialized]
-
-    @torch.no_grad()
-    def last_states(self, suffix: list[int], count: int = 1) -> torch.Tensor:
-        """The layer's output [prefixes, count, d] at the last `count` tokens of `suffix` put after
-        each prefix (zeros first where `suffix` is shorter)."""
-        device = self.mask.device
-        ids = torch.tensor([suffix] * len(self.prefixes), device=device)
-        attention = torch.cat([self.mask, torch.ones_like(ids)], dim=-1)
-        positions = self.mask.sum(-1, keepdim=True) + torch.arange(len(suffix), device=device)
-        # A fresh cache over the stored tensors: the forward appends to its own copies.
-        cache = DynamicCache(ddp_cache_data=self.kv, config=self.model.config)
-        output = layer_output(self.model, self.layer, ids, attention, cache, positions)
-        if len(suffix) >= count:
-            return output[:, -count:]
-        return torch.cat([output.new_zeros(len(output), count - len(suffix), output.shape[-1]), output], 1)
-
-
 class Step(NamedTuple):
     """One training forward: logits at the target positions [n_targets, vocab], log-probabilities
     at the positions after the answers [n_after, vocab], and the recorded {layer: (weights, hidden)}."""

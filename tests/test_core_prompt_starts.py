@@ -54,3 +54,28 @@ def test_a_start_must_begin_its_prompt_and_be_shorter(tiny_sharp):
         shared.last_states([[5, 6, 7]], [[5, 6, 7]], 1)
     with pytest.raises(ValueError, match="shorter beginning"):
         shared.last_states([[5, 6, 7]], [[6]], 1)
+
+
+@torch.no_grad()
+def test_last_positions_after_a_start_are_the_whole_prompts_and_zeros_before_it(tiny_sharp):
+    """Route keys read a prompt's last tokens after a route context kept as a start: each is the
+    whole prompt's state there, and a position inside the start reads zeros."""
+    tokenizer, layer, count = tiny_sharp.tokenizer, 2, 3
+    context = encode_prompt(tokenizer, "Here is a fact:")
+    prompts = [context + encode_prompt(tokenizer, f" {text}") for text in (PROMPT, "Norway")]
+    prompts.append(encode_prompt(tokenizer, PROMPT))
+    starts = [context, context, []]
+    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers, pad_id=0)
+    states = shared.last_positions(prompts, starts, layer, count)
+    assert states.shape == (3, count, tiny_sharp.model.config.hidden_size)
+    for row, (ids, start) in enumerate(zip(prompts, starts)):
+        input_ids, attention = left_padded([ids], 0)
+        whole = layer_output(tiny_sharp.model, tiny_sharp.model.model.layers[layer], input_ids, attention)[0].float()
+        after = len(ids) - len(start)  # tokens computed after the start
+        for k in range(count):
+            position = len(ids) - count + k
+            if position >= len(start):
+                assert torch.allclose(states[row, k], whole[position], atol=1e-4, rtol=1e-4)
+            else:
+                assert after < count and not states[row, k].any()
+    assert len(encode_prompt(tokenizer, " Norway")) < count  # the case of zeros before the text

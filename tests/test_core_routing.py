@@ -7,11 +7,10 @@ import torch
 from test_core_editor import make_editor
 
 from baft_core import EditRequest
-from baft_core.editor import _shared_suffix
 from baft_core.encoding import Example, encode_prompt, teacher_forced
 from baft_core.generation import generate
 from baft_core.metrics import teacher_forced_routes
-from baft_core.prefix_cache import SharedPrefixes
+from baft_core.prompt_starts import PromptStarts
 from baft_core.routing import UNLIMITED, Router, Routes, answer_offsets, subject_token, subject_tokens
 
 
@@ -41,21 +40,28 @@ def test_subject_token_is_the_subjects_last_token(tiny):
 @pytest.mark.parametrize("route_contexts", [None, ["Notes:\n", "Here:"]])
 def test_route_states_are_the_subjects_state_in_the_whole_prompt(tiny_sharp, route_contexts, monkeypatch):
     """Route keys are computed on each prompt cut after its subject, and after a context from the
-    contexts' cached KV; where the tokens at the seam differ between contexts (a trailing newline)
-    each prompt is computed whole. Either way the state is the one the whole prompt has."""
-    cached_calls = []
-    last_states = SharedPrefixes.last_states
+    context's kept KV; where the tokens at the seam merge (a trailing newline) that prompt is
+    computed whole. Either way the state is the one the whole prompt has."""
+    starts_used = []
+    last_positions = PromptStarts.last_positions
 
-    def counted(self, suffix, count=1):
-        cached_calls.append(suffix)
-        return last_states(self, suffix, count)
+    def recorded(self, prompts, starts, layer, count):
+        starts_used.extend(s for s in starts if s)
+        return last_positions(self, prompts, starts, layer, count)
 
-    monkeypatch.setattr(SharedPrefixes, "last_states", counted)
+    monkeypatch.setattr(PromptStarts, "last_positions", recorded)
     overrides = {} if route_contexts is None else {"route_contexts": route_contexts}
     ed = make_editor(tiny_sharp, block_edits=1, **overrides)
     try:
-        keys = ed._route_states(EDITS)
-        assert len(cached_calls) == (len(EDITS) if route_contexts is None else 0)
+        keys = ed.route_keys.states(EDITS)
+        contexts = [encode_prompt(tiny_sharp.tokenizer, c) for c in ed.config.route_contexts]
+        after_a_context = [
+            c for r in EDITS for c, text in zip(contexts, ed.config.route_contexts)
+            if encode_prompt(tiny_sharp.tokenizer, f"{text} {r.prompt}")[: len(c)] == c
+        ]
+        assert starts_used == after_a_context
+        if route_contexts is None:
+            assert len(starts_used) == len(EDITS) * len(contexts)
         texts_per_edit = 2 + len(ed.config.route_contexts)  # alone, after each context, the subject alone
         assert keys.owners.tolist() == [0] * texts_per_edit + [1] * texts_per_edit
         row = 0
@@ -77,14 +83,6 @@ def test_route_states_are_the_subjects_state_in_the_whole_prompt(tiny_sharp, rou
                 row += 1
     finally:
         ed.attachment.detach()
-
-
-def test_a_shared_suffix_needs_every_prompt_to_be_its_prefix_then_the_same_tokens():
-    prefixes = [[1, 2], [3]]
-    assert _shared_suffix([[1, 2, 7, 8], [3, 7, 8]], prefixes) == [7, 8]
-    assert _shared_suffix([[1, 9, 7, 8], [3, 7, 8]], prefixes) is None  # tokens merged at the seam
-    assert _shared_suffix([[1, 2, 7, 8], [3, 7, 9]], prefixes) is None
-    assert _shared_suffix([[1, 2], [3]], prefixes) is None  # nothing after the prefixes
 
 
 def test_router_opens_blocks_within_the_threshold():
@@ -405,9 +403,9 @@ def test_edits_that_share_a_route_are_replayed_as_neighbours(tiny_sharp):
     try:
         ed.edit(first)
         ed.edit(EDITS[1])
-        keys = ed._route_states([second])
+        keys = ed.route_keys.states([second])
         assert keys.owners.tolist() == [0] * (2 + len(ed.config.route_contexts))
-        assert ed._neighbours(keys) == [first]  # the same subject in the same contexts
+        assert ed.route_keys.neighbours(keys) == [first]  # the same subject in the same contexts
         ed.edit(second)
         # The second block opens on the first prompt too, and was trained to leave it alone.
         assert first_loss(ed, first) < 0.2 and first_loss(ed, second) < 0.2
@@ -537,16 +535,26 @@ def test_prepare_leaves_the_first_edit_nothing_to_compute_once(tiny_sharp, monke
         pool = ed.unrelated
 
         def prepared():
-            return pool.features(), pool.routing_states(1), ed._route_contexts()
+            return pool.features(), pool.routing_states(1)
 
         before = prepared()
+        contexts = [(1, tuple(encode_prompt(tiny_sharp.tokenizer, c))) for c in ed.config.route_contexts]
+        assert all(context in ed.prompt_starts for context in contexts)
+        computed = []
+        keep = PromptStarts.keep
+
+        def recording(self, starts, layer):
+            computed.extend((layer, s) for s in starts if (layer, s) not in self)
+            return keep(self, starts, layer)
 
         def refuse(*args, **kwargs):
             raise AssertionError("computed again what prepare computed")
 
+        monkeypatch.setattr(PromptStarts, "keep", recording)
         monkeypatch.setattr(unrelated_module, "generate", refuse)
         monkeypatch.setattr(unrelated_module, "statistics", refuse)
         assert ed.edit(EDITS[0]).steps >= 1
         assert ed.unrelated is pool and all(a is b for a, b in zip(before, prepared()))
+        assert not set(contexts) & set(computed)
     finally:
         ed.attachment.detach()
