@@ -151,6 +151,11 @@ bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode c
   --threads 1 --unrelated builtin --set route_spelling_normalised=false \
   --out $OUT/ablation/knowedit-counterfact-continual-714-id-spelling &
 wait
+# One earlier key token suffices (route_prefix_needed=1), off alone: made on an Intel Xeon (bf16),
+# the main run on an AMD EPYC (bf16).
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --set route_prefix_needed=null \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-prefix-needed-null
 for run in no-alias-keys id-spelling; do
   $PY bench/locality_by_wording.py $OUT/ablation/knowedit-counterfact-continual-714-$run
   $PY bench/locality_by_subject_ending.py $OUT/ablation/knowedit-counterfact-continual-714-$run
