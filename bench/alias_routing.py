@@ -15,7 +15,6 @@ call replaces its set's entry (the same data and edits) in `--out`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from run_scores import replace_entry  # noqa: E402
+from run_scores import replace_entry, set_parser, set_records  # noqa: E402
 
 from baft_core.config import EditConfig  # noqa: E402
-from baft_core.data import FORMATS, EditRequest, load_edits  # noqa: E402
+from baft_core.data import EditRequest  # noqa: E402
 from baft_core.editor import Editor  # noqa: E402
 from baft_core.metrics import open_blocks  # noqa: E402
 from baft_core.models import BUNDLED, load_model  # noqa: E402
@@ -56,15 +55,11 @@ def shares(editor: Editor, records: list[EditRequest]) -> dict[str, float | int]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, nargs="+")
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
-    parser.add_argument("--edits", type=int, required=True)
+    parser = set_parser(__doc__.split("\n")[0], "alias_routing.json")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "alias_routing.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    records = [e for path in args.data for e in load_edits(path, args.format, skip_invalid=True)][: args.edits]
+    records = set_records(args)
     loaded = load_model(BUNDLED, device="cpu", dtype="auto")
     settings = {}
     for variants in (True, False):

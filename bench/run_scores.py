@@ -55,3 +55,23 @@ def write_result(run: Path, name: str, result: dict) -> None:
     """Writes a split of the run into its folder as `name` and prints it."""
     (run / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def set_parser(description: str, out_name: str) -> argparse.ArgumentParser:
+    """The arguments of a script that measures the first `--edits` records of one set and writes
+    its entry in bench/results/`out_name` (`replace_entry`)."""
+    from baft_core.data import FORMATS
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", required=True, nargs="+")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--edits", type=int, required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / out_name)
+    return parser
+
+
+def set_records(args: argparse.Namespace) -> list:
+    """The first `--edits` valid records of `--data` (`set_parser`)."""
+    from baft_core.data import load_edits
+
+    return [e for path in args.data for e in load_edits(path, args.format, skip_invalid=True)][: args.edits]

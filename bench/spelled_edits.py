@@ -8,18 +8,16 @@ Each call replaces its set's entry (the same data and edits) in `--out`, a list 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_scores import replace_entry  # noqa: E402
+from run_scores import replace_entry, set_parser, set_records  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from baft_core.config import EditConfig  # noqa: E402
-from baft_core.data import FORMATS, load_edits  # noqa: E402
 from baft_core.models import model_directory  # noqa: E402
 from baft_core.spelling import SubjectEndings, subject_ids  # noqa: E402
 
@@ -37,13 +35,8 @@ def spelled(subjects: list[str | None], tokenizer, route_tokens: int) -> list[in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, nargs="+")
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
-    parser.add_argument("--edits", type=int, required=True)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "spelled_edits.json")
-    args = parser.parse_args()
-    edits = [e for path in args.data for e in load_edits(path, args.format, skip_invalid=True)][: args.edits]
+    args = set_parser(__doc__.split("\n")[0], "spelled_edits.json").parse_args()
+    edits = set_records(args)
     tokenizer = AutoTokenizer.from_pretrained(model_directory()[0])
     indices = spelled([e.subject for e in edits], tokenizer, EditConfig().route_tokens)
     entry = {
