@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save, save_file
 
@@ -243,29 +243,52 @@ def _checksum(segments: Path, segment_id: str, written: dict[str, int]) -> int:
     return written[segment_id]
 
 
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array sharing its memory (bfloat16, which numpy lacks, as
+    its int16 bits)."""
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _from_bits(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+def _copied(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor`, made by numpy. Reading a checkpoint copies thousands of small pieces:
+    torch runs a copy of more than its grain size (32,768 values, a segment's relation probes) on
+    its intra-op threads, and where other processes keep the cores busy each such copy waits for
+    a thread to be scheduled; numpy copies on the calling thread."""
+    return _from_bits(_bits(tensor).copy(), tensor.dtype)
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` of many pieces of one dtype, by numpy (see `_copied`)."""
+    return _from_bits(np.concatenate([_bits(t) for t in tensors]), tensors[0].dtype)
+
+
 class _SegmentReader:
     """Reads segments into tensors sized for all blocks (every segment holds the same rows, a
-    block's share of each), several at once: reading, hashing and copying release the GIL, and
-    10,000 segments are 5 GB. Each thread reads into its own buffer, used again for its next
-    segment: fresh memory for every file cost as much as the reading."""
+    block's share of each). Threads read and check several files at once (reading and hashing
+    release the GIL); the calling thread copies their tensors into place, with numpy
+    (`_copied`)."""
+
+    # Segments read ahead of the one being placed, at most: bounds the bytes held in flight.
+    READ_AHEAD = 256
 
     def __init__(self, segments: Path, held: list[tuple[str, int | None]], gates: bool):
         """`held`: each segment's id and CRC-32 (None: check its sha256). `gates`: keep the
         blocks' gate rows (segments written before ungated blocks dropped them still hold them)."""
         self.segments, self.held, self.gates = segments, held, gates
         self.rows: dict[str, torch.Tensor] = {}
-        self._buffers = threading.local()
 
-    def _tensors(self, block: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    def _checked_bytes(self, block: int) -> tuple[Path, bytearray]:
+        """The block's segment file, checked against its CRC-32 or sha256 (in a reading thread)."""
         segment_id, checksum = self.held[block]
         path = self.segments / f"{segment_id}.safetensors"
         try:
             with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                buffer = getattr(self._buffers, "data", None)
-                if buffer is None or len(buffer) < size:
-                    buffer = self._buffers.data = bytearray(size)
-                data = memoryview(buffer)[:size]
+                data = bytearray(os.fstat(handle.fileno()).st_size)  # writable: tensors view it
                 handle.readinto(data)
         except FileNotFoundError:
             raise CheckpointError(f"segment {path} is missing") from None
@@ -275,23 +298,22 @@ class _SegmentReader:
             intact = hashlib.sha256(data).hexdigest() == segment_id
         if not intact:
             raise CheckpointError(f"segment {path} is corrupt: its checksum does not match")
-        return path, _parse(data, path)[1]
+        return path, data
 
-    def _place(self, block: int) -> dict[str, torch.Tensor]:
+    def _place(self, block: int, path: Path, data: bytearray) -> dict[str, torch.Tensor]:
         """Copies the block's sealed rows into place; returns its route keys, their thresholds and
-        edits, and its answer window (copies: the buffer is read into again)."""
-        path, tensors = self._tensors(block)
-        tensors = _as_changes(tensors)
+        edits, and its answer window (copies: views would keep every file's bytes alive)."""
+        tensors = _as_changes(_parse(data, path)[1])
         if not self.gates:
             tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[-1] not in GATE_ROWS}
-        own = {"answer_span": tensors.pop("answer_span", torch.tensor([UNLIMITED])).clone()}
+        own = {"answer_span": _copied(tensors.pop("answer_span", torch.tensor([UNLIMITED])))}
         for name in (
             "route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes",
             "route_prefixes", "route_key_spellings", "route_spellings",
             "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales",
         ):
             if name in tensors:
-                own[name] = tensors.pop(name).clone()
+                own[name] = _copied(tensors.pop(name))
         for name, scales in _SEGMENT_SCALES.items():
             if name in own and own[name].is_floating_point():  # format 10: fp16 unit rows
                 own[name], own[scales] = quantized(own[name])
@@ -310,15 +332,22 @@ class _SegmentReader:
             step = 0 if target is None else len(target) // len(self.held)
             if target is None or value.shape != (step, *target.shape[1:]) or not value.is_floating_point():
                 raise CheckpointError(f"segment {path}: {key} does not match the first segment's")
-            target[block * step : (block + 1) * step].copy_(value)
+            piece = target[block * step : (block + 1) * step]
+            if piece.dtype == torch.bfloat16 or value.dtype == torch.bfloat16:  # numpy cannot convert
+                piece.copy_(value)
+            else:
+                _bits(piece)[...] = _bits(value)
         return own
 
     def read(self) -> dict[str, torch.Tensor]:
         """The sealed rows of every layer, the route keys with their blocks and each block's
         answer window, in block order, each segment checked against its CRC-32 or sha256."""
-        first = self._place(0)  # sizes the rows
+        owns = []
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            owns = [first, *pool.map(self._place, range(1, len(self.held)))]
+            for start in range(0, len(self.held), self.READ_AHEAD):
+                batch = range(start, min(start + self.READ_AHEAD, len(self.held)))
+                for block, read in zip(batch, pool.map(self._checked_bytes, batch), strict=True):
+                    owns.append(self._place(block, *read))  # block 0 sizes the rows
         keys = [(block, own["route_keys"]) for block, own in enumerate(owns) if "route_keys" in own]
         parts = {
             _ROUTE_KEYS: [k for _, k in keys],
@@ -340,7 +369,7 @@ class _SegmentReader:
             parts[key] = [rows for _, rows, _ in held]
             parts[scale] = [scales for _, _, scales in held]
             parts[blocks] = [torch.full((len(rows),), block, dtype=torch.long) for block, rows, _ in held]
-        return {**self.rows, **{key: torch.cat(values) for key, values in parts.items() if values}}
+        return {**self.rows, **{key: _joined(values) for key, values in parts.items() if values}}
 
 
 def _block_rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

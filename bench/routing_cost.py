@@ -55,6 +55,7 @@ def synthetic(template: InterventionSet, edits: int, seed: int = 0) -> Intervent
     router.key_tokens, router.key_prefix, router.prefixes = earlier_subject_tokens(
         edits, d, router.subject_tokens, generator
     )
+    router.key_spelling = torch.full((keys,), -1)  # none spelled (spelling.py)
     return state
 
 

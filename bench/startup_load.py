@@ -84,6 +84,7 @@ def build(root: Path, edits: int) -> dict:
     key_block = torch.arange(edits).repeat_interleave(KEYS_PER_EDIT)
     spans = torch.randint(1, 6, (edits,), generator=generator)
     tokens, prefix, earlier = earlier_subject_tokens(edits, d, template.router.subject_tokens, generator)
+    unspelled = torch.full((len(keys),), -1)  # no key spells its subject (spelling.py)
     history = requests(edits)
 
     editor.load_state(template, [])
@@ -99,6 +100,7 @@ def build(root: Path, edits: int) -> dict:
         router.block_span = spans[:i]
         router.key_tokens, router.key_prefix = tokens[: i * KEYS_PER_EDIT], prefix[: i * KEYS_PER_EDIT]
         router.prefixes = earlier[: 2 * i]
+        router.key_spelling = unspelled[: i * KEYS_PER_EDIT]
         relations = state.relations
         relations.keys, relations.key_scale, relations.key_block = relation_keys[:i], key_scale[:i], torch.arange(i)
         p = i * PROBES_PER_EDIT
