@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every result under bench/results/ with today's code (about 9 hours on two CPU
+# Regenerates every result under bench/results/ with today's code (about 10 hours on two CPU
 # cores), then bench/results/README.md. Each summary.json records the command that made it.
 #
 # Where a committed result came from older code, the line that writes it says so: it repeats
@@ -30,10 +30,19 @@ bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edi
   --piqa $DATA/locality/piqa_valid.jsonl --out $OUT/counterfact-continual-1000-baft &
 wait
 # All 10,000 CounterFact train records, continual, with the service's own negatives, a sample of
-# 1,000 measured on the final model (about an hour on one thread).
+# 1,000 measured on the final model (about two hours on one thread each).
 bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 10000 --threads 1 \
-  --unrelated builtin --evaluate 1000 --out $OUT/counterfact-continual-10000-baft
-$PY bench/locality_by_subject.py $OUT/counterfact-continual-10000-baft
+  --unrelated builtin --evaluate 1000 --out $OUT/counterfact-continual-10000-baft &
+# The same with all of a key's earlier subject tokens needed (fewer prompts of other subjects open
+# a block, fewer of a subject's other names do).
+bench --data $CF_TRAIN --format counterfact --method baft --mode continual --edits 10000 --threads 1 \
+  --unrelated builtin --evaluate 1000 --set route_prefix_needed=null \
+  --out $OUT/ablation/counterfact-continual-10000-prefix-needed-null &
+wait
+for run in counterfact-continual-10000-baft ablation/counterfact-continual-10000-prefix-needed-null; do
+  $PY bench/locality_by_subject.py $OUT/$run
+  $PY bench/edit_time_by_position.py $OUT/$run --window 1000
+done
 bench --data $ZSRE --format zsre --method baft --mode single --edits 100 --threads 1 --out $OUT/zsre-single-100-baft
 $PY bench/paired_speed.py --vary method --edits 200 --out $OUT/method_speed_window.json
 # KnowEdit (other facts of the edited subject) and a same-subject set, with the service's own
