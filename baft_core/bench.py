@@ -114,6 +114,10 @@ def build_config(args: argparse.Namespace) -> EditConfig:
         raise SystemExit(str(error)) from None
 
 
+def significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
 def checkpoints(n: int) -> list[int]:
     """1, 10, 100, ... up to n, and n itself: where the continual curve is measured."""
     points, k = [], 1
@@ -241,13 +245,14 @@ def run(args: argparse.Namespace) -> dict:
                     "target": request.target,
                     "seconds": round(seconds[i], 4),
                     "steps": result.steps,
-                    "loss": result.loss,
-                    "losses": result.losses,
+                    "loss": significant(result.loss),
+                    "losses": {name: significant(value) for name, value in result.losses.items()},
                     **row.get("metrics", {}),
                 }
             )
         )
-    # Compressed (a tenth of the size), without a timestamp: a rerun with the same figures
+    # Losses to four significant digits (their full float spelling was a fifth of the
+    # compressed bytes); compressed (a tenth of the size), without a timestamp: a rerun with the same figures
     # writes the same bytes.
     (out / "edits.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
     summary: dict[str, Any] = {  # summary.json
