@@ -25,8 +25,9 @@ import logging
 import os
 import tempfile
 import zlib
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -243,133 +244,227 @@ def _checksum(segments: Path, segment_id: str, written: dict[str, int]) -> int:
     return written[segment_id]
 
 
-def _bits(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's values as a numpy array sharing its memory (bfloat16, which numpy lacks, as
-    its int16 bits)."""
-    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+# Reading 10,000 segments places about 200,000 small pieces: numpy does each in well under a
+# microsecond, where a torch view, copy or conversion costs several (and torch runs a copy above
+# its grain size on its intra-op threads, each waiting for a core where other processes keep them
+# busy). So segments are read as numpy arrays, bfloat16 (which numpy lacks) as its int16 bits,
+# and become tensors once, joined.
+_NUMPY = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
 
 
-def _from_bits(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+@dataclass
+class _Piece:
+    """A tensor of a segment as numpy holds it: `values`, bfloat16 as int16 bits (`bf16`)."""
+
+    values: np.ndarray
+    bf16: bool = False
+
+    def tensor(self) -> torch.Tensor:
+        tensor = torch.from_numpy(self.values)
+        return tensor.view(torch.bfloat16) if self.bf16 else tensor
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> _Piece:
+        bf16 = tensor.dtype == torch.bfloat16
+        return cls((tensor.view(torch.int16) if bf16 else tensor).numpy(), bf16)
 
 
-def _copied(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor`, made by numpy. Reading a checkpoint copies thousands of small pieces:
-    torch runs a copy of more than its grain size (32,768 values, a segment's relation probes) on
-    its intra-op threads, and where other processes keep the cores busy each such copy waits for
-    a thread to be scheduled; numpy copies on the calling thread."""
-    return _from_bits(_bits(tensor).copy(), tensor.dtype)
+def _pieces(data: bytearray, path: Path) -> dict[str, _Piece]:
+    """A segment's tensors as views of `data` (`_parse`, in numpy)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(bytes(data[8 : 8 + size]))
+        header.pop("__metadata__", None)
+        pieces = {}
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            dtype = np.dtype(_NUMPY[info["dtype"]])
+            values = np.frombuffer(data, dtype, (end - begin) // dtype.itemsize, 8 + size + begin)
+            pieces[name] = _Piece(values.reshape(info["shape"]), info["dtype"] == "BF16")
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    return pieces
 
 
-def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.cat` of many pieces of one dtype, by numpy (see `_copied`)."""
-    return _from_bits(np.concatenate([_bits(t) for t in tensors]), tensors[0].dtype)
+def _as_torch(pieces: dict[str, _Piece], convert) -> dict[str, _Piece]:
+    """`convert` (a function of torch tensors, for older formats) applied to `pieces`."""
+    return {name: _Piece.of(value) for name, value in convert({k: p.tensor() for k, p in pieces.items()}).items()}
+
+
+_OWN_PIECES = (  # a segment's pieces that are its own block's (the rest: its sealed rows)
+    "route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes",
+    "route_prefixes", "route_key_spellings", "route_spellings",
+    "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales",
+)
+# Of each piece's rows, the block they belong to: under that column's name.
+_BLOCK_OF = {"route_keys": "route_key_blocks", "relation_keys": "relation_key_blocks", "relation_probes": "relation_probe_blocks"}
+# The state key each column loads as.
+_STATE_KEYS = {
+    "route_keys": _ROUTE_KEYS, "route_key_blocks": _KEY_BLOCK, "route_thresholds": _KEY_THRESHOLD,
+    "route_key_edits": _KEY_EDIT, "answer_span": _BLOCK_SPAN, "route_key_tokens": _KEY_TOKENS,
+    "route_key_prefixes": _KEY_PREFIX, "route_prefixes": _PREFIXES,
+    "route_key_spellings": _KEY_SPELLING, "route_spellings": _SPELLINGS,
+    "relation_keys": _RELATION_KEYS, "relation_key_blocks": _RELATION_KEY_BLOCK, "relation_key_scales": _RELATION_KEY_SCALE,
+    "relation_probes": _RELATION_PROBES, "relation_probe_blocks": _PROBE_BLOCK, "relation_probe_scales": _PROBE_SCALE,
+}
+
+
+class _Column:
+    """One tensor's rows from every block, in block order, copied into one array as each block
+    is read: a copy each, where copying each piece and joining them at the end made two (and
+    touched twice the fresh pages). The array reserves room it may not fill; untouched room
+    costs address space, not memory."""
+
+    def __init__(self, reserve: int):
+        self.reserve = reserve  # rows to make room for at the first piece, in pieces of its size
+        self.values: np.ndarray | None = None
+        self.bf16 = False
+        self.count = 0  # rows filled
+
+    def append(self, piece: _Piece, path: Path) -> None:
+        rows = piece.values
+        if self.values is None:
+            self.values = np.empty((self.reserve * max(len(rows), 1), *rows.shape[1:]), rows.dtype)
+            self.bf16 = piece.bf16
+        if rows.shape[1:] != self.values.shape[1:] or rows.dtype != self.values.dtype or piece.bf16 != self.bf16:
+            raise CheckpointError(f"segment {path} holds pieces of another shape or type than the first segment's")
+        if self.count + len(rows) > len(self.values):
+            grown = np.empty((max(2 * len(self.values), self.count + len(rows)), *rows.shape[1:]), rows.dtype)
+            grown[: self.count] = self.values[: self.count]
+            self.values = grown
+        self.values[self.count : self.count + len(rows)] = rows
+        self.count += len(rows)
+
+    def tensor(self) -> torch.Tensor:
+        assert self.values is not None
+        return _Piece(self.values[: self.count], self.bf16).tensor()
 
 
 class _SegmentReader:
-    """Reads segments into tensors sized for all blocks (every segment holds the same rows, a
-    block's share of each). Threads read and check several files at once (reading and hashing
-    release the GIL); the calling thread copies their tensors into place, with numpy
-    (`_copied`)."""
+    """Reads segments into arrays sized for all blocks: each segment's sealed rows (every segment
+    holds the same rows, a block's share of each) into place, its route keys and relation states
+    appended to theirs (`_Column`). Threads read and check several files at once (reading and
+    checksums release the GIL); the calling thread copies their pieces into place."""
 
-    # Segments read ahead of the one being placed, at most: bounds the bytes held in flight.
-    READ_AHEAD = 256
+    SEGMENTS_PER_TASK = 32
+    # Tasks read ahead of the one being placed, at most: bounds the bytes held in flight.
+    TASKS_AHEAD = 8
+    # Indices into rows of a segment's own, made global as they are appended (`_keyed_rows`).
+    _INDEXED = {"route_key_prefixes": "route_prefixes", "route_key_spellings": "route_spellings"}
 
     def __init__(self, segments: Path, held: list[tuple[str, int | None]], gates: bool):
         """`held`: each segment's id and CRC-32 (None: check its sha256). `gates`: keep the
         blocks' gate rows (segments written before ungated blocks dropped them still hold them)."""
         self.segments, self.held, self.gates = segments, held, gates
-        self.rows: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, np.ndarray] = {}
+        # Held as `SealedBases` holds them: ungated rows in fp16, whatever a segment holds.
+        self.row_dtype = np.float32 if gates else np.float16
+        # Room for twice the first block's rows in every block: few histories need to grow.
+        self.columns = {name: _Column(2 * len(held)) for name in (*_OWN_PIECES, "answer_span", *_BLOCK_OF.values())}
+        self.all_keys_read_tokens = True  # every keyed block holds its keys' token counts (format 9)
 
-    def _checked_bytes(self, block: int) -> tuple[Path, bytearray]:
-        """The block's segment file, checked against its CRC-32 or sha256 (in a reading thread)."""
-        segment_id, checksum = self.held[block]
-        path = self.segments / f"{segment_id}.safetensors"
-        try:
-            with open(path, "rb") as handle:
-                data = bytearray(os.fstat(handle.fileno()).st_size)  # writable: tensors view it
-                handle.readinto(data)
-        except FileNotFoundError:
-            raise CheckpointError(f"segment {path} is missing") from None
-        if checksum is not None:
-            intact = zlib.crc32(data) == checksum
-        else:
-            intact = hashlib.sha256(data).hexdigest() == segment_id
-        if not intact:
-            raise CheckpointError(f"segment {path} is corrupt: its checksum does not match")
-        return path, data
+    def _checked_bytes(self, blocks: range) -> list[tuple[Path, bytearray]]:
+        """The blocks' segment files, each checked against its CRC-32 or sha256 (in a reading
+        thread)."""
+        read = []
+        for block in blocks:
+            segment_id, checksum = self.held[block]
+            path = self.segments / f"{segment_id}.safetensors"
+            try:
+                with open(path, "rb") as handle:
+                    data = bytearray(os.fstat(handle.fileno()).st_size)  # writable: arrays view it
+                    handle.readinto(data)
+            except FileNotFoundError:
+                raise CheckpointError(f"segment {path} is missing") from None
+            if checksum is not None:
+                intact = zlib.crc32(data) == checksum
+            else:
+                intact = hashlib.sha256(data).hexdigest() == segment_id
+            if not intact:
+                raise CheckpointError(f"segment {path} is corrupt: its checksum does not match")
+            read.append((path, data))
+        return read
 
-    def _place(self, block: int, path: Path, data: bytearray) -> dict[str, torch.Tensor]:
-        """Copies the block's sealed rows into place; returns its route keys, their thresholds and
-        edits, and its answer window (copies: views would keep every file's bytes alive)."""
-        tensors = _as_changes(_parse(data, path)[1])
-        if not self.gates:
-            tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[-1] not in GATE_ROWS}
-        own = {"answer_span": _copied(tensors.pop("answer_span", torch.tensor([UNLIMITED])))}
-        for name in (
-            "route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes",
-            "route_prefixes", "route_key_spellings", "route_spellings",
-            "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales",
-        ):
-            if name in tensors:
-                own[name] = _copied(tensors.pop(name))
+    def _append_own(self, block: int, own: dict[str, _Piece], path: Path) -> None:
+        """Appends the block's route keys (with their thresholds, edits, token counts, earlier
+        tokens and spellings), relation states and answer window to theirs."""
+        columns = self.columns
         for name, scales in _SEGMENT_SCALES.items():
-            if name in own and own[name].is_floating_point():  # format 10: fp16 unit rows
-                own[name], own[scales] = quantized(own[name])
+            if name in own and own[name].values.dtype.kind == "f":  # format 10: fp16 unit rows
+                rows, scale = quantized(own[name].tensor())
+                own[name], own[scales] = _Piece.of(rows), _Piece.of(scale)
+        if "route_keys" in own:
+            self.all_keys_read_tokens &= "route_key_tokens" in own
+            for index, indexed in self._INDEXED.items():
+                # Each key's row of the segment's `indexed` rows, or -1 (also for every key of a
+                # segment without them), made a row of the joined ones.
+                local = own.pop(index).values if index in own else np.full(len(own["route_keys"].values), -1)
+                columns[index].append(_Piece(np.where(local >= 0, local + columns[indexed].count, -1)), path)
+        for name, piece in own.items():
+            columns[name].append(piece, path)
+        for name, blocks in _BLOCK_OF.items():
+            if name in own:
+                columns[blocks].append(_Piece(np.full(len(own[name].values), block, dtype=np.int64)), path)
+
+    def _place(self, block: int, path: Path, data: bytearray) -> None:
+        """Copies the block's sealed rows into place and appends the rest to their columns."""
+        pieces = _pieces(data, path)
+        names = {key.split(".", 1)[-1] for key in pieces}
+        if "source_weight" in names:
+            pieces = _as_torch(pieces, _as_changes)
+        if not self.gates and not names.isdisjoint(GATE_ROWS):
+            pieces = {k: v for k, v in pieces.items() if k.split(".", 1)[-1] not in GATE_ROWS}
+        own = {name: pieces.pop(name) for name in _OWN_PIECES if name in pieces}
+        own["answer_span"] = pieces.pop("answer_span") if "answer_span" in pieces else _Piece(np.array([UNLIMITED]))
+        self._append_own(block, own, path)
         if block == 0:
-            count = len(self.held)
-            for key, value in tensors.items():
+            for key, piece in pieces.items():
                 layer, name = key.split(".", 1)
-                # Held as `SealedBases` holds them: ungated rows in fp16, whatever a segment holds.
-                dtype = torch.float32 if self.gates else torch.float16
-                self.rows[_sealed_key(int(layer), name)] = value.new_empty((count * len(value), *value.shape[1:]), dtype=dtype)
-        if len(tensors) != len(self.rows):
+                shape = (len(self.held) * len(piece.values), *piece.values.shape[1:])
+                self.rows[_sealed_key(int(layer), name)] = np.empty(shape, self.row_dtype)
+        if len(pieces) != len(self.rows):
             raise CheckpointError(f"segment {path} holds other rows than the first segment")
-        for key, value in tensors.items():
+        for key, piece in pieces.items():
             layer, name = key.split(".", 1)
             target = self.rows.get(_sealed_key(int(layer), name))
             step = 0 if target is None else len(target) // len(self.held)
-            if target is None or value.shape != (step, *target.shape[1:]) or not value.is_floating_point():
+            if target is None or piece.values.shape != (step, *target.shape[1:]) or piece.values.dtype.kind != "f":
                 raise CheckpointError(f"segment {path}: {key} does not match the first segment's")
-            piece = target[block * step : (block + 1) * step]
-            if piece.dtype == torch.bfloat16 or value.dtype == torch.bfloat16:  # numpy cannot convert
-                piece.copy_(value)
-            else:
-                _bits(piece)[...] = _bits(value)
-        return own
+            values = piece.tensor().to(torch.float32).numpy() if piece.bf16 else piece.values
+            target[block * step : (block + 1) * step] = values
 
     def read(self) -> dict[str, torch.Tensor]:
         """The sealed rows of every layer, the route keys with their blocks and each block's
         answer window, in block order, each segment checked against its CRC-32 or sha256."""
-        owns = []
+        placed = 0
+
+        def place(read: list[tuple[Path, bytearray]]) -> None:
+            nonlocal placed
+            for path, data in read:
+                self._place(placed, path, data)  # block 0 sizes the rows
+                placed += 1
+
+        tasks = [range(s, min(s + self.SEGMENTS_PER_TASK, len(self.held))) for s in range(0, len(self.held), self.SEGMENTS_PER_TASK)]
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for start in range(0, len(self.held), self.READ_AHEAD):
-                batch = range(start, min(start + self.READ_AHEAD, len(self.held)))
-                for block, read in zip(batch, pool.map(self._checked_bytes, batch), strict=True):
-                    owns.append(self._place(block, *read))  # block 0 sizes the rows
-        keys = [(block, own["route_keys"]) for block, own in enumerate(owns) if "route_keys" in own]
-        parts = {
-            _ROUTE_KEYS: [k for _, k in keys],
-            _KEY_BLOCK: [torch.full((len(k),), block, dtype=torch.long) for block, k in keys],
-            _KEY_THRESHOLD: [own["route_thresholds"] for own in owns if "route_thresholds" in own],
-            _KEY_EDIT: [own["route_key_edits"] for own in owns if "route_key_edits" in own],
-            _BLOCK_SPAN: [own["answer_span"] for own in owns],
-        }
-        if all("route_key_tokens" in own for own in owns if "route_keys" in own) and keys:
-            parts[_KEY_TOKENS] = [own["route_key_tokens"] for own in owns if "route_keys" in own]
-            parts[_KEY_PREFIX], parts[_PREFIXES] = _keyed_rows(owns, "route_key_prefixes", "route_prefixes")
-        if keys:
-            parts[_KEY_SPELLING], parts[_SPELLINGS] = _keyed_rows(owns, "route_key_spellings", "route_spellings")
-        for name, blocks, key, scale in (
-            ("relation_keys", _RELATION_KEY_BLOCK, _RELATION_KEYS, _RELATION_KEY_SCALE),
-            ("relation_probes", _PROBE_BLOCK, _RELATION_PROBES, _PROBE_SCALE),
-        ):
-            held = [(block, own[name], own[_SEGMENT_SCALES[name]]) for block, own in enumerate(owns) if name in own]
-            parts[key] = [rows for _, rows, _ in held]
-            parts[scale] = [scales for _, _, scales in held]
-            parts[blocks] = [torch.full((len(rows),), block, dtype=torch.long) for block, rows, _ in held]
-        return {**self.rows, **{key: _joined(values) for key, values in parts.items() if values}}
+            pending: deque[Future] = deque()
+            for task in tasks:
+                pending.append(pool.submit(self._checked_bytes, task))
+                if len(pending) > self.TASKS_AHEAD:
+                    place(pending.popleft().result())
+            while pending:
+                place(pending.popleft().result())
+        state = {key: torch.from_numpy(values) for key, values in self.rows.items()}
+        for name, key in _STATE_KEYS.items():
+            column = self.columns[name]
+            if column.values is None:
+                continue
+            if name in ("route_key_tokens", "route_key_prefixes", "route_prefixes") and not self.all_keys_read_tokens:
+                continue  # keys before format 9 read their last token alone: the router's default
+            state[key] = column.tensor()
+        return state
 
 
 def _block_rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,22 +472,6 @@ def _block_rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and each key's place among them (-1: none), as its segment stores them."""
     rows = index[index >= 0].unique()
     return rows, torch.where(index >= 0, torch.searchsorted(rows, index), -1)
-
-
-def _keyed_rows(owns: list[dict[str, torch.Tensor]], index: str, rows: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """For the segments with route keys, in block order: each key's row of the segments' `rows`
-    joined (its segment's `index`, a row of that segment's `rows` or -1, made global; -1 for every
-    key of a segment without them), and those rows."""
-    indices, held, count = [], [], 0
-    for own in owns:
-        if index in own:
-            local = own[index]
-            indices.append(torch.where(local >= 0, local + count, -1))
-            held.append(own[rows])
-            count += len(own[rows])
-        elif "route_keys" in own:
-            indices.append(torch.full((len(own["route_keys"]),), -1, dtype=torch.long))
-    return indices, held
 
 
 def _own_state(interventions: InterventionSet) -> dict[str, torch.Tensor]:
