@@ -186,23 +186,44 @@ class InterventionSet(nn.Module):
         h: torch.Tensor,
         blocks_open: torch.Tensor | None = None,
         trainable_open: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        weighed: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Phi(h) at one layer, summing the trainable block and the sealed ones, and the weights
-        [n, rank + sealed bases] (the trainable block's first). `blocks_open` [n, sealed blocks]
-        limits the sealed blocks that may act at each position (None: all may), `trainable_open`
-        [n] the trainable block (None: it acts everywhere)."""
+        [n, rank + sealed bases] (the trainable block's first; None unless `weighed`).
+        `blocks_open` [n, sealed blocks] limits the sealed blocks that may act at each position
+        (None: all may), `trainable_open` [n] the trainable block (None: it acts everywhere).
+        Without weights and gradients, blocks that cannot change h are not computed: a fresh
+        trainable block (after every seal, in the defaults) and sealed blocks none of which is
+        open (most positions of most prompts)."""
         h32 = h.float()
         block = self[layer]
+        sealed = self._sealed_at(layer)
+        if not weighed and not torch.is_grad_enabled():
+            edited = h32 if block.is_identity else self._trainable(block, h32, trainable_open)[0]
+            if sealed.num_bases and (blocks_open is None or blocks_open.any()):
+                edited = edited + self._sealed(layer, h32, blocks_open)[0]
+            return edited.to(h.dtype), None
+        edited, weights = self._trainable(block, h32, trainable_open)
+        if sealed.num_bases:
+            delta, sealed_weights = self._sealed(layer, h32, blocks_open)
+            edited, weights = edited + delta, torch.cat([weights, sealed_weights], dim=-1)
+        return edited.to(h.dtype), weights
+
+    @staticmethod
+    def _trainable(
+        block: BasisIntervention, h32: torch.Tensor, trainable_open: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         edited, weights = block(h32)
         if trainable_open is not None:
             edited = torch.where(trainable_open.unsqueeze(1), edited, h32)
             weights = weights * trainable_open.unsqueeze(1)
-        sealed = self._sealed_at(layer)
-        if sealed.num_bases:
-            candidates = None if blocks_open is None else blocks_open.repeat_interleave(self.sealed_rank, dim=1)
-            delta, sealed_weights = sealed(h32, block.gate_inputs(h32), candidates)
-            edited, weights = edited + delta, torch.cat([weights, sealed_weights], dim=-1)
-        return edited.to(h.dtype), weights
+        return edited, weights
+
+    def _sealed(
+        self, layer: int, h32: torch.Tensor, blocks_open: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        candidates = None if blocks_open is None else blocks_open.repeat_interleave(self.sealed_rank, dim=1)
+        return self._sealed_at(layer)(h32, self[layer].gate_inputs(h32), candidates)
 
     @property
     def sealed_gates(self) -> bool:
@@ -394,9 +415,10 @@ class Attachment:
             if offsets is not None:
                 trainable_open = interventions.router.trainable_in_window(offsets)
             selected = hidden[mask]
-            edited, weights = interventions(layer, selected, blocks_open, trainable_open)
-            if self._record is not None:
-                self._record[layer] = (weights, selected)
+            record = self._record
+            edited, weights = interventions(layer, selected, blocks_open, trainable_open, weighed=record is not None)
+            if record is not None and weights is not None:
+                record[layer] = (weights, selected)
             hidden = hidden.masked_scatter(mask.unsqueeze(-1), edited)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -121,6 +121,12 @@ class BasisIntervention(nn.Module):
             return h.new_ones(*h.shape[:-1], self.rank)
         return torch.sigmoid(self.gate_logits(h))
 
+    @property
+    def is_identity(self) -> bool:
+        """Whether Phi(h) = h for every h: A = R and b = 0, as a fresh block is drawn (whatever its
+        gates say). Checked on the values, not remembered: training changes them in place."""
+        return torch.equal(self.source.weight, self.rotation.weight) and not self.source.bias.any()
+
     def change(self, h: torch.Tensor) -> torch.Tensor:
         """(A h + b - R h) [n, rank]: the change at full weight, in the block's coordinates."""
         return self.source(h) - h @ self.R.T
