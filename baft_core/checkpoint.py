@@ -83,11 +83,6 @@ _RELATION_KEY_SCALE, _PROBE_SCALE = "relations.key_scale", "relations.probe_scal
 # A segment's int8 relation states and the tensor of their scales (one a row).
 _SEGMENT_SCALES = {"relation_keys": "relation_key_scales", "relation_probes": "relation_probe_scales"}
 _DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class CheckpointError(ValueError):
@@ -135,27 +130,58 @@ def _read_verified(path: Path, sha256: str, what: str) -> bytearray:
     return data
 
 
-def _parse(data: bytearray | memoryview, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+# Reading 10,000 segments places about 200,000 small pieces: numpy does each in well under a
+# microsecond, where a torch view, copy or conversion costs several (and torch runs a copy above
+# its grain size on its intra-op threads, each waiting for a core where other processes keep them
+# busy). So segments are read as numpy arrays, bfloat16 (which numpy lacks) as its int16 bits,
+# and become tensors once, joined.
+_NUMPY = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+@dataclass
+class _Piece:
+    """A tensor of a segment as numpy holds it: `values`, bfloat16 as int16 bits (`bf16`)."""
+
+    values: np.ndarray
+    bf16: bool = False
+
+    def tensor(self) -> torch.Tensor:
+        tensor = torch.from_numpy(self.values)
+        return tensor.view(torch.bfloat16) if self.bf16 else tensor
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> _Piece:
+        bf16 = tensor.dtype == torch.bfloat16
+        return cls((tensor.view(torch.int16) if bf16 else tensor).numpy(), bf16)
+
+
+def _pieces(data: bytearray, path: Path) -> tuple[dict, dict[str, _Piece]]:
     """The metadata and tensors of a safetensors file read into memory, the tensors as views of
     `data`: reading 10,000 segments, a parser that copies each tensor costs a copy of them all."""
     try:
         size = int.from_bytes(data[:8], "little")
         header = json.loads(bytes(data[8 : 8 + size]))
         metadata = header.pop("__metadata__", None) or {}
-        tensors = {}
+        pieces = {}
         for name, info in header.items():
             begin, end = info["data_offsets"]
-            dtype = _DTYPES[info["dtype"]]
-            if end == begin:  # frombuffer refuses a count of 0
-                tensors[name] = torch.empty(info["shape"], dtype=dtype)
-                continue
-            count = (end - begin) // dtype.itemsize
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + begin).view(info["shape"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            dtype = np.dtype(_NUMPY[info["dtype"]])
+            values = np.frombuffer(data, dtype, (end - begin) // dtype.itemsize, 8 + size + begin)
+            pieces[name] = _Piece(values.reshape(info["shape"]), info["dtype"] == "BF16")
+    except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} cannot be read: {err}") from None
+    return metadata, pieces
+
+
+def _parse(data: bytearray, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`_pieces` as tensors, the metadata unpacked."""
+    metadata, pieces = _pieces(data, path)
     if METADATA_KEY in metadata:  # else the earlier layout, one metadata entry per field
         metadata = json.loads(metadata[METADATA_KEY])
-    return metadata, tensors
+    return metadata, {name: piece.tensor() for name, piece in pieces.items()}
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -244,51 +270,6 @@ def _checksum(segments: Path, segment_id: str, written: dict[str, int]) -> int:
     return written[segment_id]
 
 
-# Reading 10,000 segments places about 200,000 small pieces: numpy does each in well under a
-# microsecond, where a torch view, copy or conversion costs several (and torch runs a copy above
-# its grain size on its intra-op threads, each waiting for a core where other processes keep them
-# busy). So segments are read as numpy arrays, bfloat16 (which numpy lacks) as its int16 bits,
-# and become tensors once, joined.
-_NUMPY = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64,
-    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-@dataclass
-class _Piece:
-    """A tensor of a segment as numpy holds it: `values`, bfloat16 as int16 bits (`bf16`)."""
-
-    values: np.ndarray
-    bf16: bool = False
-
-    def tensor(self) -> torch.Tensor:
-        tensor = torch.from_numpy(self.values)
-        return tensor.view(torch.bfloat16) if self.bf16 else tensor
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> _Piece:
-        bf16 = tensor.dtype == torch.bfloat16
-        return cls((tensor.view(torch.int16) if bf16 else tensor).numpy(), bf16)
-
-
-def _pieces(data: bytearray, path: Path) -> dict[str, _Piece]:
-    """A segment's tensors as views of `data` (`_parse`, in numpy)."""
-    try:
-        size = int.from_bytes(data[:8], "little")
-        header = json.loads(bytes(data[8 : 8 + size]))
-        header.pop("__metadata__", None)
-        pieces = {}
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            dtype = np.dtype(_NUMPY[info["dtype"]])
-            values = np.frombuffer(data, dtype, (end - begin) // dtype.itemsize, 8 + size + begin)
-            pieces[name] = _Piece(values.reshape(info["shape"]), info["dtype"] == "BF16")
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path} cannot be read: {err}") from None
-    return pieces
-
-
 def _as_torch(pieces: dict[str, _Piece], convert) -> dict[str, _Piece]:
     """`convert` (a function of torch tensors, for older formats) applied to `pieces`."""
     return {name: _Piece.of(value) for name, value in convert({k: p.tensor() for k, p in pieces.items()}).items()}
@@ -373,12 +354,7 @@ class _SegmentReader:
         for block in blocks:
             segment_id, checksum = self.held[block]
             path = self.segments / f"{segment_id}.safetensors"
-            try:
-                with open(path, "rb") as handle:
-                    data = bytearray(os.fstat(handle.fileno()).st_size)  # writable: arrays view it
-                    handle.readinto(data)
-            except FileNotFoundError:
-                raise CheckpointError(f"segment {path} is missing") from None
+            data = _read(path, "segment")
             if checksum is not None:
                 intact = zlib.crc32(data) == checksum
             else:
@@ -411,7 +387,7 @@ class _SegmentReader:
 
     def _place(self, block: int, path: Path, data: bytearray) -> None:
         """Copies the block's sealed rows into place and appends the rest to their columns."""
-        pieces = _pieces(data, path)
+        pieces = _pieces(data, path)[1]
         names = {key.split(".", 1)[-1] for key in pieces}
         if "source_weight" in names:
             pieces = _as_torch(pieces, _as_changes)
