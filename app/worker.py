@@ -25,7 +25,7 @@ from baft_core.metrics import evaluate, locality_baseline, with_subject_probes
 from . import crud
 from .models import Edit, Restore
 from .queue import Doorbell
-from .runtime import Runtime
+from .runtime import Runtime, freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class Worker:
                 self._recover = True
             try:  # before any edit waits on it (a standby too); else the first edit computes it
                 self.rt.loaded_trainer.prepare()
+                freeze_heap()  # what it computed lives as long as the process
             except Exception:
                 log.exception("could not prepare the editor; the first edit will")
             while not self.stop.is_set():
