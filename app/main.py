@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from baft_core.checkpoint import CheckpointError
 
@@ -77,6 +78,39 @@ def add_error_handlers(app: FastAPI) -> None:
         return _error(503, f"queue unavailable: {exc}")
 
 
+class CountResponses:
+    """Counts responses by status code, and answers an exception that no handler took as a 500
+    with a log line (never the client's fault). Plain ASGI: Starlette's `@app.middleware("http")`
+    passes every streamed chunk through a stream of its own, event-loop work for each token of
+    each generating client."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counted(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                service = getattr(scope["app"].state, "service", None)
+                if service is not None:
+                    service.runtime.metrics.responses.labels(str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if started:  # the answer is under way: there is no status left to give
+                raise
+            await _error(500, "internal error (logged on the server)")(scope, receive, counted)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -104,18 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/console", StaticFiles(directory=Path(__file__).parent / "console", html=True), name="console")
     app.include_router(versions.restores)
 
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception:  # no handler above: an internal error, never the client's
-            log.exception("%s %s failed", request.method, request.url.path)
-            response = _error(500, "internal error (logged on the server)")
-        service = getattr(request.app.state, "service", None)
-        if service is not None:
-            service.runtime.metrics.responses.labels(str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(CountResponses)
     # Outermost: an oversized body is refused before anything reads it.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
