@@ -208,5 +208,5 @@ $PY bench/route_key_dtype.py
 $PY bench/mquake_unedited.py
 
 # The service's measurements (docs/serving.md, docs/operations.md) have their own commands:
-# bench/service_bench.py and bench/fault_injection.py (see bench/results/service/ and
-# bench/results/fault_injection/).
+# bench/service_bench.py, bench/gc_pause.py, bench/startup_load.py, bench/service_storage.py and
+# bench/fault_injection.py (see bench/results/service/ and bench/results/fault_injection/).
