@@ -55,7 +55,7 @@ def test_metrics(tiny_dir, tmp_path):
 def test_a_full_collection_walks_only_what_came_after_start_up(tiny_dir, tmp_path):
     """A full garbage collection holds the GIL while it walks every tracked object: unfrozen, the
     objects a process makes as it starts (model, tokenizer, modules) stalled every request of the
-    bundled model's process for a quarter of a second each time."""
+    process each time."""
     with TestClient(create_app(tiny_settings(tiny_dir, tmp_path))) as http:
         wait_ready(http)
         client = Client(http=http)

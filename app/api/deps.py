@@ -1,7 +1,7 @@
 """Shared dependencies: the service, readiness gates, and API-key access classes. They neither block
 nor wait, so they are `async`: FastAPI runs a plain `def` dependency in its thread pool, a hop
-there and back through the event loop for each, which under streaming load cost a request tens of
-milliseconds before its route began."""
+there and back through the event loop for each, which under streaming load held a request up
+before its route began (docs/serving.md)."""
 from __future__ import annotations
 
 import secrets
