@@ -73,6 +73,7 @@ class InterventionSet(nn.Module):
         route_prefix_gap: int = 0,
         route_prefix_needed: int | None = None,
         route_spelling_normalised: bool = False,
+        route_prefix_word: bool = False,
         relation_layer: int | None = None,
         relation_threshold: float = 0.0,
         relation_margin: float = 0.0,
@@ -83,9 +84,10 @@ class InterventionSet(nn.Module):
         `seed` fixes every block's random draw (`block_generator`).
         `sealed_rank`: the directions a block keeps when sealed without gates (None: all).
         `route_tokens`, `route_prefix_threshold`, `route_prefix_gap`, `route_prefix_needed`,
-        `route_spelling_normalised`: how many subject tokens a route key reads, the threshold of
-        those before its last, how many tokens may stand between them, how many of them must be
-        found, and whether spellings compare token classes (`Router`)."""
+        `route_spelling_normalised`, `route_prefix_word`: how many subject tokens a route key
+        reads, the threshold of those before its last, how many tokens may stand between them, how
+        many of them must be found, whether spellings compare token classes, and whether those in
+        the matched word must be found in place (`Router`)."""
         super().__init__()
         routing_layer = min(layers) if routing_layer is None else routing_layer
         if routing_layer > min(layers):
@@ -102,7 +104,7 @@ class InterventionSet(nn.Module):
         )
         self.router = Router(
             hidden_size, route_threshold, routing_layer, route_tokens, route_prefix_threshold, route_prefix_gap,
-            route_prefix_needed, route_spelling_normalised,
+            route_prefix_needed, route_spelling_normalised, route_prefix_word,
         )
         relation_layer = routing_layer if relation_layer is None else relation_layer
         if not routing_layer <= relation_layer <= min(layers):

@@ -318,6 +318,7 @@ def load_checkpoint(
     config_data.setdefault("route_prefix_needed", None)
     config_data.setdefault("route_name_variants", False)
     config_data.setdefault("route_spelling_normalised", False)
+    config_data.setdefault("route_prefix_word", False)  # saved before it: any earlier token would do
     config = EditConfig.from_dict(config_data)
     layers = json.loads(metadata["layers"])
     routing_layer = int(metadata.get("routing_layer", layers[0]))
@@ -336,6 +337,7 @@ def load_checkpoint(
         route_prefix_gap=config.route_prefix_gap,
         route_prefix_needed=config.route_prefix_needed,
         route_spelling_normalised=config.route_spelling_normalised,
+        route_prefix_word=config.route_prefix_word,
         relation_layer=int(metadata.get("relation_layer", routing_layer)),
         relation_threshold=config.relation_threshold if config.block_edits and config.route_threshold else 0.0,
         relation_margin=config.relation_margin,

@@ -108,6 +108,11 @@ class EditConfig:
     # for "Emily I Jones", "Martin Solares" for "Martín Solares") opens the block. Adapters saved
     # before it existed load with None.
     route_prefix_needed: int | None = 1
+    # Whether a key's earlier tokens that stand in the prompt's matched word (a name's last word
+    # in pieces: " Or"+"tis") must each be found in their own place, however few of the others
+    # `route_prefix_needed` asks for: a name may drop its first name, not part of the word the
+    # key matched (routing.py). Adapters saved before it existed load with false.
+    route_prefix_word: bool = True
     # Whether an edit also leaves keys for its subject's other spellings: without diacritics,
     # without middle initials (names.py), where they differ from the subject.
     route_name_variants: bool = True

@@ -95,6 +95,7 @@ class Editor:
             cfg.route_prefix_gap,
             cfg.route_prefix_needed,
             cfg.route_spelling_normalised,
+            cfg.route_prefix_word,
             cfg.resolved_relation_layer(text.num_hidden_layers),
             cfg.relation_threshold if cfg.block_edits and cfg.route_threshold else 0.0,
             cfg.relation_margin,
@@ -167,7 +168,7 @@ class Editor:
         if keys is not None:
             self.route_keys.add(working, keys._replace(owners=keys.owners + len(self.history)))
         if working.relations.enabled:
-            self._add_relation_states(working, requests)
+            self.add_relation_states(working, requests)
         if sealing:
             working.seal()
         with self.lock:
@@ -260,7 +261,7 @@ class Editor:
         start = list(self._start_tokens(text))
         return start if len(start) < len(ids) and ids[: len(start)] == start else []
 
-    def _add_relation_states(self, interventions: InterventionSet, requests: list[EditRequest]) -> None:
+    def add_relation_states(self, interventions: InterventionSet, requests: list[EditRequest]) -> None:
         """Leaves the new edits' prompt states and their probes' in the trainable block's
         relation check (relations.py)."""
         relations = interventions.relations

@@ -37,7 +37,11 @@ before the matched one, within as many as the key has earlier tokens plus
 `EditConfig.route_prefix_gap`, rather than its own place in a row; and only
 `EditConfig.route_prefix_needed` of them need be found, so that a name that drops or respells one
 ("Jessica Cooke" for "Jessica E Cooke", "Martin Solares" for "Martín Solares") opens the block too.
-A name whose last token differs ("Alarcon" for "Alarcón") has keys of its own (names.py).
+What a name drops is a word; the earlier tokens of the word the key matched are that word's own
+pieces (" Or" of " Or"+"tis"), so those are each needed in their place
+(`EditConfig.route_prefix_word`): "F Ortis" opens the block of "Fernanda Ortis", "Fernanda
+Xtis" no longer does, as the matched token's first name alone let it. A name whose last token
+differs ("Alarcon" for "Alarcón") has keys of its own (names.py).
 
 Subjects of a series end alike over more tokens than a key reads ("1981 Lithuanian Badminton
 Championships – women's singles", "1965 New Zealand Badminton Championships – women's singles"),
@@ -171,6 +175,7 @@ class Router(nn.Module):
         prefix_gap: int = 0,
         prefix_needed: int | None = None,
         spelling_normalised: bool = False,
+        prefix_word: bool = False,
     ):
         super().__init__()
         self.layer = layer
@@ -207,6 +212,11 @@ class Router(nn.Module):
         # How many of a key's earlier tokens must be found (None: all): a subject's other name may
         # drop or respell one of them ("Emily Jones" for "Emily I Jones").
         self.prefix_needed = prefix_needed
+        # Whether the earlier tokens a key reads that stand in the matched word of the prompt (a
+        # last name in pieces, " Or"+"tis") must each be found in their own place, whatever
+        # `prefix_needed` lets go: a name may drop or respell a first name, not part of the word
+        # the key matched ("Julian Lennon" and "John Lennon" still share " L"+"ennon").
+        self.prefix_word = prefix_word
         # Whether a spelling's tokens are compared as their classes (`TokenClasses`: "-" for "–").
         self.spelling_normalised = spelling_normalised
         # Each sealed block's window: the length T of its longest answer in tokens. It acts where
@@ -364,7 +374,8 @@ class Router(nn.Module):
         """[batch, blocks]: whether some routable position of the row (`routable(prompt)`, in the
         routing-layer states `hidden` [batch, seq, d]; `tokens` [batch, seq] their ids) is within
         the threshold of one of the block's keys, its earlier positions within `prefix_threshold`
-        of the key's earlier subject tokens (`prefix_needed` of them) and, for a spelled key, its tokens those of the
+        of the key's earlier subject tokens (`prefix_needed` of them, and with `prefix_word` each that
+        stands in the matched word in its place) and, for a spelled key, its tokens those of the
         spelling (compared as `classes` with `spelling_normalised`), with no spelled key of more
         tokens matching at that position."""
         batch = prompt.shape[0]
@@ -383,17 +394,25 @@ class Router(nn.Module):
         count = self.subject_tokens - 1
         reads = torch.arange(1, count + 1, device=key.device) < self.key_tokens[key].unsqueeze(1)  # [m, count]
         found = torch.zeros_like(reads)
+        in_place = torch.zeros_like(reads)  # found right where a subject spelled as the key's has it
         if reads.any():
             wanted = self.prefixes[self.key_prefix[key].clamp(min=0)].float()  # [m, count, d]
             for back in range(1, count + self.prefix_gap + 1):
                 earlier = positions - back
                 present = (earlier >= 0) & prompt[rows, earlier.clamp(min=0)]
                 state = self.key(hidden[rows, earlier.clamp(min=0)])
-                found |= present.unsqueeze(1) & (torch.einsum("md,mcd->mc", state, wanted) > self.prefix_threshold)
+                near = present.unsqueeze(1) & (torch.einsum("md,mcd->mc", state, wanted) > self.prefix_threshold)
+                found |= near
+                if back <= count:
+                    in_place[:, back - 1] = near[:, back - 1]
         needed = reads.sum(1)
         if self.prefix_needed is not None:
             needed = needed.clamp(max=self.prefix_needed)
         passes = (found & reads).sum(1) >= needed
+        if self.prefix_word and classes is not None and reads.any():
+            in_word = self._tokens_before_in_word(prompt, tokens, rows, positions, classes, count)
+            own_word = (torch.arange(count, device=key.device) < in_word.unsqueeze(1)) & reads
+            passes &= (in_place | ~own_word).all(1)
         rows, positions, key = rows[passes], positions[passes], key[passes]
         spelling_row = self.key_spelling[key]
         spelled = spelling_row >= 0
@@ -419,6 +438,26 @@ class Router(nn.Module):
             rows, key = rows[keep], key[keep]
         opened[rows, self.key_block[key]] = True
         return opened
+
+    @staticmethod
+    def _tokens_before_in_word(
+        prompt: torch.Tensor,
+        tokens: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        classes: TokenClasses,
+        most: int,
+    ) -> torch.Tensor:
+        """[m]: how many prompt tokens before each matched position belong to its word (at most
+        `most`): the word goes back while the token at hand continues the one before it."""
+        count = torch.zeros_like(positions)
+        going = torch.ones_like(positions, dtype=torch.bool)
+        for back in range(most):
+            at = positions - back
+            before = at - 1
+            going &= (before >= 0) & prompt[rows, before.clamp(min=0)] & classes.continues_word(tokens[rows, at])
+            count += going.long()
+        return count
 
     def in_window(self, blocks_open: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """`blocks_open` [n, blocks] of n intervened positions, closed where a position stands

@@ -68,11 +68,27 @@ class TokenClasses:
     as "-", case folded), which spelled keys compare (with `route_spelling_normalised`): a
     subject's other names write "-" for "–" or change its case. A token that decodes to part of a
     character is a class of its own. The table takes a pass over the vocabulary (about a second
-    for 49,152 tokens), made on first use: only a prompt that matches a spelled key needs it."""
+    for 49,152 tokens), made on first use: only a prompt that matches a spelled key needs it.
+    Also which tokens go on the word before them (`continues_word`, for `route_prefix_word`)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._table: torch.Tensor | None = None
+        self._continues: torch.Tensor | None = None
+
+    def continues_word(self, ids: torch.Tensor) -> torch.Tensor:
+        """Whether each of `ids` (any shape) goes on the word before it ("tis" of " Or"+"tis"):
+        it starts with a letter or digit and without the tokenizer's word marker (byte-level
+        BPE's "Ġ", SentencePiece's "▁"). Ids outside the vocabulary do not."""
+        if self._continues is None:
+            pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._continues = torch.tensor(
+                [bool(p) and p[0] not in "Ġ▁" and text[:1].isalnum() for p, text in zip(pieces, texts)]
+            )
+        table = self._continues.to(ids.device)
+        inside = (ids >= 0) & (ids < len(table))
+        return inside & table[ids.clamp(0, len(table) - 1)]
 
     def table(self) -> torch.Tensor:
         if self._table is None:

@@ -68,10 +68,12 @@ for set in "$ZSRE --format zsre --edits 100" "$ZSRE --format zsre --edits 1000" 
 done
 $PY bench/locality_by_wording.py $OUT/knowedit-recent-continual-285-baft
 # Which blocks the prompts open with and without the keys for a subject's other names
-# (alias_routing.json; routing alone, each edit one training step).
+# (alias_routing.json; routing alone: each edit leaves its keys and relation states untrained).
 rm -f $OUT/alias_routing.json
 $PY bench/alias_routing.py --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --edits 714
-$PY bench/alias_routing.py --data $ZSRE --format zsre --edits 1000
+$PY bench/alias_routing.py --data $ZSRE --format zsre --edits 1000 --with-variants-only
+$PY bench/alias_routing.py --data $DATA/counterfact/counterfact_train.json --format counterfact --edits 3000 \
+  --with-variants-only
 $PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --out $OUT/relations_speed.json
 $PY bench/paired_speed.py --vary names --format knowedit --data $DATA/knowedit/wiki_counterfact_dev.json --edits 40 \
   --threads 1 --out $OUT/names_speed.json
@@ -152,19 +154,29 @@ $PY bench/paired_speed.py --vary window --edits 200 --out $OUT/ablation/window_s
 # `--dtype fp16-weights` makes the same choice on any CPU. Each committed run was made before the
 # options it turns off existed (the same code paths); the token-class run is bf16.
 F16="--dtype fp16-weights"
-NO_ALIAS_KEYS="route_prefix_needed=null route_name_variants=false route_spelling_normalised=false"
+NO_ALIAS_KEYS="route_prefix_needed=null route_name_variants=false route_spelling_normalised=false route_prefix_word=false"
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
   --threads 1 --unrelated builtin $F16 --set $NO_ALIAS_KEYS \
   --out $OUT/ablation/knowedit-counterfact-continual-714-no-alias-keys &
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
-  --threads 1 --unrelated builtin --set route_spelling_normalised=false \
+  --threads 1 --unrelated builtin --set route_spelling_normalised=false route_prefix_word=false \
   --out $OUT/ablation/knowedit-counterfact-continual-714-id-spelling &
 wait
 # One earlier key token suffices (route_prefix_needed=1), off alone: made on an Intel Xeon (bf16),
 # the main run on an AMD EPYC (bf16).
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
-  --threads 1 --unrelated builtin --set route_prefix_needed=null \
+  --threads 1 --unrelated builtin --set route_prefix_needed=null route_prefix_word=false \
   --out $OUT/ablation/knowedit-counterfact-continual-714-prefix-needed-null
+# The matched word's pieces in place (route_prefix_word), off: the main runs before it existed.
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --set route_prefix_word=false \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-prefix-word-false &
+bench --data $DATA/counterfact/counterfact_train.json --format counterfact --method baft --mode continual \
+  --edits 1000 --threads 1 --piqa $DATA/locality/piqa_valid.jsonl --set route_prefix_word=false \
+  --out $OUT/ablation/counterfact-continual-1000-prefix-word-false &
+wait
+$PY bench/locality_by_wording.py $OUT/ablation/knowedit-counterfact-continual-714-prefix-word-false
+$PY bench/locality_by_subject_ending.py $OUT/ablation/knowedit-counterfact-continual-714-prefix-word-false
 for run in no-alias-keys id-spelling; do
   $PY bench/locality_by_wording.py $OUT/ablation/knowedit-counterfact-continual-714-$run
   $PY bench/locality_by_subject_ending.py $OUT/ablation/knowedit-counterfact-continual-714-$run

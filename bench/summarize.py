@@ -47,6 +47,11 @@ NOTES = {
     "existed (the same code path as `--set route_spelling_normalised=false`): the pair of the main run",
     "ablation/knowedit-counterfact-continual-714-relation-layer4": "made before `route_spelling` existed "
     "(the same code path as `--set route_spelling=false` with the keys for other names off)",
+    **{
+        f"ablation/{name}": "the main run before `route_prefix_word` existed (the same code path as "
+        "`--set route_prefix_word=false`), on another host: the pair of the main run"
+        for name in ("knowedit-counterfact-continual-714-prefix-word-false", "counterfact-continual-1000-prefix-word-false")
+    },
 }
 
 
@@ -143,6 +148,8 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
         config = {**config, "route_prefix_needed": None, "route_name_variants": False}
     if "route_spelling_normalised" not in config and config.get("route_threshold"):
         config = {**config, "route_spelling_normalised": False}  # before spellings compared token classes
+    if "route_prefix_word" not in config and config.get("route_threshold"):
+        config = {**config, "route_prefix_word": False}  # before a key's own word was needed in place
     changed = [
         f"{key}={json.dumps(value)}" if key != "route_contexts" else f"{key}: {len(value)}"
         for key, value in config.items()
@@ -200,7 +207,8 @@ def main() -> None:
         "285: `spelled_edits.json` counts them) that is the same run as today's defaults.",
         "`route_prefix_needed=null`, `route_name_variants=false`, `route_spelling_normalised=false`: made before",
         "the keys that let a subject's other names in; what they change in each set's routing is in",
-        "`alias_routing.json`.",
+        "`alias_routing.json`. `route_prefix_word=false`: made before a key's earlier tokens in the",
+        "matched word were needed in place (`alias_routing.json` too).",
         "",
         "## Main runs",
         "",

@@ -49,15 +49,16 @@ def test_an_edit_keys_its_subjects_other_spellings(tiny_sharp):
 
 
 def test_adapters_saved_before_these_options_route_as_they_did(tiny_sharp, tmp_path):
-    """An adapter whose config has none of `route_prefix_needed`, `route_name_variants` and
-    `route_spelling_normalised` (saved before them) loads routing as it did: each key needs all
-    its earlier subject tokens and spellings compare token ids."""
+    """An adapter whose config has none of `route_prefix_needed`, `route_name_variants`,
+    `route_spelling_normalised` and `route_prefix_word` (saved before them) loads routing as it
+    did: each key needs all its earlier subject tokens, wherever they stand, and spellings compare
+    token ids."""
     import json
 
     from test_core_routing import EDITS, reloaded_in_older_format
 
     def older(metadata, tensors):
-        dropped = ("route_prefix_needed", "route_name_variants", "route_spelling_normalised")
+        dropped = ("route_prefix_needed", "route_name_variants", "route_spelling_normalised", "route_prefix_word")
         config = {k: v for k, v in json.loads(metadata["config"]).items() if k not in dropped}
         return {**metadata, "config": json.dumps(config)}, tensors
 
@@ -66,9 +67,9 @@ def test_adapters_saved_before_these_options_route_as_they_did(tiny_sharp, tmp_p
         for request in EDITS:
             ed.edit(request)
         router = ed.interventions.router
-        assert router.prefix_needed == 1 and router.spelling_normalised
+        assert router.prefix_needed == 1 and router.spelling_normalised and router.prefix_word
         reloaded_in_older_format(ed, tmp_path, older)
         router = ed.interventions.router
-        assert router.prefix_needed is None and not router.spelling_normalised
+        assert router.prefix_needed is None and not router.spelling_normalised and not router.prefix_word
     finally:
         ed.attachment.detach()

@@ -27,7 +27,8 @@ def _routed(editor, prompts: list[str]) -> torch.Tensor:
     """Whether each prompt opens block 0 by its route keys alone."""
     ids = [encode_prompt(editor.tokenizer, p) for p in prompts]
     hidden, attention = editor.routing_layer_output(ids)
-    return editor.interventions.route(hidden, attention.bool(), left_padded(ids, editor.pad_id)[0])[:, 0]
+    tokens = left_padded(ids, editor.pad_id)[0]
+    return editor.interventions.route(hidden, attention.bool(), tokens, editor.attachment.classes)[:, 0]
 
 
 def test_last_prompt_positions_of_left_and_right_padded_rows():

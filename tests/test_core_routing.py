@@ -218,6 +218,44 @@ def test_a_key_may_need_only_some_of_its_earlier_tokens():
     assert not opens(1, 3, other, other, last)  # neither earlier token
     assert opens(1, 2, other, earlier_a, last) and not opens(1, 2, earlier_b, other, last)
 
+class _Words:
+    """Token classes of a made-up vocabulary: id 1 goes on the word before it, the rest start one."""
+
+    def continues_word(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids == 1
+
+
+def test_a_keys_earlier_token_in_the_matched_word_must_be_found_in_place():
+    """With `prefix_word` a key that matches the last piece of a word (" Or"+"tis") opens its
+    block only where the piece before it in that word is the key's own (one earlier token of
+    another word, "Fernanda", still suffices); without it, any one of its earlier tokens does."""
+    hidden_first = [9.0, -9, -9, 9]
+    piece, first_name, last, other = [0, 1.0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0]
+
+    def opens(prefix_word: bool, positions: list[list[float]], ids: list[int]) -> bool:
+        router = Router(
+            4, threshold=0.8, layer=0, subject_tokens=3, prefix_threshold=0.3, prefix_gap=2, prefix_needed=1,
+            prefix_word=prefix_word,
+        )
+        earlier = torch.tensor([[piece, first_name]])  # the token before the last, then the one before it
+        router.add_pending(torch.tensor([last]), torch.tensor([0]), None, torch.tensor([3]), torch.tensor([0]), earlier)
+        router.seal(0)
+        hidden = torch.tensor([[hidden_first, *positions]])
+        tokens = torch.tensor([[0, *ids]])
+        prompt = torch.ones(hidden.shape[:2], dtype=torch.bool)
+        return bool(router.open_blocks(hidden, prompt, 1, tokens, _Words())[0, 0])  # type: ignore[arg-type]
+
+    # "Fernanda Ortis": the first name, then the last name in two pieces.
+    assert opens(True, [first_name, piece, last], [0, 0, 1]) and opens(False, [first_name, piece, last], [0, 0, 1])
+    # "F Ortis": the first name dropped, the word's own piece in place.
+    assert opens(True, [other, piece, last], [0, 0, 1])
+    # Another word ending in the same piece ("Xtis" after "Fernanda"): only the first name is found.
+    assert opens(False, [first_name, other, last], [0, 0, 1])
+    assert not opens(True, [first_name, other, last], [0, 0, 1])
+    # The same states, the last token a word of its own: the piece before it is another word's.
+    assert opens(True, [first_name, other, last], [0, 0, 0])
+
+
 def test_a_sealed_block_acts_only_on_prompts_it_routes(tiny_sharp):
     ed = make_editor(tiny_sharp, block_edits=1, route_threshold=0.8)
     try:
