@@ -13,6 +13,7 @@ other lacks.
 """
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections import defaultdict
 
@@ -73,36 +74,42 @@ class TokenClasses:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._table: torch.Tensor | None = None
-        self._continues: torch.Tensor | None = None
+
+    @functools.cached_property
+    def _texts(self) -> list[str]:
+        """Each token of the vocabulary decoded alone: the one pass both tables are made from."""
+        return self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+
+    @functools.cached_property
+    def _classes(self) -> torch.Tensor:
+        first: dict[str, int] = {}
+        return torch.tensor([
+            i if "\ufffd" in text else first.setdefault(unicodedata.normalize("NFKC", text).translate(_DASHES).casefold(), i)
+            for i, text in enumerate(self._texts)
+        ])
+
+    @functools.cached_property
+    def _continues(self) -> torch.Tensor:
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return torch.tensor([bool(p) and p[0] not in "Ġ▁" and text[:1].isalnum() for p, text in zip(pieces, self._texts)])
 
     def continues_word(self, ids: torch.Tensor) -> torch.Tensor:
         """Whether each of `ids` (any shape) goes on the word before it ("tis" of " Or"+"tis"):
         it starts with a letter or digit and without the tokenizer's word marker (byte-level
         BPE's "Ġ", SentencePiece's "▁"). Ids outside the vocabulary do not."""
-        if self._continues is None:
-            pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            self._continues = torch.tensor(
-                [bool(p) and p[0] not in "Ġ▁" and text[:1].isalnum() for p, text in zip(pieces, texts)]
-            )
-        table = self._continues.to(ids.device)
-        inside = (ids >= 0) & (ids < len(table))
-        return inside & table[ids.clamp(0, len(table) - 1)]
+        inside, rows = _looked_up(self._continues, ids)
+        return inside & rows
 
     def table(self) -> torch.Tensor:
-        if self._table is None:
-            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            first: dict[str, int] = {}
-            classes = [
-                i if "\ufffd" in text else first.setdefault(unicodedata.normalize("NFKC", text).translate(_DASHES).casefold(), i)
-                for i, text in enumerate(texts)
-            ]
-            self._table = torch.tensor(classes)
-        return self._table
+        return self._classes
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """The classes of `ids` (any shape; ids outside the tokenizer's vocabulary are their own)."""
-        table = self.table().to(ids.device)
-        inside = (ids >= 0) & (ids < len(table))
-        return torch.where(inside, table[ids.clamp(0, len(table) - 1)], ids)
+        inside, rows = _looked_up(self._classes, ids)
+        return torch.where(inside, rows, ids)
+
+
+def _looked_up(table: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each of `ids` is in `table`'s range, and its row (that of the nearest id outside)."""
+    table = table.to(ids.device)
+    return (ids >= 0) & (ids < len(table)), table[ids.clamp(0, len(table) - 1)]

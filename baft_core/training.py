@@ -45,6 +45,18 @@ class Trainer:
         # from the history when needed (after a state was loaded).
         self.edit_features: list[tuple[int, dict[int, torch.Tensor]]] | None = []
 
+    def calibrate(self, interventions: InterventionSet) -> None:
+        """Standardises a fresh adapter's gates, routes and relation check with the statistics of
+        the unrelated prompts (a non-empty pool)."""
+        unrelated_pool = self.editor.unrelated
+        by_layer, routes = unrelated_pool.standardisations(interventions.router)
+        for layer in interventions.layers:
+            interventions[layer].calibrate(*by_layer[layer])
+        if routes is not None:
+            interventions.router.calibrate(*routes)
+        if interventions.relations.enabled:
+            interventions.relations.calibrate(unrelated_pool.relation_center(interventions.relations.layer))
+
     def train(
         self,
         interventions: InterventionSet,
@@ -66,14 +78,8 @@ class Trainer:
         unrelated_pool = self.editor.unrelated
         if (gated or interventions.router.enabled) and unrelated_pool:
             features = unrelated_pool.features()
-            if not interventions.calibrated:  # the gates' and the routes' standardisation
-                by_layer, routes = unrelated_pool.standardisations(interventions.router)
-                for layer in interventions.layers:
-                    interventions[layer].calibrate(*by_layer[layer])
-                if routes is not None:
-                    interventions.router.calibrate(*routes)
-                if interventions.relations.enabled:
-                    interventions.relations.calibrate(unrelated_pool.relation_center(interventions.relations.layer))
+            if not interventions.calibrated:
+                self.calibrate(interventions)
         unrelated = opened = kept = None
         if gated and features is not None:
             unrelated, opened = self._gate_examples(interventions, features, requests or [])

@@ -39,13 +39,10 @@ from baft_core.models import BUNDLED, load_model  # noqa: E402
 def leave_routes(editor: Editor, records: list[EditRequest]) -> None:
     """Each record as a continual edit leaves it for routing, in order, each sealed into a block
     of its own: its route keys and its relation check's states, standardised as the trainer
-    standardises a fresh adapter's (`Trainer.train`)."""
+    standardises a fresh adapter's."""
     interventions = editor.interventions
     router, relations = interventions.router, interventions.relations
-    routes = editor.unrelated.standardisations(router)[1]
-    assert routes is not None, "routing is on"
-    router.calibrate(*routes)
-    relations.calibrate(editor.unrelated.relation_center(relations.layer))
+    editor.trainer.calibrate(interventions)
     for block, record in enumerate(records):
         request = EditRequest(record.prompt, record.target, record.subject)
         keys = editor.route_keys.states([request])
