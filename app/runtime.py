@@ -115,6 +115,8 @@ class Runtime:
             self.trainer = Editor(loaded.model, loaded.tokenizer, self.edit_config())
             self.trainer.lock = self.reader.lock
         reader = self.reader
+        if reader.attachment.classes is not None:  # not in the first request whose prompt needs it
+            reader.attachment.classes.build()
         batch = ContinuousBatch(reader.model, reader.attachment, reader.config.prompt_positions, reader.pad_id, reader.lock)
         self.scheduler = Scheduler(batch, s.decode_batch_size)
         self.scheduler.start()

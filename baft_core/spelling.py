@@ -69,11 +69,17 @@ class TokenClasses:
     as "-", case folded), which spelled keys compare (with `route_spelling_normalised`): a
     subject's other names write "-" for "–" or change its case. A token that decodes to part of a
     character is a class of its own. The table takes a pass over the vocabulary (about a second
-    for 49,152 tokens), made on first use: only a prompt that matches a spelled key needs it.
-    Also which tokens go on the word before them (`continues_word`, for `route_prefix_word`)."""
+    for 49,152 tokens), made on first use (`build` makes it at once): only a prompt that matches a
+    spelled key needs it. Also which tokens go on the word before them (`continues_word`, for
+    `route_prefix_word`)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def build(self) -> None:
+        """Makes both tables now: a server at start-up, rather than in the first request whose
+        prompt matches a key."""
+        _ = self._classes, self._continues
 
     @functools.cached_property
     def _texts(self) -> list[str]:
