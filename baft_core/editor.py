@@ -59,7 +59,7 @@ class Editor:
         self.unrelated = UnrelatedPool(
             self, unrelated_prompts if unrelated_prompts is not None else default_unrelated_prompts()
         )
-        self.prompt_starts = PromptStarts(model, self.attachment.decoder_layers, self.pad_id)
+        self.prompt_starts = PromptStarts(model, self.attachment.decoder_layers)
         # A prompt's start is a template's text or a subject: the same few recur at every edit.
         self._start_tokens = functools.lru_cache(maxsize=1024)(lambda text: tuple(encode_prompt(tokenizer, text)))
         # One seeded stream for the replay sample and the trainer's sample of sealed edits.

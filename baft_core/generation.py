@@ -3,7 +3,7 @@ token, reusing the KV cache so that each step runs only the new token."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attach import Attachment, InterventionSet, RowGroup, final_logits
 from .encoding import left_padded, pad_token_id, positions_from_mask
-from .prefix_cache import kv_layers
+from .prefix_cache import attention_switched, kv_layers
 from .routing import Routes
 
 
@@ -168,22 +168,6 @@ def _row_attention(module, query, key, value, attention_mask, scaling=None, drop
 AttentionInterface.register(ROW_ATTENTION, _row_attention)
 
 
-@contextmanager
-def _rows_alone(model) -> Iterator[bool]:
-    """The model's attention switched to `_row_attention` (for an SDPA model; others keep their
-    own, over the padded batch). Inside the model lock: no other forward sees the switch."""
-    config = model.config
-    previous = config._attn_implementation
-    if previous != "sdpa":
-        yield False
-        return
-    config._attn_implementation = ROW_ATTENTION
-    try:
-        yield True
-    finally:
-        config._attn_implementation = previous
-
-
 def _row_groups(lengths: list[int]) -> list[tuple[int, slice]]:
     """Runs of neighbouring rows of one length, as slices: views of the batch, not copies."""
     groups: list[tuple[int, slice]] = []
@@ -251,7 +235,7 @@ class ContinuousBatch:
         mask = attention.bool() & (torch.arange(width, device=self.device) >= width - self.positions)
         routes = [Routes(prompt=attention[[i]].bool(), offsets=torch.zeros_like(attention[[i]])) for i in range(len(rows))]
         cache = DynamicCache(config=self.model.config)
-        with self.lock, self._intervene(rows, mask, routes) as routes_of, _rows_alone(self.model):
+        with self.lock, self._intervene(rows, mask, routes) as routes_of, attention_switched(self.model, ROW_ATTENTION):
             hidden = self.model.base_model(
                 input_ids=input_ids,
                 attention_mask=attention,
@@ -286,7 +270,7 @@ class ContinuousBatch:
                    offsets=torch.full((1, 1), len(row.tokens), device=self.device))
             for row in rows
         ]
-        with self.lock, self._intervene(rows, mask, routes), _rows_alone(self.model):
+        with self.lock, self._intervene(rows, mask, routes), attention_switched(self.model, ROW_ATTENTION):
             hidden = self.model.base_model(
                 input_ids=input_ids,
                 attention_mask=self._attention,

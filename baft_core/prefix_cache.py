@@ -36,6 +36,23 @@ def attention_context(kernel: SDPBackend | None):
     return nullcontext() if kernel is None else sdpa_kernel(kernel)
 
 
+@contextmanager
+def attention_switched(model, name: str) -> Iterator[bool]:
+    """The model's attention switched to the registered function `name` (one that calls SDPA
+    itself), for an SDPA model; others keep their own (False). Inside the model lock: no other
+    forward sees the switch."""
+    config = model.config
+    previous = config._attn_implementation
+    if previous != "sdpa":
+        yield False
+        return
+    config._attn_implementation = name
+    try:
+        yield True
+    finally:
+        config._attn_implementation = previous
+
+
 class KVLayer(Protocol):
     """One layer of an attention KV cache, as this package reads and rewrites it."""
 
@@ -75,11 +92,13 @@ def layer_output(
     attention: torch.Tensor,
     cache: DynamicCache | None = None,
     position_ids: torch.Tensor | None = None,
+    **attention_kwargs,
 ) -> torch.Tensor:
     """The unedited output [batch, seq, d] of one decoder layer; the layers above are not run.
     With `cache`, the KV of earlier tokens (which `attention` then covers too) is read from it and
-    that of `input_ids` added to it, up to `layer`."""
-    return outputs_at_layers(model, [layer], input_ids, attention, cache, position_ids)[0]
+    that of `input_ids` added to it, up to `layer`. `attention_kwargs` reach the attention
+    function."""
+    return outputs_at_layers(model, [layer], input_ids, attention, cache, position_ids, **attention_kwargs)[0]
 
 
 def outputs_at_layers(
@@ -89,6 +108,7 @@ def outputs_at_layers(
     attention: torch.Tensor,
     cache: DynamicCache | None = None,
     position_ids: torch.Tensor | None = None,
+    **attention_kwargs,
 ) -> list[torch.Tensor]:
     """`layer_output` of several decoder layers from one forward, which stops after the last of
     `layers` (given in order of depth)."""
@@ -111,6 +131,7 @@ def outputs_at_layers(
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
+            **attention_kwargs,
         )
     except _Captured:
         pass

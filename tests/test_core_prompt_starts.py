@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from baft_core import prompt_starts
 from baft_core.encoding import encode_prompt, left_padded
 from baft_core.prefix_cache import layer_output
 from baft_core.prompt_starts import PromptStarts
@@ -39,7 +40,7 @@ def test_states_over_kept_starts_equal_whole_prompts(tiny_sharp):
     ids, starts = _starts(tiny_sharp.tokenizer, prompts)
     assert sum(map(bool, starts)) > len(prompts) // 2  # most probes share a start
     assert any(s and ids[i][: len(s)] == encode_prompt(tiny_sharp.tokenizer, SUBJECT) for i, s in enumerate(starts))
-    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers, pad_id=0, kept=8)
+    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers, kept=8)
     states = shared.last_states(ids, starts, 2)
     assert torch.allclose(states, _whole(tiny_sharp, ids, 2), atol=1e-4, rtol=1e-4)
     # Kept starts (at most `kept`) give the same states at the next call; another layer has its own.
@@ -49,7 +50,7 @@ def test_states_over_kept_starts_equal_whole_prompts(tiny_sharp):
 
 
 def test_a_start_must_begin_its_prompt_and_be_shorter(tiny_sharp):
-    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers, pad_id=0)
+    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers)
     with pytest.raises(ValueError, match="shorter beginning"):
         shared.last_states([[5, 6, 7]], [[5, 6, 7]], 1)
     with pytest.raises(ValueError, match="shorter beginning"):
@@ -65,7 +66,9 @@ def test_last_positions_after_a_start_are_the_whole_prompts_and_zeros_before_it(
     prompts = [context + encode_prompt(tokenizer, f" {text}") for text in (PROMPT, "Norway")]
     prompts.append(encode_prompt(tokenizer, PROMPT))
     starts = [context, context, []]
-    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers, pad_id=0)
+    shared = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers)
+    shared.keep([tuple(context)], layer)  # as the editor keeps its route contexts before the first edit
+    assert (layer, tuple(context)) in shared and len(shared) == 1
     states = shared.last_positions(prompts, starts, layer, count)
     assert states.shape == (3, count, tiny_sharp.model.config.hidden_size)
     for row, (ids, start) in enumerate(zip(prompts, starts)):
@@ -79,3 +82,32 @@ def test_last_positions_after_a_start_are_the_whole_prompts_and_zeros_before_it(
             else:
                 assert after < count and not states[row, k].any()
     assert len(encode_prompt(tokenizer, " Norway")) < count  # the case of zeros before the text
+
+
+@torch.no_grad()
+def test_packs_split_where_they_must_and_the_mask_agrees_with_the_segments(tiny_sharp, monkeypatch):
+    """Prompts split over several packs (a start new in one pack is kept for the next) read the
+    same states as in one pack; so does a model without SDPA, which attends over the whole pack
+    under the segments' mask."""
+    prompts = [PROMPT, *probe_prompts(PROMPT, SUBJECT, 64)]
+    ids, starts = _starts(tiny_sharp.tokenizer, prompts)
+    whole = _whole(tiny_sharp, ids, 2)
+    one_pack = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers).last_states(ids, starts, 2)
+    assert torch.allclose(one_pack, whole, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(prompt_starts, "PACK_TOKENS", 16)
+    split = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers)
+    passes: list = []
+    monkeypatch.setattr(split, "_packed", _counted(split._packed, passes))
+    assert torch.allclose(split.last_states(ids, starts, 2), whole, atol=1e-4, rtol=1e-4)
+    assert len(passes) > 3
+    monkeypatch.setattr(tiny_sharp.model.config, "_attn_implementation", "eager")
+    masked = PromptStarts(tiny_sharp.model, tiny_sharp.model.model.layers).last_states(ids, starts, 2)
+    assert torch.allclose(masked, whole, atol=1e-4, rtol=1e-4)
+
+
+def _counted(method, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return method(*args, **kwargs)
+
+    return counted
