@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from statistics import mean
+from typing import NamedTuple
 
 import torch
 
@@ -211,22 +212,44 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, tuple[torch.Tens
 
 
 @torch.no_grad()
-def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
-    """[prompts, sealed blocks]: which sealed blocks each prompt opens (routing.py) and the
-    relation check leaves open (relations.py), from a forward that stops at those layers."""
-    parts = []
+class RoutingInputs(NamedTuple):
+    """A batch of prompts as routing and the relation check read them."""
+
+    hidden: list[torch.Tensor]  # the routing layer's output, then the relation layer's (if enabled)
+    prompt: torch.Tensor  # [batch, seq] the prompt positions (left-padded)
+    tokens: torch.Tensor  # [batch, seq]
+
+
+def routing_inputs(editor, prompts: list[str]) -> list[RoutingInputs]:
+    """The prompts in batches, each from one unedited forward that stops at those layers."""
     interventions = editor.interventions
     relations = interventions.relations
     layers = [interventions.routing_layer, *([relations.layer] if relations.enabled else [])]
+    batches = []
     for start in range(0, len(prompts), BATCH):
         ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
         hidden, attention = editor.outputs_at_layers(ids, layers)
         tokens = left_padded(ids, editor.pad_id)[0].to(attention.device)
-        opened = interventions.route(hidden[0], attention.bool(), tokens, editor.attachment.classes)
-        if relations.enabled:
-            opened = relations.shut(hidden[1], attention.bool(), opened)
+        batches.append(RoutingInputs(hidden, attention.bool(), tokens))
+    return batches
+
+
+def opened_blocks(editor, batches: list[RoutingInputs], blocks: int) -> torch.Tensor:
+    """[prompts, blocks]: which of the first `blocks` blocks each prompt opens (routing.py) and
+    the relation check leaves open (relations.py)."""
+    interventions, classes = editor.interventions, editor.attachment.classes
+    parts = []
+    for batch in batches:
+        opened = interventions.router.open_blocks(batch.hidden[0], batch.prompt, blocks, batch.tokens, classes)
+        if interventions.relations.enabled:
+            opened = interventions.relations.shut(batch.hidden[1], batch.prompt, opened)
         parts.append(opened.cpu())
     return torch.cat(parts)
+
+
+def open_blocks(editor, prompts: list[str]) -> torch.Tensor:
+    """[prompts, sealed blocks]: `opened_blocks` of the adapter's sealed blocks."""
+    return opened_blocks(editor, routing_inputs(editor, prompts), editor.interventions.sealed_blocks)
 
 
 def routing_separation(editor, requests: list[EditRequest], sample: list[int] | None = None) -> dict[str, float] | None:

@@ -31,8 +31,7 @@ from run_scores import replace_entry, set_parser, set_records  # noqa: E402
 from baft_core.config import EditConfig  # noqa: E402
 from baft_core.data import EditRequest  # noqa: E402
 from baft_core.editor import Editor  # noqa: E402
-from baft_core.encoding import encode_prompt, left_padded  # noqa: E402
-from baft_core.metrics import BATCH  # noqa: E402
+from baft_core.metrics import RoutingInputs, opened_blocks, routing_inputs  # noqa: E402
 from baft_core.models import BUNDLED, load_model  # noqa: E402
 
 
@@ -51,29 +50,6 @@ def leave_routes(editor: Editor, records: list[EditRequest]) -> None:
         editor.add_relation_states(interventions, [request])
         relations.seal(block)
         editor.history.append(request)
-
-
-class Prompts:
-    """A group's prompts with their states at the routing and relation layers, computed once."""
-
-    def __init__(self, editor: Editor, prompts: list[str]):
-        interventions = editor.interventions
-        layers = [interventions.router.layer, interventions.relations.layer]
-        self.batches = []
-        for start in range(0, len(prompts), BATCH):
-            ids = [encode_prompt(editor.tokenizer, p, editor.context) for p in prompts[start : start + BATCH]]
-            hidden, attention = editor.outputs_at_layers(ids, layers)
-            tokens = left_padded(ids, editor.pad_id)[0].to(attention.device)
-            self.batches.append((hidden, attention.bool(), tokens))
-
-    def opened(self, editor: Editor, blocks: int) -> torch.Tensor:
-        """[prompts, blocks]: the blocks each prompt opens and the relation check leaves open."""
-        interventions = editor.interventions
-        parts = []
-        for (route_states, relation_states), prompt, tokens in self.batches:
-            opened = interventions.router.open_blocks(route_states, prompt, blocks, tokens, editor.attachment.classes)
-            parts.append(interventions.relations.shut(relation_states, prompt, opened).cpu())
-        return torch.cat(parts)
 
 
 def prompt_groups(records: list[EditRequest]) -> dict[str, list[tuple[int, str]]]:
@@ -96,14 +72,17 @@ def names_no_subject(prompts: list[str], subjects: set[str]) -> torch.Tensor:
 
 
 def shares(
-    editor: Editor, groups: dict[str, list[tuple[int, str]]], held: dict[str, Prompts], others: dict[str, torch.Tensor]
+    editor: Editor,
+    groups: dict[str, list[tuple[int, str]]],
+    held: dict[str, list[RoutingInputs]],
+    others: dict[str, torch.Tensor],
 ) -> dict[str, float | int]:
     """Per prompt group: the share that opens its own edit's block (portability, rephrases) or
     any block (locality; also among those that name no edited subject), and how many prompts."""
     blocks = len(editor.history)  # a block per edit, each with keys
     out: dict[str, float | int] = {}
     for name, pairs in sorted(groups.items()):
-        opened = held[name].opened(editor, blocks)
+        opened = opened_blocks(editor, held[name], blocks)
         if name.endswith("opens own"):
             hit = opened[torch.arange(len(pairs)), torch.tensor([i for i, _ in pairs])]
         else:
@@ -135,7 +114,7 @@ def main() -> None:
         try:
             editor.prepare()
             leave_routes(editor, records)
-            held = {name: Prompts(editor, [p for _, p in pairs]) for name, pairs in groups.items()}
+            held = {name: routing_inputs(editor, [p for _, p in pairs]) for name, pairs in groups.items()}
             # Locality prompts of a group that mostly names other subjects (CounterFact's).
             others = {
                 name: names_no_subject([p for _, p in pairs], subjects)
