@@ -211,7 +211,6 @@ def basis_weights(editor, examples: list[Example]) -> dict[int, tuple[torch.Tens
     return {layer: (sums[layer] / counts[layer], torch.cat(largest[layer])) for layer in sums}
 
 
-@torch.no_grad()
 class RoutingInputs(NamedTuple):
     """A batch of prompts as routing and the relation check read them."""
 
@@ -220,6 +219,7 @@ class RoutingInputs(NamedTuple):
     tokens: torch.Tensor  # [batch, seq]
 
 
+@torch.no_grad()
 def routing_inputs(editor, prompts: list[str]) -> list[RoutingInputs]:
     """The prompts in batches, each from one unedited forward that stops at those layers."""
     interventions = editor.interventions
@@ -234,6 +234,7 @@ def routing_inputs(editor, prompts: list[str]) -> list[RoutingInputs]:
     return batches
 
 
+@torch.no_grad()
 def opened_blocks(editor, batches: list[RoutingInputs], blocks: int) -> torch.Tensor:
     """[prompts, blocks]: which of the first `blocks` blocks each prompt opens (routing.py) and
     the relation check leaves open (relations.py)."""
