@@ -106,9 +106,6 @@ class TokenClasses:
         inside, rows = _looked_up(self._continues, ids)
         return inside & rows
 
-    def table(self) -> torch.Tensor:
-        return self._classes
-
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """The classes of `ids` (any shape; ids outside the tokenizer's vocabulary are their own)."""
         inside, rows = _looked_up(self._classes, ids)
