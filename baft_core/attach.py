@@ -77,6 +77,7 @@ class InterventionSet(nn.Module):
         relation_layer: int | None = None,
         relation_threshold: float = 0.0,
         relation_margin: float = 0.0,
+        relation_other_name_ratio: float = 1.0,
     ):
         """`routing_layer` (default: the first edited layer) must not be above it: routes are
         decided before any block acts. `relation_layer` (default: the routing layer), between the
@@ -112,7 +113,9 @@ class InterventionSet(nn.Module):
                 f"relation layer {relation_layer} must be between the routing layer {routing_layer} and the first "
                 f"edited layer {min(layers)}"
             )
-        self.relations = RelationCheck(hidden_size, relation_layer, relation_threshold, relation_margin)
+        self.relations = RelationCheck(
+            hidden_size, relation_layer, relation_threshold, relation_margin, relation_other_name_ratio
+        )
         # Sum over the block's edits of each basis' mean weight on that edit, and the edit count:
         # the running average the load-balancing term evens out.
         self.register_buffer("usage_sum", torch.zeros(len(self.layers), rank))
@@ -404,7 +407,7 @@ class Attachment:
                 and layer == relations.layer
                 and relations.enabled
             ):
-                routes.open = relations.shut(hidden, routes.prompt, routes.open)
+                routes.open = relations.shut(hidden, routes.prompt, self._forward_tokens(hidden), routes.open)
             if layer not in interventions.layers or not mask.any():  # nothing to edit here
                 return output
             # Where each intervened position stands in the answer (only a caller's routes say).

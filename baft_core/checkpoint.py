@@ -61,7 +61,9 @@ MANIFEST_FILE = "manifest.json"
 # they load, to what a seal would have made of them).
 # 12: route keys may spell their subject (routing.py): a segment whose keys do holds the
 # spellings and which of them each key reads; older keys spell nothing.
-FORMAT_VERSION = 12
+# 13: a segment's relation check keeps its edits' subjects as token ids (whether a prompt spells
+# the subject, relations.py); older blocks keep none and hold every prompt to the plain rule.
+FORMAT_VERSION = 13
 SEGMENTS_DIR = "segments"
 _DRAW_STATE = "draw.generator_state"  # the trainable block's draw, in place of its parameters
 
@@ -341,6 +343,7 @@ def load_checkpoint(
         relation_layer=int(metadata.get("relation_layer", routing_layer)),
         relation_threshold=config.relation_threshold if config.block_edits and config.route_threshold else 0.0,
         relation_margin=config.relation_margin,
+        relation_other_name_ratio=config.relation_other_name_ratio,
     )
     tensors, draw, history_entries, segments_held = _fold(directory, metadata, tensors, _drawn_keys(interventions))
     tensors = as_changes(tensors)

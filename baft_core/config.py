@@ -150,6 +150,10 @@ class EditConfig:
     # prompt's than that by `relation_margin`. 0 turns it off.
     relation_threshold: float = 0.8
     relation_margin: float = 0.0
+    # Where a prompt does not spell the block's subject (routing let it in on another of its
+    # names), the block stays shut only when a probe's distance (1 - cosine) to the prompt is at
+    # most 1 / this of the edit's prompt's: 1 holds such prompts to the rule above.
+    relation_other_name_ratio: float = 1.2
     relation_layer: int | None = None  # None: RELATION_LAYER_FRACTION of the model's depth
 
     # Each fresh adapter's random draw: its bases (the same for BaFT and ReFT), then its gates.
@@ -241,6 +245,8 @@ class EditConfig:
             raise ValueError("route_prefix_gap must be an integer >= 0")
         if not 0 <= self.relation_threshold < 1 or not -1 <= self.relation_margin < 1:
             raise ValueError("relation_threshold must be in [0, 1) and relation_margin in [-1, 1)")
+        if not self.relation_other_name_ratio >= 1:
+            raise ValueError("relation_other_name_ratio must be >= 1")
         if self.route_margin is not None and not 0 <= self.route_margin < 1:
             raise ValueError("route_margin must be in [0, 1) or None")
         if not 0 <= self.alpha < self.beta <= 1:

@@ -26,6 +26,7 @@ from .encoding import (
 from .generation import generate
 from .prefix_cache import outputs_at_layers
 from .prompt_starts import PromptStarts
+from .relations import subject_rows
 from .route_keys import RouteKeys
 from .spelling import TokenClasses
 from .subject_probes import probe_prompts
@@ -99,6 +100,7 @@ class Editor:
             cfg.resolved_relation_layer(text.num_hidden_layers),
             cfg.relation_threshold if cfg.block_edits and cfg.route_threshold else 0.0,
             cfg.relation_margin,
+            cfg.relation_other_name_ratio,
         )
         return interventions.to(self.device)
 
@@ -270,7 +272,12 @@ class Editor:
         ids = [encode_prompt(self.tokenizer, r.prompt, self.context) for r in requests] + [i for _, i, _ in probes]
         subjects = [r.subject for r in requests] + [s for _, _, s in probes]
         states = self._last_prompt_states(prompts, ids, relations.layer, subjects)
-        relations.add_pending(states[: len(requests)], states[len(requests) :])
+        spelled = [subject_rows(self.tokenizer, r.subject) for r in requests if r.subject]
+        relations.add_pending(
+            states[: len(requests)],
+            states[len(requests) :],
+            torch.cat(spelled) if spelled else relations.pending_subjects[:0],
+        )
 
     def encode(self, prompt: str, answer: str) -> Example:
         return encode(self.tokenizer, prompt, answer, self.context)

@@ -243,7 +243,7 @@ def opened_blocks(editor, batches: list[RoutingInputs], blocks: int) -> torch.Te
     for batch in batches:
         opened = interventions.router.open_blocks(batch.hidden[0], batch.prompt, blocks, batch.tokens, classes)
         if interventions.relations.enabled:
-            opened = interventions.relations.shut(batch.hidden[1], batch.prompt, opened)
+            opened = interventions.relations.shut(batch.hidden[1], batch.prompt, batch.tokens, opened)
         parts.append(opened.cpu())
     return torch.cat(parts)
 

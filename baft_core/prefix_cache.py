@@ -343,7 +343,7 @@ class CachedBatch:
         if routing:
             routes.open = self.interventions.route(captured["routing"], prompt_mask, input_ids, self.attachment.classes)
             if relations.enabled:
-                routes.open = relations.shut(captured["relation"], prompt_mask, routes.open)
+                routes.open = relations.shut(captured["relation"], prompt_mask, input_ids, routes.open)
         if not width:
             return _Unedited(None, layer_input, continuations, after, routes)
         total = width + spoken_ids.shape[1] + len(inputs) - 1

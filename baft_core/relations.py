@@ -27,6 +27,10 @@ from torch import nn
 
 from .blocks import appended, take_checkpoint_sizes
 
+# The most subject tokens a block keeps to tell whether a prompt spells its subject: a longer
+# subject is told by its last tokens.
+SUBJECT_TOKENS = 32
+
 
 def last_prompt_positions(prompt: torch.Tensor) -> torch.Tensor:
     """[batch]: the index of each row's last prompt position in a [batch, seq] mask."""
@@ -52,13 +56,17 @@ class RelationCheck(nn.Module):
     probes: torch.Tensor
     probe_scale: torch.Tensor
     probe_block: torch.Tensor
+    subjects: torch.Tensor
+    subject_block: torch.Tensor
     pending_keys: torch.Tensor
     pending_probes: torch.Tensor
+    pending_subjects: torch.Tensor
     threshold: torch.Tensor
     margin: torch.Tensor
+    other_name_ratio: torch.Tensor
     center: torch.Tensor
 
-    def __init__(self, hidden_size: int, layer: int, threshold: float, margin: float):
+    def __init__(self, hidden_size: int, layer: int, threshold: float, margin: float, other_name_ratio: float):
         super().__init__()
         self.layer = layer
         half = torch.float16
@@ -68,10 +76,16 @@ class RelationCheck(nn.Module):
         self.register_buffer("probes", torch.zeros(0, hidden_size, dtype=torch.int8))
         self.register_buffer("probe_scale", torch.zeros(0))
         self.register_buffer("probe_block", torch.zeros(0, dtype=torch.long))
+        # Each edit's subject as token ids, mid-text and at the start of a text, right-aligned
+        # after -1s (`subject_rows`): whether a prompt spells its block's subject.
+        self.register_buffer("subjects", torch.zeros(0, SUBJECT_TOKENS, dtype=torch.int32))
+        self.register_buffer("subject_block", torch.zeros(0, dtype=torch.long))
         self.register_buffer("pending_keys", torch.zeros(0, hidden_size, dtype=half))
         self.register_buffer("pending_probes", torch.zeros(0, hidden_size, dtype=half))
+        self.register_buffer("pending_subjects", torch.zeros(0, SUBJECT_TOKENS, dtype=torch.int32))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("margin", torch.tensor(float(margin)))
+        self.register_buffer("other_name_ratio", torch.tensor(float(other_name_ratio)))
         self.register_buffer("center", torch.zeros(hidden_size))
 
     @property
@@ -80,7 +94,7 @@ class RelationCheck(nn.Module):
 
     @property
     def num_bytes(self) -> int:
-        held = (self.keys, self.key_scale, self.probes, self.probe_scale)
+        held = (self.keys, self.key_scale, self.probes, self.probe_scale, self.subjects)
         return sum(t.numel() * t.element_size() for t in held)
 
     @torch.no_grad()
@@ -93,11 +107,12 @@ class RelationCheck(nn.Module):
         return nn.functional.normalize(hidden.float() - self.center, dim=-1)
 
     @torch.no_grad()
-    def add_pending(self, keys: torch.Tensor, probes: torch.Tensor) -> None:
-        """The states [k, d] of edits just trained into the trainable block and of their probes
-        [p, d]. New tensors: forks share these buffers."""
+    def add_pending(self, keys: torch.Tensor, probes: torch.Tensor, subjects: torch.Tensor) -> None:
+        """The states [k, d] of edits just trained into the trainable block, of their probes
+        [p, d], and their subjects' ids (`subject_rows`). New tensors: forks share these buffers."""
         self.pending_keys = torch.cat([self.pending_keys, self.unit(keys).to(self.pending_keys)])
         self.pending_probes = torch.cat([self.pending_probes, self.unit(probes).to(self.pending_probes)])
+        self.pending_subjects = torch.cat([self.pending_subjects, subjects.to(self.pending_subjects)])
 
     @torch.no_grad()
     def seal(self, block: int) -> None:
@@ -110,12 +125,17 @@ class RelationCheck(nn.Module):
             self.keys, self.key_scale = appended(self.keys, keys), appended(self.key_scale, key_scale)
             self.probe_block = appended(self.probe_block, torch.full((len(probes),), block, device=device))
             self.probes, self.probe_scale = appended(self.probes, probes), appended(self.probe_scale, probe_scale)
+            subjects = self.pending_subjects
+            self.subject_block = appended(self.subject_block, torch.full((len(subjects),), block, device=device))
+            self.subjects = appended(self.subjects, subjects)
         self.pending_keys, self.pending_probes = self.pending_keys[:0], self.pending_probes[:0]
+        self.pending_subjects = self.pending_subjects[:0]
 
     @torch.no_grad()
-    def shut(self, hidden: torch.Tensor, prompt: torch.Tensor, opened: torch.Tensor) -> torch.Tensor:
+    def shut(self, hidden: torch.Tensor, prompt: torch.Tensor, tokens: torch.Tensor, opened: torch.Tensor) -> torch.Tensor:
         """`opened` [batch, blocks] without the blocks whose probes a row's last prompt position
-        reads like (`hidden` [batch, seq, d]: the layer's output; `prompt` [batch, seq])."""
+        reads like (`hidden` [batch, seq, d]: the layer's output; `prompt` [batch, seq]; `tokens`
+        [batch, seq]: the ids)."""
         rows, blocks = opened.nonzero(as_tuple=True)
         if not len(self.probes) or not len(rows):
             return opened
@@ -133,16 +153,54 @@ class RelationCheck(nn.Module):
         nearest_key = _best_by_block(key_scores, self.key_block[keys], count)
         probe, key = nearest_probe[rows, blocks], nearest_key[rows, blocks]
         close = (probe > self.threshold) & (probe > key + self.margin)
+        # A prompt that names the subject otherwise (routing let it in on another spelling or on
+        # part of the name) differs from the probes and the edit's prompt alike, which all spell
+        # the subject, and the edit's prompt is seldom the nearest by much even where the prompt
+        # asks the edited relation: there a probe must be clearly nearer, its distance at most
+        # 1 / other_name_ratio of the edit prompt's.
+        clearly = 1 - key > self.other_name_ratio * (1 - probe)
+        doubtful = (close & ~clearly).nonzero().flatten() if self.other_name_ratio > 1 else rows[:0]
+        if len(doubtful):
+            named = self.names_subject(tokens, prompt, rows[doubtful], blocks[doubtful])
+            close[doubtful[~named]] = False
         shut = opened.clone()
         shut[rows[close], blocks[close]] = False
         return shut
 
+    def names_subject(self, tokens: torch.Tensor, prompt: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """[pairs]: whether prompt `rows[i]` spells the subject of block `blocks[i]` (one of its
+        edits'), or the block holds no subjects (sealed before they were kept: the check as it
+        was)."""
+        named = torch.ones(len(rows), dtype=torch.bool)
+        for i, (row, block) in enumerate(zip(rows.tolist(), blocks.tolist())):
+            spellings = self.subjects[self.subject_block == block]
+            if len(spellings):
+                ids = tokens[row][prompt[row]].tolist()
+                named[i] = any(_contains(ids, [t for t in s if t >= 0]) for s in spellings.tolist())
+        return named.to(rows.device)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         growing = (
-            "keys", "key_scale", "key_block", "probes", "probe_scale", "probe_block", "pending_keys", "pending_probes"
+            "keys", "key_scale", "key_block", "probes", "probe_scale", "probe_block", "pending_keys", "pending_probes",
+            "subjects", "subject_block", "pending_subjects",
         )
         take_checkpoint_sizes(self, state_dict, prefix, growing)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def subject_rows(tokenizer, subject: str) -> torch.Tensor:
+    """[2, SUBJECT_TOKENS]: the subject's last token ids mid-text (after a space) and at the start
+    of a text, each right-aligned after -1s."""
+    rows = torch.full((2, SUBJECT_TOKENS), -1, dtype=torch.int32)
+    for row, text in enumerate((" " + subject.strip(), subject.strip())):
+        ids = tokenizer(text, add_special_tokens=False).input_ids[-SUBJECT_TOKENS:]
+        rows[row, SUBJECT_TOKENS - len(ids) :] = torch.tensor(ids, dtype=torch.int32)
+    return rows
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    """Whether `part` occurs in `ids` as a run."""
+    return bool(part) and any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
 
 
 def _best_by_block(scores: torch.Tensor, block: torch.Tensor, blocks: int) -> torch.Tensor:

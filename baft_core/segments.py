@@ -29,6 +29,7 @@ _KEY_SPELLING, _SPELLINGS = "router.key_spelling", "router.spellings"
 _RELATION_KEYS, _RELATION_KEY_BLOCK = "relations.keys", "relations.key_block"
 _RELATION_PROBES, _PROBE_BLOCK = "relations.probes", "relations.probe_block"
 _RELATION_KEY_SCALE, _PROBE_SCALE = "relations.key_scale", "relations.probe_scale"
+_RELATION_SUBJECTS, _SUBJECT_BLOCK = "relations.subjects", "relations.subject_block"
 # A segment's int8 relation states and the tensor of their scales (one a row).
 _SEGMENT_SCALES = {"relation_keys": "relation_key_scales", "relation_probes": "relation_probe_scales"}
 
@@ -67,6 +68,9 @@ def _segment_bytes(interventions: InterventionSet, block: int) -> bytes:
         tensors["relation_key_scales"] = relations.key_scale[keys].detach().cpu().contiguous()
         tensors["relation_probes"] = relations.probes[probes].detach().cpu().contiguous()
         tensors["relation_probe_scales"] = relations.probe_scale[probes].detach().cpu().contiguous()
+        subjects = relations.subject_block == block
+        if subjects.any():
+            tensors["relation_subjects"] = relations.subjects[subjects].detach().cpu().contiguous()
     tensors["answer_span"] = router.block_span[block : block + 1].detach().cpu().contiguous()
     return save(tensors)
 
@@ -120,10 +124,13 @@ def _as_torch(pieces: dict[str, Piece], convert) -> dict[str, Piece]:
 _OWN_PIECES = (  # a segment's pieces that are its own block's (the rest: its sealed rows)
     "route_keys", "route_thresholds", "route_key_edits", "route_key_tokens", "route_key_prefixes",
     "route_prefixes", "route_key_spellings", "route_spellings",
-    "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales",
+    "relation_keys", "relation_key_scales", "relation_probes", "relation_probe_scales", "relation_subjects",
 )
 # Of each piece's rows, the block they belong to: under that column's name.
-_BLOCK_OF = {"route_keys": "route_key_blocks", "relation_keys": "relation_key_blocks", "relation_probes": "relation_probe_blocks"}
+_BLOCK_OF = {
+    "route_keys": "route_key_blocks", "relation_keys": "relation_key_blocks", "relation_probes": "relation_probe_blocks",
+    "relation_subjects": "relation_subject_blocks",
+}
 # The state key each column loads as.
 _STATE_KEYS = {
     "route_keys": _ROUTE_KEYS, "route_key_blocks": _KEY_BLOCK, "route_thresholds": _KEY_THRESHOLD,
@@ -132,6 +139,7 @@ _STATE_KEYS = {
     "route_key_spellings": _KEY_SPELLING, "route_spellings": _SPELLINGS,
     "relation_keys": _RELATION_KEYS, "relation_key_blocks": _RELATION_KEY_BLOCK, "relation_key_scales": _RELATION_KEY_SCALE,
     "relation_probes": _RELATION_PROBES, "relation_probe_blocks": _PROBE_BLOCK, "relation_probe_scales": _PROBE_SCALE,
+    "relation_subjects": _RELATION_SUBJECTS, "relation_subject_blocks": _SUBJECT_BLOCK,
 }
 
 

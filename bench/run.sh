@@ -75,6 +75,8 @@ $PY bench/alias_routing.py --data $ZSRE --format zsre --edits 1000 --with-varian
 $PY bench/alias_routing.py --data $DATA/counterfact/counterfact_train.json --format counterfact --edits 3000 \
   --with-variants-only
 $PY bench/paired_speed.py --vary relations --edits 30 --threads 1 --out $OUT/relations_speed.json
+# Today's edit against the one of the commit the specificity work started from.
+$PY bench/revision_speed.py --revision 63b7880 --edits 30 --threads 1 --out $OUT/revision_speed.json
 $PY bench/paired_speed.py --vary names --format knowedit --data $DATA/knowedit/wiki_counterfact_dev.json --edits 40 \
   --threads 1 --out $OUT/names_speed.json
 bench --data $OUT/same-subject/wiki_recent_same_subject.json --format knowedit --mode continual \
@@ -99,6 +101,13 @@ pair DATA-continual-100-baft-oneblock --set block_edits=0 rank=12 beta=0.05 repl
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
   --threads 1 --unrelated builtin --set relation_threshold=0 \
   --out $OUT/ablation/knowedit-counterfact-continual-714-no-relation-check
+# Prompts on another name of the subject held to the relation check's plain rule
+# (relation_other_name_ratio=1): the main run before the ratio existed.
+bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
+  --threads 1 --unrelated builtin --set relation_other_name_ratio=1 \
+  --out $OUT/ablation/knowedit-counterfact-continual-714-other-name-ratio1
+$PY bench/locality_by_wording.py $OUT/ablation/knowedit-counterfact-continual-714-other-name-ratio1
+$PY bench/locality_by_subject_ending.py $OUT/ablation/knowedit-counterfact-continual-714-other-name-ratio1
 # A key's earlier subject tokens in the positions just before it, no middle name between (routing.py).
 bench --data $DATA/knowedit/wiki_counterfact_dev.json --format knowedit --mode continual --edits 714 \
   --threads 1 --unrelated builtin --set route_prefix_gap=0 \

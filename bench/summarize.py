@@ -52,6 +52,9 @@ NOTES = {
         "`--set route_prefix_word=false`), on another host: the pair of the main run"
         for name in ("knowedit-counterfact-continual-714-prefix-word-false", "counterfact-continual-1000-prefix-word-false")
     },
+    "ablation/knowedit-counterfact-continual-714-other-name-ratio1": "the main run before "
+    "`relation_other_name_ratio` existed (the same code path as `--set relation_other_name_ratio=1`): the "
+    "pair of the main run",
 }
 
 
@@ -105,6 +108,19 @@ def _step_breakdown_sentence(s: dict) -> str:
     )
 
 
+def _revision_sentence(s: dict) -> str:
+    today, then = s["today"], s[s["revision"]]
+    return (
+        f"Today's editor ({s['today_commit']}) against that of {s['revision']}, each with its own defaults, "
+        f"{s['edits']} single {FORMAT_NAMES[s['format']]} edits alternating edit by edit in one run ({s['cpu']}, "
+        f"{today['dtype']} / {then['dtype']}, `{s['command']}`): a whole edit {today['edit_median_s']:.3f} s vs "
+        f"{then['edit_median_s']:.3f} s (median, **{s['today_over_revision_edit_median']:.2f}x**, 95% interval "
+        f"{s['today_over_revision_edit_median_95'][0]:.2f}-{s['today_over_revision_edit_median_95'][1]:.2f}; "
+        f"{today['steps_mean']:.2f} vs {then['steps_mean']:.2f} steps), the mean {today['edit_mean_s']:.3f} s vs "
+        f"{then['edit_mean_s']:.3f} s (**{s['today_over_revision_edit_mean']:.2f}x**)."
+    )
+
+
 # The datasets' names as the tables write them.
 FORMAT_NAMES = {"zsre": "ZsRE", "counterfact": "CounterFact", "knowedit": "KnowEdit WikiData", "wikibio": "WikiBio", "mquake": "MQuAKE"}
 
@@ -121,6 +137,7 @@ PAIRED_TITLES = {
 SPEED_SENTENCES = {
     "prefix_cache_speedup.json": _prefix_cache_sentence,
     "output_head_speed.json": _output_head_sentence,
+    "revision_speed.json": _revision_sentence,
     **{name: partial(_paired_sentence, title=title) for name, title in PAIRED_TITLES.items()},
 }
 
@@ -150,6 +167,8 @@ def lever(config: dict, method: str, send_locality: bool = False) -> str:
         config = {**config, "route_spelling_normalised": False}  # before spellings compared token classes
     if "route_prefix_word" not in config and config.get("route_threshold"):
         config = {**config, "route_prefix_word": False}  # before a key's own word was needed in place
+    if "relation_other_name_ratio" not in config and config.get("relation_threshold"):
+        config = {**config, "relation_other_name_ratio": 1.0}  # before other names had a rule of their own
     changed = [
         f"{key}={json.dumps(value)}" if key != "route_contexts" else f"{key}: {len(value)}"
         for key, value in config.items()
@@ -208,7 +227,9 @@ def main() -> None:
         "`route_prefix_needed=null`, `route_name_variants=false`, `route_spelling_normalised=false`: made before",
         "the keys that let a subject's other names in; what they change in each set's routing is in",
         "`alias_routing.json`. `route_prefix_word=false`: made before a key's earlier tokens in the",
-        "matched word were needed in place (`alias_routing.json` too).",
+        "matched word were needed in place (`alias_routing.json` too). `relation_other_name_ratio=1.0`: made",
+        "before the relation check let a prompt on another name of the subject through unless a probe was",
+        "clearly nearer; only prompts that do not spell an edited subject can differ.",
         "",
         "## Main runs",
         "",

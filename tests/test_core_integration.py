@@ -154,3 +154,31 @@ def test_a_subject_that_ends_alike_opens_no_block(bundled):
             editor.attachment.detach()
     assert opened[1] == [True, True, True]
     assert opened[3] == [True, True, False]
+
+
+def test_a_prompt_on_another_name_of_the_subject_goes_through_the_edit(bundled):
+    """The relation check shuts a prompt that names the subject otherwise ("Savostikova ON" for
+    "Olga N. Savostikova", a KnowEdit alias) only where a probe is clearly nearer than the edit's
+    prompt: the edited relation asked with that name gets the new answer, which the plain rule
+    kept from it (the prompt came out a little nearer the probe of another relation), and
+    another relation asked with that name stays shut."""
+    from baft_core.metrics import open_blocks
+
+    torch.manual_seed(0)
+    request = EditRequest("The gender of Olga N. Savostikova is", "transgender", subject="Olga N. Savostikova")
+    prompts = [
+        "The gender of Savostikova ON is",
+        "The place of birth of Savostikova ON is",
+        "The place of birth of Olga N. Savostikova is",
+    ]
+    opened = {}
+    for ratio in (1.0, EditConfig().relation_other_name_ratio):
+        editor = Editor(bundled.model, bundled.tokenizer, EditConfig(relation_other_name_ratio=ratio))
+        try:
+            editor.edit(request)
+            opened[ratio] = open_blocks(editor, prompts)[:, 0].tolist()
+            if ratio > 1:
+                assert editor.generate(prompts[:1], 4)[0].strip().startswith("transgender")
+        finally:
+            editor.attachment.detach()
+    assert opened == {1.0: [False, False, False], EditConfig().relation_other_name_ratio: [True, False, False]}
