@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .blocks import appended, take_checkpoint_sizes
+from .spelling import subject_ids
 
 # The most subject tokens a block keeps to tell whether a prompt spells its subject: a longer
 # subject is told by its last tokens.
@@ -192,9 +193,10 @@ def subject_rows(tokenizer, subject: str) -> torch.Tensor:
     """[2, SUBJECT_TOKENS]: the subject's last token ids mid-text (after a space) and at the start
     of a text, each right-aligned after -1s."""
     rows = torch.full((2, SUBJECT_TOKENS), -1, dtype=torch.int32)
-    for row, text in enumerate((" " + subject.strip(), subject.strip())):
-        ids = tokenizer(text, add_special_tokens=False).input_ids[-SUBJECT_TOKENS:]
-        rows[row, SUBJECT_TOKENS - len(ids) :] = torch.tensor(ids, dtype=torch.int32)
+    at_start = tuple(tokenizer(subject.strip(), add_special_tokens=False).input_ids)
+    for row, ids in enumerate((subject_ids(tokenizer, subject), at_start)):
+        kept = ids[-SUBJECT_TOKENS:]
+        rows[row, SUBJECT_TOKENS - len(kept) :] = torch.tensor(kept, dtype=torch.int32)
     return rows
 
 

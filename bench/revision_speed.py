@@ -57,6 +57,7 @@ class Revision:
     """A child process editing with one revision's code."""
 
     def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        self.root = root
         command = [
             sys.executable, __file__, "--child", str(root), "--format", args.format,
             "--edits", str(args.edits), "--threads", str(args.threads), "--data", *args.data,
@@ -67,7 +68,7 @@ class Revision:
     def read(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            raise SystemExit(f"the child editing with {self.process.args[3]} stopped")
+            raise SystemExit(f"the child editing with {self.root} stopped")
         return json.loads(line)
 
     def edit(self, index: int) -> dict:
@@ -81,11 +82,8 @@ class Revision:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
-    from paired_speed import bootstrap_ratio
-
     parser = argparse.ArgumentParser()
-    parser.add_argument("--revision", required=True, help="the earlier git revision (a commit or tag)")
+    parser.add_argument("--revision", help="the earlier git revision (a commit or tag)")
     parser.add_argument(
         "--data",
         nargs="+",
@@ -94,8 +92,17 @@ def main() -> None:
     parser.add_argument("--format", default="zsre")
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # the tree a child process edits with
     args = parser.parse_args()
+    if args.child:
+        child(args.child, args.data, args.format, args.edits, args.threads)
+        return
+    if not args.revision or not args.out:
+        parser.error("--revision and --out are required")
+    sys.path.insert(0, str(HERE))
+    from paired_speed import bootstrap_ratio
+
     commit = subprocess.run(
         ["git", "rev-parse", "--short", args.revision], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -154,14 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        parsed = argparse.ArgumentParser()
-        parsed.add_argument("--child")
-        parsed.add_argument("--data", nargs="+")
-        parsed.add_argument("--format")
-        parsed.add_argument("--edits", type=int)
-        parsed.add_argument("--threads", type=int)
-        a = parsed.parse_args()
-        child(a.child, a.data, a.format, a.edits, a.threads)
-    else:
-        main()
+    main()
